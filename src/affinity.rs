@@ -1,0 +1,182 @@
+//! The affinity decision: from the route cookie's state and the request's kind to where it goes.
+
+use std::sync::Arc;
+
+use http::header::{HeaderMap, COOKIE};
+
+use crate::backend::{Backend, Backends};
+use crate::kbs::RouteKind;
+use crate::route_cookie::{cookie_values, Pin, Rejection, RouteCookieCodec};
+
+/// What the request's route cookie says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CookieState {
+    /// A cookie with a valid signature and age.
+    Valid(Pin),
+    /// No cookie of that name.
+    Absent,
+    /// One or more cookies of that name, none valid (forged, altered, truncated, expired).
+    /// Treated exactly as absent; kept apart for counting.
+    Rejected(Rejection),
+}
+
+/// Reads the route cookie from every `Cookie` field (HTTP/2 may split them), borrowing the bytes.
+/// The first valid value wins, so a stray extra `route` cookie cannot break a session.
+pub fn read_route_cookie(
+    headers: &HeaderMap,
+    name: &str,
+    codec: &RouteCookieCodec,
+    now: u64,
+    max_age: u64,
+) -> CookieState {
+    let mut state = CookieState::Absent;
+    for field in headers.get_all(COOKIE) {
+        for value in cookie_values(field.as_bytes(), name.as_bytes()) {
+            match codec.verify(value, now, max_age) {
+                Ok(pin) => return CookieState::Valid(pin),
+                Err(why) => state = CookieState::Rejected(why),
+            }
+        }
+    }
+    state
+}
+
+/// Where a request goes.
+#[derive(Debug)]
+pub enum Decision<'a> {
+    /// To the backend the cookie names. `refresh`: re-issue the cookie (same backend, new time).
+    Pinned {
+        /// The pinned backend.
+        backend: &'a Arc<Backend>,
+        /// Whether to send a fresh cookie.
+        refresh: bool,
+    },
+    /// To a backend the balancer picks; the response carries a new cookie.
+    Balance,
+    /// Nowhere: the session lives on a replica that is down or gone; answer a KBS 401.
+    SessionLost,
+}
+
+/// Decides. One exhaustive match over the cookie's state and whether the request needs its
+/// session's replica.
+///
+/// A valid cookie on an `auth` is refreshed once it is past half its age, so a cookie never
+/// expires in the middle of the auth → attest → resource sequence that follows.
+pub fn decide<'a>(
+    kind: RouteKind,
+    cookie: CookieState,
+    backends: &'a Backends,
+    now: u64,
+    max_age: u64,
+) -> Decision<'a> {
+    let pinned = match cookie {
+        CookieState::Valid(pin) => Some((pin, backends.by_id(pin.backend))),
+        CookieState::Absent | CookieState::Rejected(_) => None,
+    };
+    match (pinned, kind.needs_session()) {
+        (Some((pin, Some(backend))), _) if backend.is_available() => Decision::Pinned {
+            backend,
+            refresh: kind == RouteKind::Auth && now.saturating_sub(pin.issued_at) > max_age / 2,
+        },
+        // Pinned to a replica that is down (`Some`) or no longer configured (`None`).
+        (Some((_, _)), true) => Decision::SessionLost,
+        (Some((_, _)), false) => Decision::Balance,
+        (None, _) => Decision::Balance,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route_cookie::{BackendId, CookieSecret};
+    use http::uri::{Authority, Scheme};
+    use http::HeaderValue;
+
+    const NOW: u64 = 1_800_000_000;
+    const MAX_AGE: u64 = 1000;
+
+    fn codec() -> RouteCookieCodec {
+        RouteCookieCodec::new(&CookieSecret::new(vec![9; 32]).unwrap())
+    }
+
+    fn backends() -> Backends {
+        let mk = |n: &str| {
+            Arc::new(Backend::new(
+                n.into(),
+                Scheme::HTTP,
+                Authority::from_static("127.0.0.1:1"),
+            ))
+        };
+        Backends {
+            list: vec![mk("a"), mk("b")],
+        }
+    }
+
+    fn headers(cookie: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, HeaderValue::from_str(cookie).unwrap());
+        h
+    }
+
+    fn route(name: &str, at: u64) -> String {
+        String::from_utf8(codec().mint(BackendId::from_name(name), at).to_vec()).unwrap()
+    }
+
+    #[test]
+    fn first_valid_cookie_wins_over_junk() {
+        let h = headers(&format!("route=junk; route={}", route("b", NOW)));
+        assert!(
+            matches!(read_route_cookie(&h, "route", &codec(), NOW, MAX_AGE), CookieState::Valid(p) if p.backend == BackendId::from_name("b"))
+        );
+        let h = headers("route=junk");
+        assert_eq!(
+            read_route_cookie(&h, "route", &codec(), NOW, MAX_AGE),
+            CookieState::Rejected(Rejection::Malformed)
+        );
+        assert_eq!(
+            read_route_cookie(&HeaderMap::new(), "route", &codec(), NOW, MAX_AGE),
+            CookieState::Absent
+        );
+    }
+
+    #[test]
+    fn decision_table() {
+        let set = backends();
+        let pin = |n: &str, at| {
+            CookieState::Valid(Pin {
+                backend: BackendId::from_name(n),
+                issued_at: at,
+            })
+        };
+        let d = decide(RouteKind::Attest, pin("a", NOW), &set, NOW, MAX_AGE);
+        assert!(matches!(d, Decision::Pinned { backend, refresh: false } if backend.name == "a"));
+        let d = decide(RouteKind::Auth, pin("a", NOW - 600), &set, NOW, MAX_AGE);
+        assert!(matches!(d, Decision::Pinned { refresh: true, .. }));
+        assert!(matches!(
+            decide(RouteKind::Attest, pin("gone", NOW), &set, NOW, MAX_AGE),
+            Decision::SessionLost
+        ));
+        assert!(matches!(
+            decide(RouteKind::Auth, pin("gone", NOW), &set, NOW, MAX_AGE),
+            Decision::Balance
+        ));
+        set.list[0].record_connect_failure();
+        assert!(matches!(
+            decide(RouteKind::Resource, pin("a", NOW), &set, NOW, MAX_AGE),
+            Decision::SessionLost
+        ));
+        assert!(matches!(
+            decide(RouteKind::Auth, pin("a", NOW), &set, NOW, MAX_AGE),
+            Decision::Balance
+        ));
+        assert!(matches!(
+            decide(RouteKind::Other, pin("a", NOW), &set, NOW, MAX_AGE),
+            Decision::Balance
+        ));
+        let rejected = CookieState::Rejected(Rejection::BadSignature);
+        assert!(matches!(
+            decide(RouteKind::Attest, rejected, &set, NOW, MAX_AGE),
+            Decision::Balance
+        ));
+    }
+}

@@ -1,0 +1,30 @@
+//! kbs-affinity-proxy: a session-affine reverse proxy for Trustee's Key Broker Service.
+//!
+//! Trustee keeps each attestation session in one replica's memory, so a client's `auth`,
+//! `attest` and `resource` calls must reach the same replica. The proxy pins a client to a
+//! replica with a signed route cookie issued on the first response, and answers in the KBS's own
+//! error shape when the pinned replica is gone so the client redoes its handshake.
+//!
+//! # Layout
+//! - [`config`]: settings layers (file, environment, flags) → a validated [`config::Config`].
+//! - [`server`]: listeners (SO_REUSEPORT), one single-threaded runtime per worker, HTTP/1.1+h2c.
+//! - [`proxy`]: the request path: cookie → decision → forward → response; errors in one place.
+//! - [`affinity`]: the decision, one `match` over the route cookie's states.
+//! - [`route_cookie`]: the signed cookie codec and the `Cookie` header scanner.
+//! - [`backend`], [`balance`]: the replicas, their load and passive health; choosing one.
+//! - [`kbs`]: protocol facts: which step a request is, the KBS error body.
+//! - [`sim`], [`kbs_client`]: a simulated KBS replica and a client that behaves like the real one.
+//! - [`demo`]: the `demo` subcommand; [`telemetry`]: logging.
+
+pub mod affinity;
+pub mod backend;
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod kbs;
+pub mod kbs_client;
+pub mod proxy;
+pub mod route_cookie;
+pub mod server;
+pub mod sim;
+pub mod telemetry;

@@ -1,0 +1,99 @@
+//! Every answer the proxy makes itself, in one place: which error, whose fault, which status.
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::ProxyBody;
+use crate::kbs::{self, RouteKind};
+
+/// Why the proxy answered instead of a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Us: no backend is configured or none could be chosen.
+    #[error("no KBS replica is available")]
+    NoBackend,
+    /// Backend: the replica holding this session cannot be reached or is no longer configured.
+    /// The client must start a new session; its next `auth` is re-pinned.
+    #[error("the KBS replica holding this session is unavailable; start a new session")]
+    SessionLost,
+    /// Client: a body that must be buffered is larger than the limit.
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// Client: the request body could not be read.
+    #[error("reading the request body failed")]
+    ClientBody(#[source] hyper::Error),
+    /// Backend: no connection could be made.
+    #[error("KBS replica {backend} is unreachable")]
+    Unreachable {
+        /// The backend's name.
+        backend: String,
+        /// The connect error.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// Backend: no response head within the response timeout.
+    #[error("KBS replica {backend} did not answer in time")]
+    Timeout {
+        /// The backend's name.
+        backend: String,
+    },
+    /// Backend: the exchange failed after connecting (reset, malformed response).
+    #[error("KBS replica {backend} failed")]
+    Backend {
+        /// The backend's name.
+        backend: String,
+        /// What went wrong.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+}
+
+impl ProxyError {
+    /// Status and KBS error variant. No catch-all: a new error must choose its answer here.
+    fn status_and_variant(&self, kind: RouteKind) -> (StatusCode, &'static str) {
+        match self {
+            Self::NoBackend => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+            // The statuses and variants the real KBS gives for a session it does not know, so the
+            // real client reacts the same way: a 401 on GET resource makes it redo the handshake.
+            Self::SessionLost => match kind {
+                RouteKind::Attest => (StatusCode::UNAUTHORIZED, "AttestationError"),
+                RouteKind::Resource => (StatusCode::UNAUTHORIZED, "TokenNotFound"),
+                RouteKind::Auth | RouteKind::Admin | RouteKind::Other => {
+                    (StatusCode::UNAUTHORIZED, "SessionLost")
+                }
+            },
+            Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge"),
+            Self::ClientBody(_) => (StatusCode::BAD_REQUEST, "InvalidRequest"),
+            Self::Unreachable { .. } | Self::Backend { .. } => {
+                (StatusCode::BAD_GATEWAY, "BadGateway")
+            }
+            Self::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
+        }
+    }
+
+    /// The response for this error: the KBS JSON error shape on `/kbs/v0/*`, plain text elsewhere.
+    pub fn into_response(self, kind: RouteKind) -> Response<ProxyBody> {
+        let (status, variant) = self.status_and_variant(kind);
+        let detail = match (&self, kind) {
+            (Self::SessionLost, RouteKind::Attest) => {
+                format!("Attestation error: RCAR handshake Attest failed: {self}")
+            }
+            (Self::SessionLost, RouteKind::Resource) => {
+                format!("Attestation Token not found: {self}")
+            }
+            _ => self.to_string(),
+        };
+        let (body, content_type) = if kind.is_kbs() {
+            (kbs::error_body(variant, &detail), "application/json")
+        } else {
+            (format!("{detail}\n").into(), "text/plain; charset=utf-8")
+        };
+        let mut resp = Response::new(ProxyBody::full(body));
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        resp
+    }
+}

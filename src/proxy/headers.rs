@@ -1,0 +1,118 @@
+//! Header rewriting between client and backend.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1: Connection, Proxy-Connection, Keep-Alive, TE,
+/// Transfer-Encoding, Upgrade), plus Trailer (RFC 7230 §6.1's list) and the proxy
+/// authentication fields (RFC 9110 §11.7), which are meant for this proxy and must not travel on.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TRAILER,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// `X-Forwarded-For` (de-facto standard; RFC 7239 is its formal cousin).
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes hop-by-hop fields, including every field that `Connection` names (RFC 9110 §7.6.1).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        // Names listed in Connection; collected first since removing borrows the map mutably.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Sets the `X-Forwarded-*` fields: appends the client's address to `X-Forwarded-For`, and
+/// replaces `-Proto` and `-Host` with what this proxy saw.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client_ip: &HeaderValue,
+    tls: bool,
+    host: Option<HeaderValue>,
+) {
+    match headers.get(&X_FORWARDED_FOR) {
+        None => {
+            headers.insert(X_FORWARDED_FOR.clone(), client_ip.clone());
+        }
+        Some(prev) => {
+            let mut joined = Vec::with_capacity(prev.len() + 2 + client_ip.len());
+            joined.extend_from_slice(prev.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client_ip.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&joined) {
+                headers.insert(X_FORWARDED_FOR.clone(), v);
+            }
+        }
+    }
+    let proto = HeaderValue::from_static(if tls { "https" } else { "http" });
+    headers.insert(X_FORWARDED_PROTO.clone(), proto);
+    match host {
+        Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_listed_and_static_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic eA=="),
+        );
+        h.insert(header::COOKIE, HeaderValue::from_static("a=b"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::COOKIE));
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        let ip = HeaderValue::from_static("127.0.0.1");
+        set_forwarded(
+            &mut h,
+            &ip,
+            false,
+            Some(HeaderValue::from_static("kbs.example")),
+        );
+        assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1");
+        set_forwarded(&mut h, &ip, true, None);
+        assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1, 127.0.0.1");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert!(!h.contains_key(&X_FORWARDED_HOST));
+    }
+}
