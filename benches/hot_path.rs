@@ -1,1 +1,115 @@
-fn main() {}
+//! Criterion benchmarks of the functions on the request path, each on its own.
+//!
+//! `cargo bench --bench hot_path`; compare runs side by side, never against fixed numbers.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_main, Criterion};
+use http::header::{HeaderMap, HeaderValue, COOKIE};
+use http::uri::{Authority, Scheme};
+use http::Method;
+use kbs_affinity_proxy::affinity::{decide, read_route_cookie};
+use kbs_affinity_proxy::backend::{Backend, Backends};
+use kbs_affinity_proxy::balance::{Balancer, Policy};
+use kbs_affinity_proxy::kbs::RouteKind;
+use kbs_affinity_proxy::proxy::headers::{remove_hop_by_hop, set_forwarded};
+use kbs_affinity_proxy::route_cookie::{BackendId, CookieSecret, RouteCookieCodec};
+
+const NOW: u64 = 1_800_000_000;
+const MAX_AGE: u64 = 172_800;
+
+fn backends(n: usize) -> Backends {
+    let list = (0..n)
+        .map(|i| {
+            Arc::new(Backend::new(
+                format!("kbs-{i}"),
+                Scheme::HTTP,
+                Authority::from_static("127.0.0.1:8080"),
+            ))
+        })
+        .collect();
+    Backends { list }
+}
+
+fn bench(c: &mut Criterion) {
+    let codec = RouteCookieCodec::new(&CookieSecret::new(vec![7; 32]).unwrap());
+    let id = BackendId::from_name("kbs-1");
+    let value = codec.mint(id, NOW);
+
+    c.bench_function("cookie_mint", |b| {
+        b.iter(|| codec.mint(black_box(id), black_box(NOW)))
+    });
+    c.bench_function("cookie_verify", |b| {
+        b.iter(|| codec.verify(black_box(&value), NOW, MAX_AGE))
+    });
+
+    let set = backends(3);
+    let mut headers = HeaderMap::new();
+    let cookie = format!(
+        "kbs-session-id=0123456789abcdef0123456789abcdef; route={}",
+        std::str::from_utf8(&value).unwrap()
+    );
+    headers.insert(COOKIE, HeaderValue::from_str(&cookie).unwrap());
+    c.bench_function("scan_verify_decide_pinned", |b| {
+        b.iter(|| {
+            let state = read_route_cookie(black_box(&headers), "route", &codec, NOW, MAX_AGE);
+            matches!(
+                decide(RouteKind::Resource, state, &set, NOW, MAX_AGE),
+                kbs_affinity_proxy::affinity::Decision::Pinned { .. }
+            )
+        })
+    });
+
+    for (name, policy) in [
+        ("select_round_robin", Policy::RoundRobin),
+        ("select_least_requests", Policy::LeastRequests),
+    ] {
+        let bal = Balancer::new(policy);
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                bal.select(black_box(&set.list), |x| x.is_available())
+                    .map(|x| x.id)
+            })
+        });
+    }
+
+    c.bench_function("classify_path", |b| {
+        b.iter(|| {
+            RouteKind::classify(
+                black_box(&Method::GET),
+                black_box("/kbs/v0/resource/default/key/1"),
+            )
+        })
+    });
+
+    let mut base = HeaderMap::new();
+    base.insert("host", HeaderValue::from_static("kbs.example:8080"));
+    base.insert(
+        "user-agent",
+        HeaderValue::from_static("attestation-agent/0.1"),
+    );
+    base.insert("accept", HeaderValue::from_static("*/*"));
+    base.insert(COOKIE, HeaderValue::from_str(&cookie).unwrap());
+    base.insert("connection", HeaderValue::from_static("keep-alive"));
+    let ip = HeaderValue::from_static("10.1.2.3");
+    let host = HeaderValue::from_static("kbs.example:8080");
+    c.bench_function("header_rewrite", |b| {
+        b.iter_batched(
+            || base.clone(),
+            |mut h| {
+                remove_hop_by_hop(&mut h);
+                set_forwarded(&mut h, &ip, false, Some(host.clone()));
+                h
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+#[allow(missing_docs)] // the macro generates an undocumented function
+mod group {
+    criterion::criterion_group!(benches, super::bench);
+}
+
+criterion_main!(group::benches);

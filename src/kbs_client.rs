@@ -124,6 +124,11 @@ impl KbsClient {
         self
     }
 
+    /// Points the client (its jar, nonce and token kept) at another address, e.g. another proxy.
+    pub fn retarget(&mut self, base: impl Into<String>) {
+        self.base = base.into().trim_end_matches('/').to_owned();
+    }
+
     /// A cookie's value from the jar.
     pub fn cookie(&self, name: &str) -> Option<&str> {
         self.jar

@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Two simulated KBS replicas behind the proxy, four sessions, a table; then serve until Ctrl-C.
-    Demo(ProxyArgs),
+    Demo(Box<ProxyArgs>),
     /// Run one simulated KBS replica (for manual tests and benchmarks).
     Sim(SimArgs),
 }
@@ -158,7 +158,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         None => run_proxy(cli.proxy),
-        Some(Command::Demo(args)) => run_demo(args),
+        Some(Command::Demo(args)) => run_demo(*args),
         Some(Command::Sim(args)) => run_sim(args),
     };
     match result {

@@ -5,7 +5,7 @@
 
 mod body;
 mod error;
-mod headers;
+pub mod headers;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,7 +23,6 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use body::ProxyBody;
 pub use error::ProxyError;
-pub use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 
 use crate::affinity::{decide, read_route_cookie, Decision};
 use crate::backend::{Backend, Backends};

@@ -1,0 +1,175 @@
+//! Shared test support: real servers on ephemeral loopback ports, bound before anything runs.
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use kbs_affinity_proxy::config::Settings;
+use kbs_affinity_proxy::proxy::{Proxy, ProxyBody};
+use kbs_affinity_proxy::server;
+use kbs_affinity_proxy::sim::{SimConfig, SimKbs};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The cookie secret the tests configure, so they can mint cookies of their own.
+pub const SECRET: &str = "test-secret-0123456789abcdef0123";
+
+/// A proxy serving on the test's runtime.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub proxy: Proxy,
+    shutdown: CancellationToken,
+}
+
+impl TestProxy {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Settings for a proxy in front of `backends` (`NAME=URL` each), with the test secret.
+pub fn settings(backends: Vec<String>) -> Settings {
+    Settings {
+        backend: Some(backends),
+        cookie_secret: Some(SECRET.into()),
+        listen: Some("127.0.0.1:0".into()),
+        ..Settings::default()
+    }
+}
+
+/// `NAME=URL` for each replica.
+pub fn backends_of(sims: &[SimKbs]) -> Vec<String> {
+    sims.iter()
+        .map(|s| format!("{}={}", s.name(), s.url()))
+        .collect()
+}
+
+/// Starts a proxy with `settings` on 127.0.0.1:0.
+pub async fn start_proxy(settings: Settings) -> TestProxy {
+    let config = settings.validate().expect("valid test config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let proxy = Proxy::new(&config);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(server::serve(
+        proxy.worker(),
+        listener,
+        shutdown.clone(),
+        Duration::from_secs(1),
+    ));
+    TestProxy {
+        addr,
+        proxy,
+        shutdown,
+    }
+}
+
+/// Starts simulated replicas named `kbs-0`, `kbs-1`, ...
+pub async fn start_sims(n: usize) -> Vec<SimKbs> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(
+            SimKbs::start_local(SimConfig::new(format!("kbs-{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// Two replicas and a proxy in front of them.
+pub async fn two_replicas() -> (Vec<SimKbs>, TestProxy) {
+    let sims = start_sims(2).await;
+    let proxy = start_proxy(settings(backends_of(&sims))).await;
+    (sims, proxy)
+}
+
+/// An address where nothing listens: bound, then closed.
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Starts an HTTP server running `f` for every request.
+pub async fn start_backend<F, Fut>(f: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let builder = auto::Builder::new(TokioExecutor::new());
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let f = f.clone();
+            let conn = builder
+                .serve_connection(
+                    TokioIo::new(stream),
+                    service_fn(move |req| {
+                        let f = f.clone();
+                        async move { Ok::<_, Infallible>(f(req).await) }
+                    }),
+                )
+                .into_owned();
+            tokio::spawn(conn);
+        }
+    });
+    addr
+}
+
+/// A backend that streams every request body straight back and reports the request's headers
+/// as JSON in the `x-seen-headers` response header.
+pub async fn start_echo() -> SocketAddr {
+    start_backend(|req: Request<Incoming>| async move {
+        let seen: serde_json::Map<String, serde_json::Value> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    serde_json::Value::String(v.to_str().unwrap_or("?").into()),
+                )
+            })
+            .collect();
+        let mut resp = Response::new(ProxyBody::Stream(req.into_body(), None));
+        let json = serde_json::Value::Object(seen).to_string();
+        resp.headers_mut()
+            .insert("x-seen-headers", json.parse().unwrap());
+        resp.headers_mut()
+            .insert("keep-alive", "timeout=5".parse().unwrap());
+        resp
+    })
+    .await
+}
+
+/// A plain HTTP/1.1 client.
+pub fn client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends `req` and collects the response.
+pub async fn send(req: Request<Full<Bytes>>) -> (http::response::Parts, Bytes) {
+    let resp = client().request(req).await.expect("request");
+    let (parts, body) = resp.into_parts();
+    (parts, body.collect().await.expect("body").to_bytes())
+}
