@@ -1,0 +1,16 @@
+# Multi-stage build: compile with the Rust toolchain, run on a distroless base as non-root.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY benches ./benches
+COPY examples ./examples
+RUN cargo build --release --locked --bin kbs-affinity-proxy \
+ && strip target/release/kbs-affinity-proxy
+
+# glibc + libgcc only, no shell, runs as uid 65532.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/kbs-affinity-proxy /usr/local/bin/kbs-affinity-proxy
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/kbs-affinity-proxy"]
