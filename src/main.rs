@@ -180,13 +180,14 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     warn_if_generated_secret(&config);
     let listeners = server::bind_listeners(config.listen, config.workers)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let bound = listeners[0].local_addr()?;
     let proxy = Proxy::new(&config);
     let backends: Vec<String> = config
         .backends
         .iter()
         .map(|b| format!("{}={}", b.name, b.authority))
         .collect();
-    tracing::info!(listen = %config.listen, workers = config.workers, ?backends, "kbs-affinity-proxy serving");
+    tracing::info!(listen = %bound, workers = config.workers, ?backends, "kbs-affinity-proxy serving");
     let shutdown = CancellationToken::new();
     spawn_signal_watcher(shutdown.clone())?;
     server::run_workers(&proxy, listeners, shutdown, config.shutdown_grace)?;

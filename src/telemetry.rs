@@ -1,5 +1,7 @@
 //! Logging set-up: tracing to stderr, text or JSON, filtered by `RUST_LOG` (default `info`).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
