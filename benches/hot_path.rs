@@ -29,7 +29,10 @@ fn backends(n: usize) -> Backends {
             ))
         })
         .collect();
-    Backends { list }
+    Backends {
+        list,
+        drain_timeout: std::time::Duration::from_secs(300),
+    }
 }
 
 fn bench(c: &mut Criterion) {
@@ -37,9 +40,7 @@ fn bench(c: &mut Criterion) {
     let id = BackendId::from_name("kbs-1");
     let value = codec.mint(id, NOW);
 
-    c.bench_function("cookie_mint", |b| {
-        b.iter(|| codec.mint(black_box(id), black_box(NOW)))
-    });
+    c.bench_function("cookie_mint", |b| b.iter(|| codec.mint(black_box(id), black_box(NOW))));
     c.bench_function("cookie_verify", |b| {
         b.iter(|| codec.verify(black_box(&value), NOW, MAX_AGE))
     });
@@ -68,27 +69,19 @@ fn bench(c: &mut Criterion) {
         let bal = Balancer::new(policy);
         c.bench_function(name, |b| {
             b.iter(|| {
-                bal.select(black_box(&set.list), |x| x.is_available())
+                bal.select(black_box(&set.list), |x| x.accepts_new_sessions())
                     .map(|x| x.id)
             })
         });
     }
 
     c.bench_function("classify_path", |b| {
-        b.iter(|| {
-            RouteKind::classify(
-                black_box(&Method::GET),
-                black_box("/kbs/v0/resource/default/key/1"),
-            )
-        })
+        b.iter(|| RouteKind::classify(black_box(&Method::GET), black_box("/kbs/v0/resource/default/key/1")))
     });
 
     let mut base = HeaderMap::new();
     base.insert("host", HeaderValue::from_static("kbs.example:8080"));
-    base.insert(
-        "user-agent",
-        HeaderValue::from_static("attestation-agent/0.1"),
-    );
+    base.insert("user-agent", HeaderValue::from_static("attestation-agent/0.1"));
     base.insert("accept", HeaderValue::from_static("*/*"));
     base.insert(COOKIE, HeaderValue::from_str(&cookie).unwrap());
     base.insert("connection", HeaderValue::from_static("keep-alive"));

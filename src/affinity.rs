@@ -51,10 +51,15 @@ pub enum Decision<'a> {
         /// Whether to send a fresh cookie.
         refresh: bool,
     },
-    /// To a backend the balancer picks; the response carries a new cookie.
-    Balance,
-    /// Nowhere: the session lives on a replica that is down or gone; answer a KBS 401.
-    SessionLost,
+    /// To a backend the balancer picks; the response carries a new cookie. `repin`: the
+    /// request had a valid cookie for a backend that is down or gone.
+    Balance {
+        /// Whether a valid pin is being replaced.
+        repin: bool,
+    },
+    /// Nowhere: the session lives on a replica that is down, drained past its timeout, or gone
+    /// (`None`); answer a KBS 401.
+    SessionLost(Option<&'a Arc<Backend>>),
 }
 
 /// Decides. One exhaustive match over the cookie's state and whether the request needs its
@@ -74,14 +79,14 @@ pub fn decide<'a>(
         CookieState::Absent | CookieState::Rejected(_) => None,
     };
     match (pinned, kind.needs_session()) {
-        (Some((pin, Some(backend))), _) if backend.is_available() => Decision::Pinned {
+        (Some((pin, Some(backend))), _) if backend.serves_pinned(backends.drain_timeout) => Decision::Pinned {
             backend,
             refresh: kind == RouteKind::Auth && now.saturating_sub(pin.issued_at) > max_age / 2,
         },
-        // Pinned to a replica that is down (`Some`) or no longer configured (`None`).
-        (Some((_, _)), true) => Decision::SessionLost,
-        (Some((_, _)), false) => Decision::Balance,
-        (None, _) => Decision::Balance,
+        // Pinned to a replica that is down (`Some`) or no longer in the set (`None`).
+        (Some((_, backend)), true) => Decision::SessionLost(backend),
+        (Some((_, _)), false) => Decision::Balance { repin: true },
+        (None, _) => Decision::Balance { repin: false },
     }
 }
 
@@ -109,6 +114,7 @@ mod tests {
         };
         Backends {
             list: vec![mk("a"), mk("b")],
+            drain_timeout: std::time::Duration::from_secs(300),
         }
     }
 
@@ -148,35 +154,44 @@ mod tests {
                 issued_at: at,
             })
         };
-        let d = decide(RouteKind::Attest, pin("a", NOW), &set, NOW, MAX_AGE);
-        assert!(matches!(d, Decision::Pinned { backend, refresh: false } if backend.name == "a"));
-        let d = decide(RouteKind::Auth, pin("a", NOW - 600), &set, NOW, MAX_AGE);
-        assert!(matches!(d, Decision::Pinned { refresh: true, .. }));
+        let d = |kind, state| decide(kind, state, &set, NOW, MAX_AGE);
+        assert!(
+            matches!(d(RouteKind::Attest, pin("a", NOW)), Decision::Pinned { backend, refresh: false } if backend.name == "a")
+        );
         assert!(matches!(
-            decide(RouteKind::Attest, pin("gone", NOW), &set, NOW, MAX_AGE),
-            Decision::SessionLost
+            d(RouteKind::Auth, pin("a", NOW - 600)),
+            Decision::Pinned { refresh: true, .. }
         ));
         assert!(matches!(
-            decide(RouteKind::Auth, pin("gone", NOW), &set, NOW, MAX_AGE),
-            Decision::Balance
-        ));
-        set.list[0].record_connect_failure();
-        assert!(matches!(
-            decide(RouteKind::Resource, pin("a", NOW), &set, NOW, MAX_AGE),
-            Decision::SessionLost
+            d(RouteKind::Attest, pin("gone", NOW)),
+            Decision::SessionLost(None)
         ));
         assert!(matches!(
-            decide(RouteKind::Auth, pin("a", NOW), &set, NOW, MAX_AGE),
-            Decision::Balance
+            d(RouteKind::Auth, pin("gone", NOW)),
+            Decision::Balance { repin: true }
+        ));
+        set.list[1].drain();
+        assert!(
+            matches!(d(RouteKind::Attest, pin("b", NOW)), Decision::Pinned { .. }),
+            "draining keeps pins"
+        );
+        set.list[0].record_failure();
+        assert!(matches!(
+            d(RouteKind::Resource, pin("a", NOW)),
+            Decision::SessionLost(Some(_))
         ));
         assert!(matches!(
-            decide(RouteKind::Other, pin("a", NOW), &set, NOW, MAX_AGE),
-            Decision::Balance
+            d(RouteKind::Auth, pin("a", NOW)),
+            Decision::Balance { repin: true }
+        ));
+        assert!(matches!(
+            d(RouteKind::Other, pin("a", NOW)),
+            Decision::Balance { repin: true }
         ));
         let rejected = CookieState::Rejected(Rejection::BadSignature);
         assert!(matches!(
-            decide(RouteKind::Attest, rejected, &set, NOW, MAX_AGE),
-            Decision::Balance
+            d(RouteKind::Attest, rejected),
+            Decision::Balance { repin: false }
         ));
     }
 }

@@ -1,40 +1,135 @@
-//! The backends (KBS replicas): who they are, how busy, and whether they answered lately.
+//! The backends (KBS replicas): who they are, how busy, whether they are healthy or draining.
+//!
+//! "Enabled" and "healthy" are kept apart (as Pingora does): health is what checks and traffic
+//! observe, draining is what an operator or discovery decided. New sessions need both healthy and
+//! not draining; requests pinned to a backend need it healthy and, when draining, still within
+//! the drain timeout.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::uri::{Authority, Scheme};
 
+use crate::kbs::RouteKind;
 use crate::route_cookie::BackendId;
 
-/// One replica behind the proxy. Shared by every worker; counters are atomics.
+/// One replica behind the proxy. Shared by every worker; all state is atomics.
 #[derive(Debug)]
 pub struct Backend {
-    /// Stable name (`NAME=URL` on the command line, else `host:port`); the cookie id derives from it.
+    /// Stable name (`NAME=URL`, else `host:port`; the address for discovered backends); the
+    /// cookie id derives from it.
     pub name: String,
     /// Hash of `name` carried in route cookies.
     pub id: BackendId,
-    /// `http` (TLS to backends comes with `https`).
+    /// `http` or `https`.
     pub scheme: Scheme,
     /// `host:port` the proxy connects to; the pool keys connections by it.
     pub authority: Authority,
+    /// For `https`: the name its certificate must carry, sent as SNI.
+    pub tls_name: String,
+    /// Set when the backend left the configured or discovered set: it only drains, and an
+    /// operator cannot undrain it.
+    retired: AtomicBool,
     /// Requests sent and not yet answered in full, for least-requests balancing.
     in_flight: AtomicUsize,
     /// Passive health from real traffic: connect failures put the backend aside for a while.
-    health: PassiveHealth,
+    passive: PassiveHealth,
+    /// Active checks' verdict, after hysteresis. Starts healthy so a new backend takes traffic
+    /// before its first check; the first failed checks take it out.
+    healthy: AtomicBool,
+    /// Consecutive active-check results of the current kind (positive: successes).
+    streak: AtomicU32,
+    /// Whether the last active check succeeded (to know what `streak` counts).
+    last_check_ok: AtomicBool,
+    /// Milliseconds since [`epoch`] when draining began; 0 when not draining.
+    drain_since_ms: AtomicU64,
+    /// Counters for metrics and `/backends`.
+    pub stats: BackendStats,
+}
+
+/// Per-backend counters, incremented on the request path without locks.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// Responses by route kind and status class (1xx..5xx), indexed by [`route_index`] and
+    /// `status / 100 - 1`.
+    pub responses: [[AtomicU64; 5]; 5],
+    /// Route cookies issued pinning this backend (sessions pinned since start).
+    pub sessions_pinned: AtomicU64,
+    /// Pinned requests refused with a KBS 401 because this backend was down, drained or gone.
+    pub pinned_refused: AtomicU64,
+    /// Active health transitions to up.
+    pub went_up: AtomicU64,
+    /// Active health transitions to down.
+    pub went_down: AtomicU64,
+    /// Passive ejections after failed connects or timeouts on real traffic.
+    pub ejections: AtomicU64,
+}
+
+/// Index of a route kind in [`BackendStats::responses`].
+pub fn route_index(kind: RouteKind) -> usize {
+    match kind {
+        RouteKind::Auth => 0,
+        RouteKind::Attest => 1,
+        RouteKind::Resource => 2,
+        RouteKind::Admin => 3,
+        RouteKind::Other => 4,
+    }
+}
+
+/// The route kinds in [`route_index`] order.
+pub const ROUTES: [RouteKind; 5] = [
+    RouteKind::Auth,
+    RouteKind::Attest,
+    RouteKind::Resource,
+    RouteKind::Admin,
+    RouteKind::Other,
+];
+
+impl BackendStats {
+    /// Counts a response with `status` for a request of `kind`.
+    pub fn count_response(&self, kind: RouteKind, status: u16) {
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.responses[route_index(kind)][class].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What an active check concluded, when it changed the verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Now healthy.
+    Up,
+    /// Now unhealthy.
+    Down,
 }
 
 impl Backend {
     /// A backend named `name` reached at `scheme://authority`.
     pub fn new(name: String, scheme: Scheme, authority: Authority) -> Self {
+        let tls_name = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        Self::with_tls_name(name, scheme, authority, tls_name)
+    }
+
+    /// The same with an explicit certificate name.
+    pub fn with_tls_name(name: String, scheme: Scheme, authority: Authority, tls_name: String) -> Self {
         Self {
             id: BackendId::from_name(&name),
             name,
             scheme,
             authority,
+            tls_name,
+            retired: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
-            health: PassiveHealth::default(),
+            passive: PassiveHealth::default(),
+            healthy: AtomicBool::new(true),
+            streak: AtomicU32::new(0),
+            last_check_ok: AtomicBool::new(true),
+            drain_since_ms: AtomicU64::new(0),
+            stats: BackendStats::default(),
         }
     }
 
@@ -49,19 +144,116 @@ impl Backend {
         InFlight(Arc::clone(self))
     }
 
-    /// Whether new sessions may be sent here: not inside a back-off after connect failures.
-    pub fn is_available(&self) -> bool {
-        self.health.is_available()
+    /// Whether checks and traffic say it works: actively healthy and not in passive back-off.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && self.passive.is_available()
     }
 
-    /// Records that a connection could not be made (refused, unreachable, connect timeout).
-    pub fn record_connect_failure(&self) {
-        self.health.record_failure();
+    /// Whether new sessions may be sent here.
+    pub fn accepts_new_sessions(&self) -> bool {
+        self.is_healthy() && !self.is_draining()
+    }
+
+    /// Whether requests pinned here may still be served: healthy, and if draining, not for
+    /// longer than `drain_timeout`.
+    pub fn serves_pinned(&self, drain_timeout: Duration) -> bool {
+        self.is_healthy() && !self.drain_expired(drain_timeout)
+    }
+
+    /// The active checks' verdict alone.
+    pub fn check_verdict(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Whether it is in passive back-off after failures on real traffic.
+    pub fn in_backoff(&self) -> bool {
+        !self.passive.is_available()
+    }
+
+    /// Records a failed connect or a timeout on real traffic.
+    pub fn record_failure(&self) {
+        if self.passive.record_failure() {
+            self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Records a response: the backend is reachable.
     pub fn record_success(&self) {
-        self.health.record_success();
+        self.passive.record_success();
+    }
+
+    /// Feeds one active check result; flips the verdict after `rise` consecutive successes or
+    /// `fall` consecutive failures, and says so.
+    pub fn record_check(&self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {
+        // Only the backend's one checker task calls this, so load/store pairs do not race.
+        let streak = if self.last_check_ok.swap(ok, Ordering::Relaxed) == ok {
+            self.streak.load(Ordering::Relaxed).saturating_add(1)
+        } else {
+            1
+        };
+        self.streak.store(streak, Ordering::Relaxed);
+        let healthy = self.healthy.load(Ordering::Relaxed);
+        match (healthy, ok) {
+            (false, true) if streak >= rise => {
+                self.healthy.store(true, Ordering::Relaxed);
+                self.passive.record_success();
+                self.stats.went_up.fetch_add(1, Ordering::Relaxed);
+                Some(Transition::Up)
+            }
+            (true, false) if streak >= fall => {
+                self.healthy.store(false, Ordering::Relaxed);
+                self.stats.went_down.fetch_add(1, Ordering::Relaxed);
+                Some(Transition::Down)
+            }
+            _ => None,
+        }
+    }
+
+    /// Starts draining (no new sessions); keeps the original start when already draining.
+    pub fn drain(&self) {
+        let _ = self
+            .drain_since_ms
+            .compare_exchange(0, now_ms().max(1), Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Stops draining; refused (false) for a retired backend.
+    pub fn undrain(&self) -> bool {
+        if self.is_retired() {
+            return false;
+        }
+        self.drain_since_ms.store(0, Ordering::Relaxed);
+        true
+    }
+
+    /// Marks it as gone from the configured or discovered set, and drains it.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        self.drain();
+    }
+
+    /// Brings a retired backend back (it re-appeared in the set).
+    pub fn unretire(&self) {
+        if self.retired.swap(false, Ordering::Relaxed) {
+            self.drain_since_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether it left the configured or discovered set.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    /// Whether it is draining.
+    pub fn is_draining(&self) -> bool {
+        self.drain_since_ms.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether it has been draining for longer than `timeout`.
+    pub fn drain_expired(&self, timeout: Duration) -> bool {
+        match self.drain_since_ms.load(Ordering::Relaxed) {
+            0 => false,
+            since => now_ms().saturating_sub(since) >= u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        }
     }
 }
 
@@ -75,11 +267,11 @@ impl Drop for InFlight {
     }
 }
 
-/// Back-off after connect failures: 1 s after the first, doubling per consecutive failure up to
-/// 30 s; any response clears it. A backend in back-off gets no new sessions.
+/// Back-off after failures on real traffic: 1 s after the first, doubling per consecutive
+/// failure up to 30 s; any response clears it.
 #[derive(Debug, Default)]
 struct PassiveHealth {
-    /// Consecutive connect failures.
+    /// Consecutive failures.
     failures: AtomicU32,
     /// Milliseconds since [`epoch`] before which the backend is set aside; 0 when available.
     down_until_ms: AtomicU64,
@@ -94,11 +286,14 @@ impl PassiveHealth {
         until == 0 || now_ms() >= until
     }
 
-    fn record_failure(&self) {
+    /// Returns true when this failure started a back-off (the backend was available).
+    fn record_failure(&self) -> bool {
+        let was_available = self.is_available();
         let n = self.failures.fetch_add(1, Ordering::Relaxed).min(16);
         let backoff = BACKOFF_FIRST.saturating_mul(1 << n).min(BACKOFF_MAX);
         let until = now_ms() + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
         self.down_until_ms.store(until.max(1), Ordering::Relaxed);
+        was_available
     }
 
     fn record_success(&self) {
@@ -127,12 +322,19 @@ fn now_ms() -> u64 {
 pub struct Backends {
     /// In configuration order; positions mean nothing to clients (cookies carry ids).
     pub list: Vec<Arc<Backend>>,
+    /// How long a draining backend keeps serving the sessions pinned to it.
+    pub drain_timeout: Duration,
 }
 
 impl Backends {
-    /// The backend a cookie names, if it is still configured.
+    /// The backend a cookie names, if it is still in the set.
     pub fn by_id(&self, id: BackendId) -> Option<&Arc<Backend>> {
         self.list.iter().find(|b| b.id == id)
+    }
+
+    /// The backend called `name`.
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Backend>> {
+        self.list.iter().find(|b| b.name == name)
     }
 }
 
@@ -151,11 +353,43 @@ mod tests {
     #[test]
     fn connect_failure_sets_aside_until_success() {
         let b = backend("a");
-        assert!(b.is_available());
-        b.record_connect_failure();
-        assert!(!b.is_available());
+        assert!(b.accepts_new_sessions());
+        b.record_failure();
+        assert!(!b.accepts_new_sessions());
+        assert_eq!(b.stats.ejections.load(Ordering::Relaxed), 1);
         b.record_success();
-        assert!(b.is_available());
+        assert!(b.accepts_new_sessions());
+    }
+
+    #[test]
+    fn hysteresis_needs_consecutive_results() {
+        let b = backend("a");
+        // fall = 3: two failures, a success, two failures: still up.
+        for ok in [false, false, true, false, false] {
+            assert_eq!(b.record_check(ok, 2, 3), None);
+        }
+        assert_eq!(b.record_check(false, 2, 3), Some(Transition::Down));
+        assert!(!b.is_healthy());
+        assert_eq!(b.record_check(true, 2, 3), None);
+        assert_eq!(b.record_check(false, 2, 3), None);
+        assert_eq!(b.record_check(true, 2, 3), None);
+        assert_eq!(b.record_check(true, 2, 3), Some(Transition::Up));
+        assert!(b.is_healthy());
+    }
+
+    #[test]
+    fn draining_keeps_pinned_sessions_until_the_timeout() {
+        let b = backend("a");
+        b.drain();
+        assert!(!b.accepts_new_sessions());
+        assert!(b.serves_pinned(Duration::from_secs(300)));
+        assert!(!b.serves_pinned(Duration::ZERO));
+        assert!(b.undrain());
+        assert!(b.accepts_new_sessions());
+        b.retire();
+        assert!(!b.undrain(), "a retired backend only drains");
+        b.unretire();
+        assert!(b.accepts_new_sessions());
     }
 
     #[test]
@@ -170,11 +404,13 @@ mod tests {
     }
 
     #[test]
-    fn lookup_by_id() {
+    fn lookup_by_id_and_name() {
         let set = Backends {
             list: vec![backend("a"), backend("b")],
+            drain_timeout: Duration::ZERO,
         };
         assert_eq!(set.by_id(BackendId::from_name("b")).unwrap().name, "b");
         assert!(set.by_id(BackendId::from_name("c")).is_none());
+        assert!(set.by_name("a").is_some());
     }
 }

@@ -76,9 +76,7 @@ fn first_accepted<'a>(
     accept: &impl Fn(&Backend) -> bool,
 ) -> Option<&'a Arc<Backend>> {
     let n = backends.len();
-    (0..n)
-        .map(|k| &backends[(start + k) % n])
-        .find(|b| accept(b))
+    (0..n).map(|k| &backends[(start + k) % n]).find(|b| accept(b))
 }
 
 #[cfg(test)]
@@ -103,9 +101,7 @@ mod tests {
     fn round_robin_takes_turns() {
         let b = set(3);
         let bal = Balancer::new(Policy::RoundRobin);
-        let names: Vec<_> = (0..6)
-            .map(|_| bal.select(&b, |_| true).unwrap().name.clone())
-            .collect();
+        let names: Vec<_> = (0..6).map(|_| bal.select(&b, |_| true).unwrap().name.clone()).collect();
         assert_eq!(names, ["b0", "b1", "b2", "b0", "b1", "b2"]);
     }
 

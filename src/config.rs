@@ -38,6 +38,20 @@ pub mod defaults {
     pub const AUTH_BODY_LIMIT: usize = 64 * 1024;
     /// `--shutdown-grace`, seconds.
     pub const SHUTDOWN_GRACE: u64 = 10;
+    /// `--drain-timeout`, seconds: the KBS's default session lifetime.
+    pub const DRAIN_TIMEOUT: u64 = 300;
+    /// `--backend-dns-interval`, seconds.
+    pub const DNS_INTERVAL: u64 = 10;
+    /// `--health-check-interval`, seconds.
+    pub const HEALTH_INTERVAL: u64 = 5;
+    /// `--health-check-timeout`, seconds.
+    pub const HEALTH_TIMEOUT: u64 = 2;
+    /// `--health-check-path`.
+    pub const HEALTH_PATH: &str = "/healthz";
+    /// `--health-fall`: consecutive failed checks that mark a backend down.
+    pub const HEALTH_FALL: u32 = 3;
+    /// `--health-rise`: consecutive good checks that mark it up again.
+    pub const HEALTH_RISE: u32 = 2;
 }
 
 /// One layer of raw settings. Field names are the config-file keys (kebab-case).
@@ -77,6 +91,42 @@ pub struct Settings {
     pub workers: Option<usize>,
     /// `shutdown-grace`: how long in-flight requests may finish after SIGTERM/SIGINT.
     pub shutdown_grace: Option<String>,
+    /// `backend-dns`: `[https://]HOST:PORT` resolved to one backend per address, repeated.
+    pub backend_dns: Option<Vec<String>>,
+    /// `backend-dns-interval`: how often DNS sources are re-resolved.
+    pub backend_dns_interval: Option<String>,
+    /// `drain-timeout`: how long a drained backend keeps serving its pinned sessions.
+    pub drain_timeout: Option<String>,
+    /// `tls-cert`: PEM certificate chain for client-facing TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// `tls-key`: PEM private key for `tls-cert`.
+    pub tls_key: Option<PathBuf>,
+    /// `backend-ca`: PEM CA certificates trusted for `https://` backends (instead of the system's).
+    pub backend_ca: Option<PathBuf>,
+    /// `backend-client-cert`: PEM client certificate chain for mTLS to backends.
+    pub backend_client_cert: Option<PathBuf>,
+    /// `backend-client-key`: PEM key for `backend-client-cert`.
+    pub backend_client_key: Option<PathBuf>,
+    /// `backend-insecure-skip-verify`: accept any backend certificate (testing only).
+    pub backend_insecure_skip_verify: Option<bool>,
+    /// `health-check`: `tcp`, `http` or `off`.
+    pub health_check: Option<String>,
+    /// `health-check-path`: path of the HTTP check.
+    pub health_check_path: Option<String>,
+    /// `health-check-interval`.
+    pub health_check_interval: Option<String>,
+    /// `health-check-timeout`.
+    pub health_check_timeout: Option<String>,
+    /// `health-fall`: consecutive failures to mark a backend down.
+    pub health_fall: Option<u32>,
+    /// `health-rise`: consecutive successes to mark it up.
+    pub health_rise: Option<u32>,
+    /// `admin-listen`: address of the admin port (off when unset).
+    pub admin_listen: Option<String>,
+    /// `admin-token-file`: bearer token allowing admin writes from other than loopback.
+    pub admin_token_file: Option<PathBuf>,
+    /// `access-log`: `on` or `off`.
+    pub access_log: Option<String>,
 }
 
 /// A configuration problem, naming the key. The binary prints it and exits 64 (EX_USAGE).
@@ -154,10 +204,88 @@ pub enum LogFormat {
 pub struct BackendSpec {
     /// Stable name; route cookies name the backend by a hash of it.
     pub name: String,
-    /// `http` for now.
+    /// `http` or `https`.
     pub scheme: Scheme,
     /// `host:port`.
     pub authority: Authority,
+    /// For `https`: the name the backend's certificate must carry (sent as SNI).
+    pub tls_name: String,
+}
+
+/// A DNS name whose addresses are the backends (a Kubernetes headless Service).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSource {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// The name to resolve.
+    pub host: String,
+    /// The port of every address.
+    pub port: u16,
+}
+
+/// Active health checking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthMode {
+    /// No active checks; passive ones still apply.
+    Off,
+    /// A TCP connect (KBS releases without `/healthz`).
+    Tcp,
+    /// `GET <path>` answered 2xx (Trustee v0.12 and later answer `/healthz`).
+    Http(String),
+}
+
+/// Active health check settings.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// What a check does.
+    pub mode: HealthMode,
+    /// Time between checks of one backend.
+    pub interval: Duration,
+    /// Limit on one check.
+    pub timeout: Duration,
+    /// Consecutive failures that mark a backend down.
+    pub fall: u32,
+    /// Consecutive successes that mark it up.
+    pub rise: u32,
+}
+
+/// Client-facing TLS files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// How the proxy talks TLS to `https://` backends.
+#[derive(Debug, Clone, Default)]
+pub struct BackendTls {
+    /// Extra trusted CA file; the system's roots are not used when given.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key for mTLS.
+    pub client_auth: Option<TlsFiles>,
+    /// Accept any certificate.
+    pub insecure_skip_verify: bool,
+}
+
+/// The admin port.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Bearer token allowing writes from other than loopback.
+    pub token: Option<AdminToken>,
+}
+
+/// The admin bearer token. Its `Debug` prints nothing of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(pub String);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
 }
 
 /// Route cookie settings.
@@ -202,6 +330,22 @@ pub struct Config {
     pub workers: usize,
     /// Time in-flight requests get to finish on shutdown.
     pub shutdown_grace: Duration,
+    /// DNS names whose addresses are backends.
+    pub backend_dns: Vec<DnsSource>,
+    /// How often DNS sources are re-resolved.
+    pub dns_interval: Duration,
+    /// How long a drained backend keeps serving its pinned sessions.
+    pub drain_timeout: Duration,
+    /// Client-facing TLS, when configured.
+    pub tls: Option<TlsFiles>,
+    /// TLS to `https://` backends.
+    pub backend_tls: BackendTls,
+    /// Active health checks.
+    pub health: HealthConfig,
+    /// The admin port, when configured.
+    pub admin: Option<AdminConfig>,
+    /// One log line per request.
+    pub access_log: bool,
 }
 
 impl Settings {
@@ -244,7 +388,25 @@ impl Settings {
             backend_response_timeout,
             auth_body_limit,
             workers,
-            shutdown_grace
+            shutdown_grace,
+            backend_dns,
+            backend_dns_interval,
+            drain_timeout,
+            tls_cert,
+            tls_key,
+            backend_ca,
+            backend_client_cert,
+            backend_client_key,
+            backend_insecure_skip_verify,
+            health_check,
+            health_check_path,
+            health_check_interval,
+            health_check_timeout,
+            health_fall,
+            health_rise,
+            admin_listen,
+            admin_token_file,
+            access_log
         )
     }
 
@@ -255,11 +417,15 @@ impl Settings {
             .parse()
             .map_err(|_| invalid("listen", listen_text, "expected IP:PORT, e.g. 0.0.0.0:8080"))?;
 
-        let backends = parse_backends(self.backend.unwrap_or_default())?;
+        let backend_dns = self
+            .backend_dns
+            .unwrap_or_default()
+            .iter()
+            .map(|d| parse_dns_source(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let backends = parse_backends(self.backend.unwrap_or_default(), !backend_dns.is_empty())?;
 
-        let name = self
-            .cookie_name
-            .unwrap_or_else(|| defaults::COOKIE_NAME.into());
+        let name = self.cookie_name.unwrap_or_else(|| defaults::COOKIE_NAME.into());
         if name.is_empty() || !name.bytes().all(is_token_byte) {
             return Err(invalid(
                 "cookie-name",
@@ -268,11 +434,7 @@ impl Settings {
             ));
         }
         if name == crate::kbs::SESSION_COOKIE {
-            return Err(invalid(
-                "cookie-name",
-                name,
-                "that is the KBS's own session cookie",
-            ));
+            return Err(invalid("cookie-name", name, "that is the KBS's own session cookie"));
         }
         let max_age = self.cookie_max_age.unwrap_or(defaults::COOKIE_MAX_AGE);
         if max_age == 0 || max_age > u64::from(u32::MAX) {
@@ -282,9 +444,7 @@ impl Settings {
                 "expected 1 to 4294967295 seconds",
             ));
         }
-        let path = self
-            .cookie_path
-            .unwrap_or_else(|| defaults::COOKIE_PATH.into());
+        let path = self.cookie_path.unwrap_or_else(|| defaults::COOKIE_PATH.into());
         if !path.starts_with('/') || !path.bytes().all(is_attr_byte) {
             return Err(invalid(
                 "cookie-path",
@@ -293,16 +453,8 @@ impl Settings {
             ));
         }
         if let Some(d) = &self.cookie_domain {
-            if d.is_empty()
-                || !d
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-            {
-                return Err(invalid(
-                    "cookie-domain",
-                    d.as_str(),
-                    "expected a domain name",
-                ));
+            if d.is_empty() || !d.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') {
+                return Err(invalid("cookie-domain", d.as_str(), "expected a domain name"));
             }
         }
         let same_site = self
@@ -311,11 +463,7 @@ impl Settings {
                 "strict" => Ok(SameSite::Strict),
                 "lax" => Ok(SameSite::Lax),
                 "none" => Ok(SameSite::None),
-                _ => Err(invalid(
-                    "cookie-same-site",
-                    s,
-                    "expected strict, lax or none",
-                )),
+                _ => Err(invalid("cookie-same-site", s, "expected strict, lax or none")),
             })
             .transpose()?;
         let (secret, secret_generated) = load_secret(self.cookie_secret_file, self.cookie_secret)?;
@@ -323,13 +471,7 @@ impl Settings {
         let balance = match self.balance.as_deref().unwrap_or("round-robin") {
             "round-robin" => Policy::RoundRobin,
             "least-requests" => Policy::LeastRequests,
-            other => {
-                return Err(invalid(
-                    "balance",
-                    other,
-                    "expected round-robin or least-requests",
-                ))
-            }
+            other => return Err(invalid("balance", other, "expected round-robin or least-requests")),
         };
         let log_format = match self.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
@@ -346,19 +488,107 @@ impl Settings {
             self.backend_response_timeout,
             defaults::RESPONSE_TIMEOUT,
         )?;
-        let shutdown_grace = duration(
-            "shutdown-grace",
-            self.shutdown_grace,
-            defaults::SHUTDOWN_GRACE,
-        )?;
+        let shutdown_grace = duration("shutdown-grace", self.shutdown_grace, defaults::SHUTDOWN_GRACE)?;
         let auth_body_limit = self.auth_body_limit.unwrap_or(defaults::AUTH_BODY_LIMIT);
         if auth_body_limit == 0 {
-            return Err(invalid(
-                "auth-body-limit",
-                "0",
-                "expected a positive number of bytes",
-            ));
+            return Err(invalid("auth-body-limit", "0", "expected a positive number of bytes"));
         }
+        let dns_interval = duration(
+            "backend-dns-interval",
+            self.backend_dns_interval,
+            defaults::DNS_INTERVAL,
+        )?;
+        let drain_timeout = duration("drain-timeout", self.drain_timeout, defaults::DRAIN_TIMEOUT)?;
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let files = TlsFiles { cert, key };
+                crate::tls::server_config(&files)
+                    .map_err(|e| invalid("tls-cert", files.cert.display().to_string(), e.to_string()))?;
+                Some(files)
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::Missing {
+                    key: "tls-key",
+                    reason: "--tls-cert needs --tls-key",
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Missing {
+                    key: "tls-cert",
+                    reason: "--tls-key needs --tls-cert",
+                })
+            }
+        };
+        let client_auth = match (self.backend_client_cert, self.backend_client_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::Missing {
+                    key: "backend-client-key",
+                    reason: "--backend-client-cert needs a key",
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Missing {
+                    key: "backend-client-cert",
+                    reason: "--backend-client-key needs a cert",
+                })
+            }
+        };
+        let backend_tls = BackendTls {
+            ca: self.backend_ca,
+            client_auth,
+            insecure_skip_verify: self.backend_insecure_skip_verify.unwrap_or(false),
+        };
+        crate::tls::client_config(&backend_tls).map_err(|e| {
+            let (key, value) = match &backend_tls.ca {
+                Some(ca) => ("backend-ca", ca.display().to_string()),
+                None => ("backend-client-cert", "<files>".to_owned()),
+            };
+            invalid(key, value, e.to_string())
+        })?;
+        let health = health_config(
+            self.health_check,
+            self.health_check_path,
+            self.health_check_interval,
+            self.health_check_timeout,
+            self.health_fall,
+            self.health_rise,
+        )?;
+        let admin = match self.admin_listen {
+            None => None,
+            Some(text) => {
+                let listen = text
+                    .parse()
+                    .map_err(|_| invalid("admin-listen", text.as_str(), "expected IP:PORT, e.g. 127.0.0.1:9090"))?;
+                let token = match self.admin_token_file {
+                    None => None,
+                    Some(path) => {
+                        let raw = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                            key: "admin-token-file",
+                            path: path.clone(),
+                            source,
+                        })?;
+                        let t = raw.trim();
+                        if t.len() < MIN_SECRET_LEN || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                            return Err(invalid(
+                                "admin-token-file",
+                                "<redacted>",
+                                format!("the token must be at least {MIN_SECRET_LEN} printable characters"),
+                            ));
+                        }
+                        Some(AdminToken(t.to_owned()))
+                    }
+                };
+                Some(AdminConfig { listen, token })
+            }
+        };
+        let access_log = match self.access_log.as_deref().unwrap_or("on") {
+            "on" | "true" => true,
+            "off" | "false" => false,
+            other => return Err(invalid("access-log", other, "expected on or off")),
+        };
         let workers = match self.workers {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             Some(n @ 1..=1024) => n,
@@ -384,26 +614,96 @@ impl Settings {
             auth_body_limit,
             workers,
             shutdown_grace,
+            backend_dns,
+            dns_interval,
+            drain_timeout,
+            tls,
+            backend_tls,
+            health,
+            admin,
+            access_log,
         })
     }
 }
 
-fn parse_backends(raw: Vec<String>) -> Result<Vec<BackendSpec>, ConfigError> {
-    if raw.is_empty() {
+fn health_config(
+    mode: Option<String>,
+    path: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    fall: Option<u32>,
+    rise: Option<u32>,
+) -> Result<HealthConfig, ConfigError> {
+    let path = path.unwrap_or_else(|| defaults::HEALTH_PATH.into());
+    if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+        return Err(invalid(
+            "health-check-path",
+            path,
+            "expected an absolute path such as /healthz",
+        ));
+    }
+    let mode = match mode.as_deref().unwrap_or("tcp") {
+        "tcp" => HealthMode::Tcp,
+        "http" => HealthMode::Http(path),
+        "off" => HealthMode::Off,
+        other => return Err(invalid("health-check", other, "expected tcp, http or off")),
+    };
+    let count = |key: &'static str, v: Option<u32>, default: u32| match v.unwrap_or(default) {
+        n @ 1..=100 => Ok(n),
+        n => Err(invalid(key, n.to_string(), "expected 1 to 100")),
+    };
+    Ok(HealthConfig {
+        mode,
+        interval: duration("health-check-interval", interval, defaults::HEALTH_INTERVAL)?,
+        timeout: duration("health-check-timeout", timeout, defaults::HEALTH_TIMEOUT)?,
+        fall: count("health-fall", fall, defaults::HEALTH_FALL)?,
+        rise: count("health-rise", rise, defaults::HEALTH_RISE)?,
+    })
+}
+
+/// Parses `[http://|https://]HOST:PORT` for `backend-dns`.
+pub fn parse_dns_source(item: &str) -> Result<DnsSource, ConfigError> {
+    let (scheme, rest) = match item.split_once("://") {
+        Some(("http", rest)) => (Scheme::HTTP, rest),
+        Some(("https", rest)) => (Scheme::HTTPS, rest),
+        Some(_) => {
+            return Err(invalid(
+                "backend-dns",
+                item,
+                "expected HOST:PORT, http://HOST:PORT or https://HOST:PORT",
+            ))
+        }
+        None => (Scheme::HTTP, item),
+    };
+    let rest = rest.trim_end_matches('/');
+    let parsed: Option<(String, u16)> = rest
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+        .filter(|(h, p)| {
+            !h.is_empty() && *p != 0 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+        });
+    let Some((host, port)) = parsed else {
+        return Err(invalid(
+            "backend-dns",
+            item,
+            "expected HOST:PORT, e.g. kbs-headless.trustee-operator-system.svc:8080",
+        ));
+    };
+    Ok(DnsSource { scheme, host, port })
+}
+
+fn parse_backends(raw: Vec<String>, have_dns: bool) -> Result<Vec<BackendSpec>, ConfigError> {
+    if raw.is_empty() && !have_dns {
         return Err(ConfigError::Missing {
             key: "backend",
-            reason: "give at least one --backend URL (or NAME=URL)",
+            reason: "give at least one --backend URL (or NAME=URL), or --backend-dns HOST:PORT",
         });
     }
     let mut out: Vec<BackendSpec> = Vec::with_capacity(raw.len());
     for item in raw {
         let spec = parse_backend(&item)?;
         if out.iter().any(|b| b.name == spec.name) {
-            return Err(invalid(
-                "backend",
-                item,
-                "duplicate backend name; give each NAME=URL",
-            ));
+            return Err(invalid("backend", item, "duplicate backend name; give each NAME=URL"));
         }
         out.push(spec);
     }
@@ -416,23 +716,13 @@ pub fn parse_backend(item: &str) -> Result<BackendSpec, ConfigError> {
         Some((name, url)) if !name.contains("://") => (Some(name), url),
         _ => (None, item),
     };
-    let uri: Uri = url.parse().map_err(|_| {
-        invalid(
-            "backend",
-            item,
-            "expected http://HOST:PORT or NAME=http://HOST:PORT",
-        )
-    })?;
-    let scheme = match uri.scheme_str() {
-        Some("http") => Scheme::HTTP,
-        Some("https") => {
-            return Err(invalid(
-                "backend",
-                item,
-                "https backends are not supported by this build yet",
-            ));
-        }
-        _ => return Err(invalid("backend", item, "expected an http:// URL")),
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| invalid("backend", item, "expected http://HOST:PORT or NAME=http://HOST:PORT"))?;
+    let (scheme, default_port) = match uri.scheme_str() {
+        Some("http") => (Scheme::HTTP, 80),
+        Some("https") => (Scheme::HTTPS, 443),
+        _ => return Err(invalid("backend", item, "expected an http:// or https:// URL")),
     };
     let Some(authority) = uri.authority() else {
         return Err(invalid("backend", item, "the URL has no host"));
@@ -444,10 +734,7 @@ pub fn parse_backend(item: &str) -> Result<BackendSpec, ConfigError> {
             "credentials in backend URLs are not supported",
         ));
     }
-    if !matches!(
-        uri.path_and_query().map(|p| p.as_str()),
-        None | Some("/") | Some("")
-    ) {
+    if !matches!(uri.path_and_query().map(|p| p.as_str()), None | Some("/") | Some("")) {
         return Err(invalid(
             "backend",
             item,
@@ -456,7 +743,7 @@ pub fn parse_backend(item: &str) -> Result<BackendSpec, ConfigError> {
     }
     let authority: Authority = match authority.port_u16() {
         Some(_) => authority.clone(),
-        None => format!("{}:80", authority.host())
+        None => format!("{}:{default_port}", authority.host())
             .parse()
             .map_err(|_| invalid("backend", item, "bad host"))?,
     };
@@ -471,17 +758,20 @@ pub fn parse_backend(item: &str) -> Result<BackendSpec, ConfigError> {
         Some(n) => n.to_owned(),
         None => authority.as_str().to_owned(),
     };
+    let tls_name = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     Ok(BackendSpec {
         name,
         scheme,
         authority,
+        tls_name,
     })
 }
 
-fn load_secret(
-    file: Option<PathBuf>,
-    inline: Option<String>,
-) -> Result<(CookieSecret, bool), ConfigError> {
+fn load_secret(file: Option<PathBuf>, inline: Option<String>) -> Result<(CookieSecret, bool), ConfigError> {
     let (key, bytes) = match (file, inline) {
         (Some(path), _) => {
             let mut bytes = std::fs::read(&path).map_err(|source| ConfigError::Read {
@@ -501,17 +791,15 @@ fn load_secret(
         invalid(
             key,
             "<redacted>",
-            format!("the secret has {len} bytes; at least {MIN_SECRET_LEN} are needed (e.g. `openssl rand -base64 32`)"),
+            format!(
+                "the secret has {len} bytes; at least {MIN_SECRET_LEN} are needed (e.g. `openssl rand -base64 32`)"
+            ),
         )
     })
 }
 
 /// Parses `250ms`, `5s`, `2m`, or a bare number of seconds.
-fn duration(
-    key: &'static str,
-    value: Option<String>,
-    default_secs: u64,
-) -> Result<Duration, ConfigError> {
+fn duration(key: &'static str, value: Option<String>, default_secs: u64) -> Result<Duration, ConfigError> {
     let Some(text) = value else {
         return Ok(Duration::from_secs(default_secs));
     };
@@ -569,21 +857,9 @@ mod tests {
     #[test]
     fn backend_forms() {
         let b = parse_backend("kbs-a=http://10.0.0.1:8080").unwrap();
-        assert_eq!(
-            (b.name.as_str(), b.authority.as_str()),
-            ("kbs-a", "10.0.0.1:8080")
-        );
-        assert_eq!(
-            parse_backend("http://kbs").unwrap().authority.as_str(),
-            "kbs:80"
-        );
-        for bad in [
-            "ftp://x:1",
-            "http://x:1/path",
-            "x",
-            "=http://x:1",
-            "http://u:p@x:1",
-        ] {
+        assert_eq!((b.name.as_str(), b.authority.as_str()), ("kbs-a", "10.0.0.1:8080"));
+        assert_eq!(parse_backend("http://kbs").unwrap().authority.as_str(), "kbs:80");
+        for bad in ["ftp://x:1", "http://x:1/path", "x", "=http://x:1", "http://u:p@x:1"] {
             assert!(parse_backend(bad).is_err(), "{bad}");
         }
     }
@@ -647,11 +923,44 @@ mod tests {
         for (s, key) in cases {
             let msg = s.validate().unwrap_err().to_string();
             assert!(msg.contains(key), "{msg} should name {key}");
-            assert!(
-                !msg.contains("short"),
-                "secrets never appear in errors: {msg}"
-            );
+            assert!(!msg.contains("short"), "secrets never appear in errors: {msg}");
         }
+    }
+
+    #[test]
+    fn dns_sources() {
+        let d = parse_dns_source("kbs-headless.ns.svc:8080").unwrap();
+        assert_eq!(
+            (d.host.as_str(), d.port, d.scheme),
+            ("kbs-headless.ns.svc", 8080, Scheme::HTTP)
+        );
+        assert_eq!(parse_dns_source("https://kbs:8443").unwrap().scheme, Scheme::HTTPS);
+        for bad in ["kbs", "kbs:0", ":80", "ftp://kbs:1", "kb s:80"] {
+            assert!(parse_dns_source(bad).is_err(), "{bad}");
+        }
+        // DNS alone is enough backends.
+        let s = Settings {
+            backend_dns: Some(vec!["kbs:8080".into()]),
+            ..Settings::default()
+        };
+        assert!(s.validate().unwrap().backends.is_empty());
+    }
+
+    #[test]
+    fn health_settings() {
+        let c = with_backends().validate().unwrap();
+        assert_eq!(c.health.mode, HealthMode::Tcp);
+        let s = Settings {
+            health_check: Some("http".into()),
+            health_check_path: Some("/ready".into()),
+            ..with_backends()
+        };
+        assert_eq!(s.validate().unwrap().health.mode, HealthMode::Http("/ready".into()));
+        let s = Settings {
+            health_fall: Some(0),
+            ..with_backends()
+        };
+        assert!(s.validate().unwrap_err().to_string().contains("`health-fall`"));
     }
 
     #[test]
@@ -660,14 +969,8 @@ mod tests {
             duration("k", Some("250ms".into()), 1).unwrap(),
             Duration::from_millis(250)
         );
-        assert_eq!(
-            duration("k", Some("2m".into()), 1).unwrap(),
-            Duration::from_secs(120)
-        );
-        assert_eq!(
-            duration("k", Some("7".into()), 1).unwrap(),
-            Duration::from_secs(7)
-        );
+        assert_eq!(duration("k", Some("2m".into()), 1).unwrap(), Duration::from_secs(120));
+        assert_eq!(duration("k", Some("7".into()), 1).unwrap(), Duration::from_secs(7));
         assert!(duration("k", Some("-1s".into()), 1).is_err());
     }
 

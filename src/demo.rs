@@ -36,21 +36,19 @@ pub async fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<
     for name in ["kbs-a", "kbs-b"] {
         replicas.push(SimKbs::start_local(SimConfig::new(name)).await?);
     }
-    let backends = replicas
-        .iter()
-        .map(|r| format!("{}={}", r.name(), r.url()))
-        .collect();
+    let backends = replicas.iter().map(|r| format!("{}={}", r.name(), r.url())).collect();
     let settings = Settings {
         backend: Some(backends),
         ..settings
     };
     let config = settings.validate()?;
-    let proxy = Proxy::new(&config);
+    let proxy = Proxy::new(&config)?;
     let proxy_addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server::serve(
         proxy.worker(),
         listener,
+        None,
         shutdown.clone(),
         config.shutdown_grace,
     ));
@@ -105,14 +103,7 @@ pub fn render(reports: &[SessionReport]) -> String {
             Ok(()) => "ok".to_owned(),
             Err(e) => format!("FAILED: {e}"),
         };
-        let _ = writeln!(
-            s,
-            "{:<9} {:<8} {:<8} {:<9} {result}",
-            i + 1,
-            name(0),
-            name(1),
-            name(2)
-        );
+        let _ = writeln!(s, "{:<9} {:<8} {:<8} {:<9} {result}", i + 1, name(0), name(1), name(2));
     }
     s
 }

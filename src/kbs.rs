@@ -101,8 +101,7 @@ mod tests {
 
     #[test]
     fn error_body_has_the_kbs_shape() {
-        let v: serde_json::Value =
-            serde_json::from_slice(&error_body("TokenNotFound", "x \"y\"")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&error_body("TokenNotFound", "x \"y\"")).unwrap();
         assert_eq!(
             v["type"],
             "https://github.com/confidential-containers/kbs/errors/TokenNotFound"

@@ -14,17 +14,31 @@
 //! - [`backend`], [`balance`]: the replicas, their load and passive health; choosing one.
 //! - [`kbs`]: protocol facts: which step a request is, the KBS error body.
 //! - [`sim`], [`kbs_client`]: a simulated KBS replica and a client that behaves like the real one.
+//! - [`loadgen`]: full KBS sessions from many clients: latency histograms, errors, affinity check.
+//! - [`routing`]: the routing table (backends, balancer, cookie issuer), swapped whole.
+//! - [`connector`], [`tls`]: backend connections (TCP, TLS with SNI); client-facing TLS.
+//! - [`control`]: the control plane: [`health`] checks, [`discovery`] by DNS, drains, reloads.
+//! - [`admin`]: the admin port; [`metrics`]: counters and their Prometheus exposition.
 //! - [`demo`]: the `demo` subcommand; [`telemetry`]: logging.
 
+pub mod admin;
 pub mod affinity;
 pub mod backend;
 pub mod balance;
 pub mod config;
+pub mod connector;
+pub mod control;
 pub mod demo;
+pub mod discovery;
+pub mod health;
 pub mod kbs;
 pub mod kbs_client;
+pub mod loadgen;
+pub mod metrics;
 pub mod proxy;
 pub mod route_cookie;
+pub mod routing;
 pub mod server;
 pub mod sim;
 pub mod telemetry;
+pub mod tls;

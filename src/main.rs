@@ -7,10 +7,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kbs_affinity_proxy::config::{self, ConfigError, Settings};
+use kbs_affinity_proxy::control::{self, ControlPlane};
 use kbs_affinity_proxy::proxy::Proxy;
 use kbs_affinity_proxy::sim::{SimConfig, SimKbs};
 use kbs_affinity_proxy::{demo, server, telemetry};
 use tokio_util::sync::CancellationToken;
+
+mod loadgen_cli;
 
 /// EX_USAGE from sysexits.h: bad command line or configuration.
 const EX_USAGE: u8 = 64;
@@ -20,11 +23,7 @@ const EX_USAGE: u8 = 64;
 /// Pins each client to one replica with a signed route cookie, so its auth, attest and resource
 /// calls reach the replica that holds its session.
 #[derive(Parser, Debug)]
-#[command(
-    name = "kbs-affinity-proxy",
-    version,
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "kbs-affinity-proxy", version, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -38,10 +37,18 @@ enum Command {
     Demo(Box<ProxyArgs>),
     /// Run one simulated KBS replica (for manual tests and benchmarks).
     Sim(SimArgs),
+    /// Drive full KBS sessions against a URL and report latencies, errors and affinity.
+    Loadgen(loadgen_cli::LoadgenArgs),
+    /// Exit 0 when URL answers 2xx within 2 s (container health checks without curl).
+    Healthcheck {
+        /// The URL to GET, e.g. http://127.0.0.1:9090/healthz.
+        #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
+        url: String,
+    },
 }
 
 /// Proxy options. Each `--foo` is also the config-file key `foo`; flags win over the file.
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Clone)]
 struct ProxyArgs {
     /// TOML config file.
     #[arg(long, value_name = "FILE")]
@@ -91,6 +98,60 @@ struct ProxyArgs {
     /// Time in-flight requests get to finish on SIGTERM/SIGINT [default: 10s].
     #[arg(long, value_name = "DURATION")]
     shutdown_grace: Option<String>,
+    /// Backends from DNS: every address of HOST is a backend (e.g. a headless Service). Repeatable.
+    #[arg(long = "backend-dns", value_name = "[https://]HOST:PORT")]
+    backend_dns: Vec<String>,
+    /// How often --backend-dns names are re-resolved [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    backend_dns_interval: Option<String>,
+    /// How long a drained or vanished backend keeps serving its pinned sessions [default: 300s].
+    #[arg(long, value_name = "DURATION")]
+    drain_timeout: Option<String>,
+    /// PEM certificate chain: serve clients over TLS (h2 and http/1.1 by ALPN).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates to trust for https:// backends [default: the system's].
+    #[arg(long, value_name = "FILE")]
+    backend_ca: Option<PathBuf>,
+    /// PEM client certificate for mTLS to backends.
+    #[arg(long, value_name = "FILE")]
+    backend_client_cert: Option<PathBuf>,
+    /// PEM key for --backend-client-cert.
+    #[arg(long, value_name = "FILE")]
+    backend_client_key: Option<PathBuf>,
+    /// Accept any backend certificate. For testing only: anyone on the path can impersonate a replica.
+    #[arg(long)]
+    backend_insecure_skip_verify: bool,
+    /// Active health check: tcp, http or off [default: tcp].
+    #[arg(long, value_name = "MODE")]
+    health_check: Option<String>,
+    /// Path of the http health check [default: /healthz].
+    #[arg(long, value_name = "PATH")]
+    health_check_path: Option<String>,
+    /// Time between health checks of a backend [default: 5s].
+    #[arg(long, value_name = "DURATION")]
+    health_check_interval: Option<String>,
+    /// Limit on one health check [default: 2s].
+    #[arg(long, value_name = "DURATION")]
+    health_check_timeout: Option<String>,
+    /// Consecutive failed checks that mark a backend down [default: 3].
+    #[arg(long, value_name = "N")]
+    health_fall: Option<u32>,
+    /// Consecutive good checks that mark it up again [default: 2].
+    #[arg(long, value_name = "N")]
+    health_rise: Option<u32>,
+    /// Admin port: /healthz /readyz /metrics /backends, drain/undrain [default: off].
+    #[arg(long, value_name = "IP:PORT")]
+    admin_listen: Option<String>,
+    /// File with the bearer token that allows admin writes from other than loopback.
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// One log line per request: on or off [default: on].
+    #[arg(long, value_name = "on|off")]
+    access_log: Option<String>,
 }
 
 impl ProxyArgs {
@@ -112,6 +173,24 @@ impl ProxyArgs {
             auth_body_limit: self.auth_body_limit,
             workers: self.workers,
             shutdown_grace: self.shutdown_grace,
+            backend_dns: (!self.backend_dns.is_empty()).then_some(self.backend_dns),
+            backend_dns_interval: self.backend_dns_interval,
+            drain_timeout: self.drain_timeout,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            backend_ca: self.backend_ca,
+            backend_client_cert: self.backend_client_cert,
+            backend_client_key: self.backend_client_key,
+            backend_insecure_skip_verify: self.backend_insecure_skip_verify.then_some(true),
+            health_check: self.health_check,
+            health_check_path: self.health_check_path,
+            health_check_interval: self.health_check_interval,
+            health_check_timeout: self.health_check_timeout,
+            health_fall: self.health_fall,
+            health_rise: self.health_rise,
+            admin_listen: self.admin_listen,
+            admin_token_file: self.admin_token_file,
+            access_log: self.access_log,
         };
         (self.config, settings)
     }
@@ -160,6 +239,8 @@ fn main() -> ExitCode {
         None => run_proxy(cli.proxy),
         Some(Command::Demo(args)) => run_demo(*args),
         Some(Command::Sim(args)) => run_sim(args),
+        Some(Command::Loadgen(args)) => loadgen_cli::run(args),
+        Some(Command::Healthcheck { url }) => healthcheck(&url),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -175,24 +256,106 @@ fn main() -> ExitCode {
 }
 
 fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    let watch = args.config.clone();
+    let reload_args = args.clone();
     let config = args.layered()?.validate()?;
     telemetry::init(config.log_format);
     warn_if_generated_secret(&config);
+    if config.backend_tls.insecure_skip_verify {
+        tracing::warn!("--backend-insecure-skip-verify: backend certificates are NOT verified; anyone on the path can impersonate a KBS replica");
+    }
+    // Bind everything before serving anything: a port in use fails here, with nothing started.
     let listeners = server::bind_listeners(config.listen, config.workers)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let admin_listener = match &config.admin {
+        Some(admin) => Some(
+            std::net::TcpListener::bind(admin.listen)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .with_context(|| format!("cannot listen on {} (admin)", admin.listen))?,
+        ),
+        None => None,
+    };
     let bound = listeners[0].local_addr()?;
-    let proxy = Proxy::new(&config);
+    let proxy = Proxy::new(&config)?;
+    let tls = control::tls_settings(&config)?;
+    let tls_server = tls.as_ref().map(|(_, settings)| std::sync::Arc::clone(settings));
+    let source: control::ReloadSource = Box::new(move || reload_args.clone().layered()?.validate());
+    let control = std::sync::Arc::new(ControlPlane::new(proxy.clone(), config.clone(), tls).with_reload(source, watch));
     let backends: Vec<String> = config
         .backends
         .iter()
         .map(|b| format!("{}={}", b.name, b.authority))
         .collect();
-    tracing::info!(listen = %bound, workers = config.workers, ?backends, "kbs-affinity-proxy serving");
+    let admin = admin_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string());
+    tracing::info!(
+        listen = %bound,
+        tls = config.tls.is_some(),
+        admin = admin.as_deref().unwrap_or("off"),
+        workers = config.workers,
+        ?backends,
+        dns = ?config.backend_dns.iter().map(|d| format!("{}:{}", d.host, d.port)).collect::<Vec<_>>(),
+        "kbs-affinity-proxy serving"
+    );
     let shutdown = CancellationToken::new();
-    spawn_signal_watcher(shutdown.clone())?;
-    server::run_workers(&proxy, listeners, shutdown, config.shutdown_grace)?;
+    let control_thread = spawn_control_plane(
+        control,
+        admin_listener,
+        config.admin.and_then(|a| a.token),
+        shutdown.clone(),
+    )?;
+    server::run_workers(&proxy, listeners, tls_server, shutdown.clone(), config.shutdown_grace)?;
+    shutdown.cancel();
+    let _ = control_thread.join();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The control plane's thread: health checks, discovery, reloads, the admin port and signals.
+fn spawn_control_plane(
+    control: std::sync::Arc<ControlPlane>,
+    admin: Option<std::net::TcpListener>,
+    token: Option<config::AdminToken>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let handle = std::thread::Builder::new().name("control".into()).spawn(move || {
+        rt.block_on(async move {
+            // DNS and health first, so the workers' first requests see real backends.
+            control.refresh_dns().await;
+            tokio::spawn(std::sync::Arc::clone(&control).run(shutdown.clone()));
+            if let Some(listener) = admin.and_then(|l| tokio::net::TcpListener::from_std(l).ok()) {
+                tokio::spawn(kbs_affinity_proxy::admin::serve(
+                    listener,
+                    std::sync::Arc::clone(&control),
+                    token,
+                    shutdown.clone(),
+                ));
+            }
+            handle_signals(&control, &shutdown).await;
+        });
+    })?;
+    Ok(handle)
+}
+
+/// SIGHUP reloads; SIGINT/SIGTERM start the graceful shutdown.
+async fn handle_signals(control: &ControlPlane, shutdown: &CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).ok();
+    loop {
+        tokio::select! {
+            () = wait_for_signal() => break,
+            () = shutdown.cancelled() => return,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let _ = control.reload();
+            }
+        }
+    }
+    tracing::info!("shutting down: no new connections, finishing open requests");
+    shutdown.cancel();
 }
 
 fn warn_if_generated_secret(config: &config::Config) {
@@ -203,23 +366,6 @@ fn warn_if_generated_secret(config: &config::Config) {
             config::SECRET_ENV
         );
     }
-}
-
-/// Cancels `shutdown` on SIGINT or SIGTERM, from a thread of its own.
-fn spawn_signal_watcher(shutdown: CancellationToken) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            rt.block_on(async {
-                wait_for_signal().await;
-                tracing::info!("shutting down: no new connections, finishing open requests");
-                shutdown.cancel();
-            });
-        })?;
-    Ok(())
 }
 
 async fn wait_for_signal() {
@@ -242,16 +388,12 @@ fn run_demo(args: ProxyArgs) -> anyhow::Result<()> {
         return Err(ConfigError::Invalid {
             key: "backend",
             value: args.backend.join(" "),
-            reason:
-                "the demo starts its own simulated replicas; run without `demo` to proxy real ones"
-                    .into(),
+            reason: "the demo starts its own simulated replicas; run without `demo` to proxy real ones".into(),
         }
         .into());
     }
     let mut settings = args.layered()?;
-    settings
-        .listen
-        .get_or_insert_with(|| "127.0.0.1:8080".into());
+    settings.listen.get_or_insert_with(|| "127.0.0.1:8080".into());
     // Validate the listen address (and everything else) before binding anything.
     let checked = Settings {
         backend: Some(vec!["http://127.0.0.1:1".into()]),
@@ -259,9 +401,7 @@ fn run_demo(args: ProxyArgs) -> anyhow::Result<()> {
     }
     .validate()?;
     telemetry::init(checked.log_format);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(checked.listen)
             .await
@@ -287,9 +427,7 @@ fn run_demo(args: ProxyArgs) -> anyhow::Result<()> {
 
 fn run_sim(args: SimArgs) -> anyhow::Result<()> {
     telemetry::init(config::LogFormat::Text);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -302,6 +440,21 @@ fn run_sim(args: SimArgs) -> anyhow::Result<()> {
         tracing::info!(name = sim.name(), addr = %sim.addr(), "simulated KBS replica serving");
         wait_for_signal().await;
         sim.stop();
+        Ok(())
+    })
+}
+
+fn healthcheck(url: &str) -> anyhow::Result<()> {
+    let uri: http::Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let resp = tokio::time::timeout(Duration::from_secs(2), client.get(uri))
+            .await
+            .context("timed out")?
+            .context("request failed")?;
+        anyhow::ensure!(resp.status().is_success(), "status {}", resp.status());
         Ok(())
     })
 }

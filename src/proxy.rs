@@ -8,33 +8,35 @@ mod error;
 pub mod headers;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST, SET_COOKIE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Incoming};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use body::ProxyBody;
 pub use error::ProxyError;
 
-use crate::affinity::{decide, read_route_cookie, Decision};
-use crate::backend::{Backend, Backends};
-use crate::balance::Balancer;
-use crate::config::{Config, CookieConfig, SameSite};
+use crate::affinity::{decide, read_route_cookie, CookieState, Decision};
+use crate::backend::Backend;
+use crate::config::{BackendSpec, Config};
+use crate::connector::BackendConnector;
 use crate::kbs::RouteKind;
-use crate::route_cookie::{BackendId, RouteCookieCodec};
+use crate::metrics::ProxyStats;
+use crate::route_cookie::BackendId;
+use crate::routing::Routing;
+use crate::tls::TlsError;
 
 /// How long an idle pooled backend connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// The proxy's shared state: configuration, backends and balancer. Cheap to clone.
+/// The proxy's shared state: the routing table, counters, backend TLS. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Proxy {
     /// Shared by every worker.
@@ -43,110 +45,74 @@ pub struct Proxy {
 
 #[derive(Debug)]
 struct Shared {
-    /// The backend set, swapped whole when it changes.
-    backends: ArcSwap<Backends>,
-    /// Picks backends for unpinned requests.
-    balancer: Balancer,
-    /// Mints and checks route cookies.
-    cookie: CookieIssuer,
-    /// Limit on connecting to a backend.
-    connect_timeout: Duration,
-    /// Limit on waiting for a backend's response head.
-    response_timeout: Duration,
-    /// Largest `auth` body buffered for a re-send.
-    auth_body_limit: usize,
-}
-
-/// The route cookie's codec plus its pre-built `Set-Cookie` attributes.
-#[derive(Debug)]
-struct CookieIssuer {
-    /// Signs and verifies values.
-    codec: RouteCookieCodec,
-    /// Cookie name.
-    name: String,
-    /// Lifetime in seconds.
-    max_age: u64,
-    /// `; Path=/; Max-Age=...; HttpOnly...` for plain-text clients, built once.
-    attrs_plain: String,
-    /// The same with `; Secure`, for TLS clients.
-    attrs_tls: String,
-}
-
-impl CookieIssuer {
-    fn new(c: &CookieConfig) -> Self {
-        let mut attrs = format!("; Path={}; Max-Age={}; HttpOnly", c.path, c.max_age);
-        if let Some(d) = &c.domain {
-            attrs.push_str("; Domain=");
-            attrs.push_str(d);
-        }
-        match c.same_site {
-            Some(SameSite::Strict) => attrs.push_str("; SameSite=Strict"),
-            Some(SameSite::Lax) => attrs.push_str("; SameSite=Lax"),
-            Some(SameSite::None) => attrs.push_str("; SameSite=None"),
-            None => {}
-        }
-        Self {
-            codec: RouteCookieCodec::new(&c.secret),
-            name: c.name.clone(),
-            max_age: c.max_age,
-            attrs_tls: format!("{attrs}; Secure"),
-            attrs_plain: attrs,
-        }
-    }
-
-    /// The `Set-Cookie` value pinning `backend`.
-    fn set_cookie(&self, backend: BackendId, now: u64, tls: bool) -> HeaderValue {
-        let attrs = if tls {
-            &self.attrs_tls
-        } else {
-            &self.attrs_plain
-        };
-        let value = self.codec.mint(backend, now);
-        let mut buf = BytesMut::with_capacity(self.name.len() + 1 + value.len() + attrs.len());
-        buf.put_slice(self.name.as_bytes());
-        buf.put_u8(b'=');
-        buf.put_slice(&value);
-        buf.put_slice(attrs.as_bytes());
-        HeaderValue::from_maybe_shared(buf.freeze()).expect("validated at config time")
-    }
+    /// The routing table, swapped whole when backends or settings change.
+    routing: Arc<ArcSwap<Routing>>,
+    /// Counters for `/metrics`.
+    stats: Arc<ProxyStats>,
+    /// Limit on connecting (TCP and TLS) to a backend.
+    connect_timeout: std::time::Duration,
+    /// TLS client settings for `https://` backends.
+    backend_tls: Arc<rustls::ClientConfig>,
 }
 
 impl Proxy {
     /// Builds the proxy from a validated configuration. Binds nothing.
-    pub fn new(config: &Config) -> Self {
-        let list = config
-            .backends
-            .iter()
-            .map(|b| {
-                Arc::new(Backend::new(
-                    b.name.clone(),
-                    b.scheme.clone(),
-                    b.authority.clone(),
-                ))
-            })
-            .collect();
-        Self {
+    pub fn new(config: &Config) -> Result<Self, TlsError> {
+        Ok(Self {
             shared: Arc::new(Shared {
-                backends: ArcSwap::from_pointee(Backends { list }),
-                balancer: Balancer::new(config.balance),
-                cookie: CookieIssuer::new(&config.cookie),
+                routing: Arc::new(ArcSwap::from_pointee(Routing::new(config, &[], None))),
+                stats: Arc::new(ProxyStats::default()),
                 connect_timeout: config.connect_timeout,
-                response_timeout: config.response_timeout,
-                auth_body_limit: config.auth_body_limit,
+                backend_tls: crate::tls::client_config(&config.backend_tls)?,
             }),
-        }
+        })
     }
 
-    /// The current backend snapshot.
-    pub fn backends(&self) -> Arc<Backends> {
-        self.shared.backends.load_full()
+    /// The current routing table.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.shared.routing.load_full()
+    }
+
+    /// The swappable routing table, for the control plane and metrics.
+    pub fn routing_handle(&self) -> &Arc<ArcSwap<Routing>> {
+        &self.shared.routing
+    }
+
+    /// The proxy's counters.
+    pub fn stats(&self) -> &Arc<ProxyStats> {
+        &self.shared.stats
+    }
+
+    /// Installs a new configuration's routing settings (cookie, balance, backends, timeouts),
+    /// keeping the state of backends that stay. Listen addresses, workers and TLS client
+    /// settings need a restart.
+    pub fn apply(&self, config: &Config, discovered: &[BackendSpec]) {
+        let old = self.shared.routing.load_full();
+        self.shared
+            .routing
+            .store(Arc::new(Routing::new(config, discovered, Some(&old))));
+    }
+
+    /// Replaces the backend set, keeping every other setting.
+    pub fn set_backends(&self, configured: &[BackendSpec], discovered: &[BackendSpec]) {
+        let old = self.shared.routing.load_full();
+        self.shared
+            .routing
+            .store(Arc::new(old.with_backends(configured, discovered)));
+    }
+
+    /// A connector to the backends with the proxy's timeouts and TLS settings.
+    pub fn connector(&self) -> BackendConnector {
+        BackendConnector::new(
+            self.shared.connect_timeout,
+            Arc::clone(&self.shared.backend_tls),
+            Arc::clone(&self.shared.routing),
+        )
     }
 
     /// A worker for the runtime this is called on: its backend connection pool lives there.
     pub fn worker(&self) -> Worker {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(self.shared.connect_timeout));
+        let connector = self.connector();
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -170,8 +136,7 @@ pub struct ConnInfo {
 impl ConnInfo {
     /// Info for a client at `peer`.
     pub fn new(peer: std::net::SocketAddr, tls: bool) -> Self {
-        let peer_ip =
-            HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header value");
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header value");
         Self { peer_ip, tls }
     }
 }
@@ -181,8 +146,15 @@ impl ConnInfo {
 pub struct Worker {
     /// Shared with every other worker.
     shared: Arc<Shared>,
-    /// Pooled HTTP/1.1 client to the backends; the pool keys by backend authority.
-    client: Client<HttpConnector, ProxyBody>,
+    /// Pooled HTTP/1.1 client to the backends; the pool keys by backend scheme and authority.
+    client: Client<BackendConnector, ProxyBody>,
+}
+
+impl Worker {
+    /// Counters shared with the other workers (the server counts connections in them).
+    pub fn stats(&self) -> &ProxyStats {
+        &self.shared.stats
+    }
 }
 
 /// Where the request is going and what the response must carry.
@@ -198,14 +170,26 @@ struct Target {
 impl Worker {
     /// Handles one request. Never fails: errors become responses here, in one place.
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+        let started = Instant::now();
         let kind = RouteKind::classify(req.method(), req.uri().path());
-        match self.handle_inner(req, kind, conn).await {
+        let routing = self.shared.routing.load_full();
+        let mut log = AccessLog::begin(routing.access_log, &req);
+        let resp = match self.handle_inner(req, kind, conn, &routing, &mut log).await {
             Ok(resp) => resp,
             Err(err) => {
-                tracing::warn!(route = kind.as_str(), error = %err, cause = ?std::error::Error::source(&err), "answered by the proxy");
-                err.into_response(kind)
+                if let ProxyError::SessionLost = err {
+                    log.decision = "session-lost";
+                }
+                tracing::debug!(route = kind.as_str(), error = %err, cause = ?std::error::Error::source(&err), "answered by the proxy");
+                let resp = err.into_response(kind);
+                self.shared.stats.count_local(kind, resp.status().as_u16());
+                resp
             }
-        }
+        };
+        let elapsed = started.elapsed();
+        self.shared.stats.observe_latency(kind, elapsed.as_secs_f64());
+        log.finish(kind, resp.status().as_u16(), elapsed);
+        resp
     }
 
     async fn handle_inner(
@@ -213,36 +197,47 @@ impl Worker {
         req: Request<Incoming>,
         kind: RouteKind,
         conn: &ConnInfo,
+        routing: &Routing,
+        log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let shared = &*self.shared;
+        let stats = &*self.shared.stats;
         let now = unix_now();
-        let cookie = &shared.cookie;
-        let state = read_route_cookie(
-            req.headers(),
-            &cookie.name,
-            &cookie.codec,
-            now,
-            cookie.max_age,
-        );
-        let mut target = {
-            let backends = shared.backends.load();
-            match decide(kind, state, &backends, now, cookie.max_age) {
-                Decision::Pinned { backend, refresh } => Target {
+        let cookie = &*routing.cookie;
+        let state = read_route_cookie(req.headers(), &cookie.name, &cookie.codec, now, cookie.max_age);
+        if let CookieState::Rejected(why) = state {
+            stats.count_rejected(why);
+        }
+        let mut target = match decide(kind, state, &routing.backends, now, cookie.max_age) {
+            Decision::Pinned { backend, refresh } => {
+                log.decision = if refresh { "pinned-refreshed" } else { "pinned" };
+                Target {
                     backend: Arc::clone(backend),
                     issue_cookie: refresh,
                     session_bound: kind.needs_session(),
-                },
-                Decision::Balance => Target {
-                    backend: self.balance(&backends, &[]).ok_or(ProxyError::NoBackend)?,
+                }
+            }
+            Decision::Balance { repin } => {
+                if repin {
+                    stats.repinned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                log.decision = if repin { "repinned" } else { "balanced" };
+                let backend = balance(routing, &[]).ok_or(ProxyError::NoBackend)?;
+                Target {
+                    backend,
                     issue_cookie: true,
                     session_bound: false,
-                },
-                Decision::SessionLost => return Err(ProxyError::SessionLost),
+                }
+            }
+            Decision::SessionLost(backend) => {
+                let counter = backend.map_or(&stats.pinned_refused, |b| &b.stats.pinned_refused);
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                log.backend = backend.map(|b| b.name.clone());
+                return Err(ProxyError::SessionLost);
             }
         };
 
         let (parts, body) = req.into_parts();
-        let body = self.prepare_body(kind, &parts.headers, body).await?;
+        let body = prepare_body(kind, &parts.headers, body, routing.auth_body_limit).await?;
         let replayable = !matches!(body, ProxyBody::Stream(..));
         let headers = forward_headers(parts.headers, &parts.uri, conn);
         let path = parts
@@ -261,55 +256,54 @@ impl Worker {
         // a backend), for a body we still hold, and never for a request bound to its session.
         let mut tried: Vec<BackendId> = Vec::new();
         loop {
-            let may_retry = replayable
-                && !target.session_bound
-                && shared.backends.load().list.len() > tried.len() + 1;
+            log.backend = Some(target.backend.name.clone());
+            let may_retry = replayable && !target.session_bound && routing.backends.list.len() > tried.len() + 1;
             let req = if may_retry {
                 outgoing.copy_for(&target.backend)
             } else {
                 outgoing.take_request(&target.backend)
             };
             let in_flight = target.backend.start_request();
-            let sent =
-                tokio::time::timeout(shared.response_timeout, self.client.request(req)).await;
+            let sent = tokio::time::timeout(routing.response_timeout, self.client.request(req)).await;
             match sent {
                 Ok(Ok(resp)) => {
                     target.backend.record_success();
                     let (mut parts, body) = resp.into_parts();
+                    target.backend.stats.count_response(kind, parts.status.as_u16());
                     headers::remove_hop_by_hop(&mut parts.headers);
                     if target.issue_cookie {
                         let value = cookie.set_cookie(target.backend.id, now, conn.tls);
                         parts.headers.append(SET_COOKIE, value);
+                        stats.cookies_issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        target
+                            .backend
+                            .stats
+                            .sessions_pinned
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
-                    return Ok(Response::from_parts(
-                        parts,
-                        ProxyBody::Stream(body, Some(in_flight)),
-                    ));
+                    return Ok(Response::from_parts(parts, ProxyBody::Stream(body, Some(in_flight))));
                 }
                 Ok(Err(e)) if e.is_connect() => {
-                    target.backend.record_connect_failure();
+                    target.backend.record_failure();
                     let backend = target.backend.name.clone();
                     if target.session_bound {
-                        tracing::warn!(
-                            backend,
-                            route = kind.as_str(),
-                            "pinned replica unreachable"
-                        );
+                        tracing::warn!(backend, route = kind.as_str(), "pinned replica unreachable");
+                        target
+                            .backend
+                            .stats
+                            .pinned_refused
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         return Err(ProxyError::SessionLost);
                     }
                     if !may_retry {
                         return Err(ProxyError::Unreachable { backend, source: e });
                     }
                     tried.push(target.backend.id);
-                    let backends = shared.backends.load();
-                    let Some(next) = self.balance(&backends, &tried) else {
+                    let Some(next) = balance(routing, &tried) else {
                         return Err(ProxyError::Unreachable { backend, source: e });
                     };
-                    tracing::info!(
-                        from = backend,
-                        to = next.name,
-                        "re-sent after a failed connect"
-                    );
+                    tracing::info!(from = backend, to = next.name, "re-sent after a failed connect");
+                    log.decision = "retried";
                     target = Target {
                         backend: next,
                         issue_cookie: true,
@@ -323,54 +317,97 @@ impl Worker {
                     });
                 }
                 Err(_elapsed) => {
+                    target.backend.record_failure();
                     return Err(ProxyError::Timeout {
                         backend: target.backend.name.clone(),
-                    })
+                    });
                 }
             }
             // Only reached when `may_retry` held, so `outgoing` was copied, not taken.
         }
     }
+}
 
-    /// A backend for an unpinned request, skipping `exclude`. Prefers available backends; when
-    /// none is, tries any (they may have come back) rather than refuse outright.
-    fn balance(&self, backends: &Backends, exclude: &[BackendId]) -> Option<Arc<Backend>> {
-        let balancer: &Balancer = &self.shared.balancer;
-        let not_excluded = |b: &Backend| !exclude.contains(&b.id);
-        balancer
-            .select(&backends.list, |b| b.is_available() && not_excluded(b))
-            .or_else(|| balancer.select(&backends.list, not_excluded))
-            .cloned()
+/// A backend for an unpinned request, skipping `exclude`. Prefers backends that take new
+/// sessions; when none does, tries any healthy-or-not one that is not retired (they may have
+/// come back) rather than refuse outright.
+fn balance(routing: &Routing, exclude: &[BackendId]) -> Option<Arc<Backend>> {
+    let list = &routing.backends.list;
+    let not_excluded = |b: &Backend| !exclude.contains(&b.id);
+    routing
+        .balancer
+        .select(list, |b| b.accepts_new_sessions() && not_excluded(b))
+        .or_else(|| routing.balancer.select(list, |b| !b.is_draining() && not_excluded(b)))
+        .cloned()
+}
+
+/// `auth` bodies are buffered (they are small and must be re-sendable when the pinned replica
+/// is gone); empty bodies stay empty; everything else streams.
+async fn prepare_body(
+    kind: RouteKind,
+    headers: &HeaderMap,
+    body: Incoming,
+    limit: usize,
+) -> Result<ProxyBody, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(ProxyBody::Empty);
+    }
+    if kind != RouteKind::Auth {
+        return Ok(ProxyBody::Stream(body, None));
+    }
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(ProxyBody::full(collected.to_bytes())),
+        Err(e) => match e.downcast::<hyper::Error>() {
+            Ok(e) => Err(ProxyError::ClientBody(*e)),
+            Err(_length_limit) => Err(ProxyError::BodyTooLarge { limit }),
+        },
+    }
+}
+
+/// One access-log line per request: method, path (no query: it may carry tokens), status,
+/// backend, duration and routing decision. Cookies, tokens and bodies are never logged.
+struct AccessLog {
+    /// Off: nothing is recorded.
+    enabled: bool,
+    method: Method,
+    path: Option<String>,
+    /// The backend the request went (or was pinned) to.
+    backend: Option<String>,
+    /// How the backend was chosen.
+    decision: &'static str,
+}
+
+impl AccessLog {
+    fn begin(enabled: bool, req: &Request<Incoming>) -> Self {
+        Self {
+            enabled,
+            method: req.method().clone(),
+            path: enabled.then(|| req.uri().path().to_owned()),
+            backend: None,
+            decision: "none",
+        }
     }
 
-    /// `auth` bodies are buffered (they are small and must be re-sendable when the pinned replica
-    /// is gone); empty bodies stay empty; everything else streams.
-    async fn prepare_body(
-        &self,
-        kind: RouteKind,
-        headers: &HeaderMap,
-        body: Incoming,
-    ) -> Result<ProxyBody, ProxyError> {
-        if body.is_end_stream() {
-            return Ok(ProxyBody::Empty);
-        }
-        if kind != RouteKind::Auth {
-            return Ok(ProxyBody::Stream(body, None));
-        }
-        let limit = self.shared.auth_body_limit;
-        let declared = headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(ProxyError::BodyTooLarge { limit });
-        }
-        match Limited::new(body, limit).collect().await {
-            Ok(collected) => Ok(ProxyBody::full(collected.to_bytes())),
-            Err(e) => match e.downcast::<hyper::Error>() {
-                Ok(e) => Err(ProxyError::ClientBody(*e)),
-                Err(_length_limit) => Err(ProxyError::BodyTooLarge { limit }),
-            },
+    fn finish(self, kind: RouteKind, status: u16, elapsed: std::time::Duration) {
+        if self.enabled {
+            tracing::info!(
+                target: "access",
+                method = %self.method,
+                path = self.path.as_deref().unwrap_or(""),
+                status,
+                backend = self.backend.as_deref().unwrap_or("-"),
+                route = kind.as_str(),
+                decision = self.decision,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                "request"
+            );
         }
     }
 }
@@ -425,9 +462,7 @@ fn forward_headers(mut headers: HeaderMap, uri: &Uri, conn: &ConnInfo) -> Header
     let host = match headers.get(HOST) {
         Some(h) => Some(h.clone()),
         None => {
-            let from_uri = uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+            let from_uri = uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
             if let Some(h) = &from_uri {
                 headers.insert(HOST, h.clone());
             }
@@ -439,7 +474,5 @@ fn forward_headers(mut headers: HeaderMap, uri: &Uri, conn: &ConnInfo) -> Header
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

@@ -203,9 +203,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn codec() -> RouteCookieCodec {
-        RouteCookieCodec::new(
-            &CookieSecret::new(b"0123456789abcdef0123456789abcdef".to_vec()).unwrap(),
-        )
+        RouteCookieCodec::new(&CookieSecret::new(b"0123456789abcdef0123456789abcdef".to_vec()).unwrap())
     }
 
     const NOW: u64 = 1_800_000_000;
@@ -214,9 +212,7 @@ mod tests {
     fn round_trip() {
         let id = BackendId::from_name("kbs-0");
         let v = codec().mint(id, NOW);
-        assert!(v
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'));
+        assert!(v.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'));
         let pin = codec().verify(&v, NOW + 10, 100).unwrap();
         assert_eq!(
             pin,
@@ -266,10 +262,7 @@ mod tests {
         let got: Vec<&[u8]> = cookie_values(h, b"route").collect();
         assert_eq!(got, vec![&b"one"[..], b"two"]);
         assert_eq!(cookie_values(b"", b"route").count(), 0);
-        assert_eq!(
-            cookie_values(b"route=", b"route").collect::<Vec<_>>(),
-            vec![&b""[..]]
-        );
+        assert_eq!(cookie_values(b"route=", b"route").collect::<Vec<_>>(), vec![&b""[..]]);
     }
 
     proptest! {

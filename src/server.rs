@@ -8,9 +8,11 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -25,6 +27,12 @@ use crate::proxy::{ConnInfo, Proxy, Worker};
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Streams one HTTP/2 client may have open at once.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// How long a client may take to complete the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Client-facing TLS: the server configuration in force, swapped whole on reload. Each new
+/// connection reads it once.
+pub type TlsSettings = Arc<ArcSwap<rustls::ServerConfig>>;
 
 /// Binds `count` listeners on `addr` with SO_REUSEPORT, so the kernel spreads new connections
 /// over the workers. With port 0 the first bind picks the port and the others share it.
@@ -50,6 +58,7 @@ pub fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net
 pub fn run_workers(
     proxy: &Proxy,
     listeners: Vec<std::net::TcpListener>,
+    tls: Option<TlsSettings>,
     shutdown: CancellationToken,
     grace: Duration,
 ) -> io::Result<()> {
@@ -57,23 +66,19 @@ pub fn run_workers(
     for (i, listener) in listeners.into_iter().enumerate() {
         let proxy = proxy.clone();
         let shutdown = shutdown.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("worker-{i}"))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                rt.block_on(async move {
-                    let listener = TcpListener::from_std(listener)?;
-                    serve(proxy.worker(), listener, shutdown, grace).await;
-                    Ok::<_, io::Error>(())
-                })
-            })?;
+        let tls = tls.clone();
+        let thread = std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(listener)?;
+                serve(proxy.worker(), listener, tls, shutdown, grace).await;
+                Ok::<_, io::Error>(())
+            })
+        })?;
         threads.push(thread);
     }
     for t in threads {
-        t.join()
-            .map_err(|_| io::Error::other("a worker thread panicked"))??;
+        t.join().map_err(|_| io::Error::other("a worker thread panicked"))??;
     }
     Ok(())
 }
@@ -84,11 +89,28 @@ struct Conn {
     info: ConnInfo,
 }
 
+/// Counts a client connection as open while alive.
+struct ConnGuard(Arc<Worker>);
+
+impl ConnGuard {
+    fn new(worker: &Arc<Worker>) -> Self {
+        worker.stats().active_connections.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(worker))
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.stats().active_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves clients from `listener` on the current runtime until `shutdown` is cancelled, then
-/// waits up to `grace` for open requests to finish.
+/// waits up to `grace` for open requests to finish. With `tls`, every connection is TLS.
 pub async fn serve(
     worker: Worker,
     listener: TcpListener,
+    tls: Option<TlsSettings>,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
@@ -102,6 +124,7 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -118,23 +141,49 @@ pub async fn serve(
         };
         // Small request/response exchanges: do not let Nagle hold the last segment back.
         let _ = stream.set_nodelay(true);
+        let guard = ConnGuard::new(&worker);
         let conn = Arc::new(Conn {
             worker: Arc::clone(&worker),
-            info: ConnInfo::new(peer, false),
+            info: ConnInfo::new(peer, tls.is_some()),
         });
         let service = service_fn(move |req| {
             let conn = Arc::clone(&conn);
             async move { Ok::<_, Infallible>(conn.worker.handle(req, &conn.info).await) }
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let watched = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = watched.await {
-                tracing::debug!(error = %e, "client connection ended with an error");
+        match &tls {
+            None => {
+                let watched = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = watched.await {
+                        tracing::debug!(error = %e, "client connection ended with an error");
+                    }
+                    drop(guard);
+                });
             }
-        });
+            Some(settings) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(settings.load_full());
+                let builder = Arc::clone(&builder);
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let tls_stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let connection = builder.serve_connection(TokioIo::new(tls_stream), service).into_owned();
+                    if let Err(e) = watcher.watch(connection).await {
+                        tracing::debug!(error = %e, "client connection ended with an error");
+                    }
+                    drop(guard);
+                });
+            }
+        }
     }
     drop(listener);
     tokio::select! {

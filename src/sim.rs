@@ -67,10 +67,7 @@ impl SimConfig {
             token_ttl: Duration::from_secs(300),
             token_key: None,
             admin_token: None,
-            resources: vec![(
-                "default/key/demo".into(),
-                Bytes::from_static(b"demo-secret-value"),
-            )],
+            resources: vec![("default/key/demo".into(), Bytes::from_static(b"demo-secret-value"))],
         }
     }
 }
@@ -260,10 +257,8 @@ fn kbs_error(status: StatusCode, variant: &str, detail: &str) -> Resp {
 
 fn json_ok(v: Value) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut()
+        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -283,11 +278,7 @@ async fn route(inner: &Inner, req: Request<Incoming>) -> Resp {
         return metrics(inner);
     }
     let Some(rest) = path.strip_prefix(API_PREFIX) else {
-        return kbs_error(
-            StatusCode::NOT_FOUND,
-            "InvalidRequestPath",
-            "Invalid Request Path",
-        );
+        return kbs_error(StatusCode::NOT_FOUND, "InvalidRequestPath", "Invalid Request Path");
     };
     let session = session_cookie(&req);
     let bearer = bearer(&req);
@@ -304,12 +295,9 @@ async fn route(inner: &Inner, req: Request<Incoming>) -> Resp {
     match (&method, rest) {
         (&Method::POST, "auth") => auth(inner, &body),
         (&Method::POST, "attest") => attest(inner, session.as_deref(), &body),
-        (&Method::GET, r) if r.starts_with("resource/") => get_resource(
-            inner,
-            session.as_deref(),
-            bearer.as_deref(),
-            &r["resource/".len()..],
-        ),
+        (&Method::GET, r) if r.starts_with("resource/") => {
+            get_resource(inner, session.as_deref(), bearer.as_deref(), &r["resource/".len()..])
+        }
         (m, r) if r.starts_with("resource/") && (m == Method::POST || m == Method::DELETE) => {
             admin(inner, bearer.as_deref(), |store| {
                 let key = r["resource/".len()..].to_owned();
@@ -320,9 +308,9 @@ async fn route(inner: &Inner, req: Request<Incoming>) -> Resp {
                 }
             })
         }
-        (&Method::POST, "resource-policy") => admin(inner, bearer.as_deref(), |s| {
-            s.resource_policy = Some(body.clone())
-        }),
+        (&Method::POST, "resource-policy") => {
+            admin(inner, bearer.as_deref(), |s| s.resource_policy = Some(body.clone()))
+        }
         (&Method::GET, "resource-policy") => match admin_check(inner, bearer.as_deref()) {
             Some(denied) => denied,
             None => {
@@ -333,11 +321,7 @@ async fn route(inner: &Inner, req: Request<Incoming>) -> Resp {
         (&Method::POST, "attestation-policy") => {
             let id = serde_json::from_slice::<Value>(&body)
                 .ok()
-                .and_then(|v| {
-                    v.get("policy_id")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned)
-                })
+                .and_then(|v| v.get("policy_id").and_then(Value::as_str).map(str::to_owned))
                 .unwrap_or_else(|| "default".into());
             admin(inner, bearer.as_deref(), |s| {
                 s.attestation_policies.insert(id, body.clone());
@@ -359,11 +343,7 @@ async fn route(inner: &Inner, req: Request<Incoming>) -> Resp {
                 None => json_ok(Value::Array(vec![])),
             }
         }
-        _ => kbs_error(
-            StatusCode::NOT_FOUND,
-            "InvalidRequestPath",
-            "Invalid Request Path",
-        ),
+        _ => kbs_error(StatusCode::NOT_FOUND, "InvalidRequestPath", "Invalid Request Path"),
     }
 }
 
@@ -408,10 +388,7 @@ fn auth(inner: &Inner, body: &[u8]) -> Resp {
 
 fn attest(inner: &Inner, session: Option<&str>, body: &[u8]) -> Resp {
     let failed = || {
-        inner
-            .counters
-            .unknown_session
-            .fetch_add(1, Ordering::Relaxed);
+        inner.counters.unknown_session.fetch_add(1, Ordering::Relaxed);
         kbs_error(
             StatusCode::UNAUTHORIZED,
             "AttestationError",
@@ -449,10 +426,7 @@ fn get_resource(inner: &Inner, session: Option<&str>, bearer: Option<&str>, path
     let authorized = match bearer {
         Some(token) => {
             if !verify_token(inner, token, now) {
-                inner
-                    .counters
-                    .unknown_session
-                    .fetch_add(1, Ordering::Relaxed);
+                inner.counters.unknown_session.fetch_add(1, Ordering::Relaxed);
                 return kbs_error(
                     StatusCode::UNAUTHORIZED,
                     "TokenVerifierError",
@@ -473,22 +447,11 @@ fn get_resource(inner: &Inner, session: Option<&str>, bearer: Option<&str>, path
         }
     };
     if !authorized {
-        inner
-            .counters
-            .unknown_session
-            .fetch_add(1, Ordering::Relaxed);
-        return kbs_error(
-            StatusCode::UNAUTHORIZED,
-            "TokenNotFound",
-            "Attestation Token not found",
-        );
+        inner.counters.unknown_session.fetch_add(1, Ordering::Relaxed);
+        return kbs_error(StatusCode::UNAUTHORIZED, "TokenNotFound", "Attestation Token not found");
     }
     let Some(content) = inner.store().resources.get(path).cloned() else {
-        return kbs_error(
-            StatusCode::UNAUTHORIZED,
-            "PluginError",
-            "Resource not found",
-        );
+        return kbs_error(StatusCode::UNAUTHORIZED, "PluginError", "Resource not found");
     };
     inner.counters.resource.fetch_add(1, Ordering::Relaxed);
     // JWE-shaped; the simulator does not encrypt (alg "sim"), the client only decodes.
@@ -544,14 +507,9 @@ fn metrics(inner: &Inner) -> Resp {
 }
 
 fn set_session_cookie(resp: &mut Resp, id: &str, expires: SystemTime) {
-    let v = format!(
-        "{SESSION_COOKIE}={id}; Expires={}",
-        httpdate::fmt_http_date(expires)
-    );
-    resp.headers_mut().append(
-        SET_COOKIE,
-        HeaderValue::from_str(&v).expect("hex and a date"),
-    );
+    let v = format!("{SESSION_COOKIE}={id}; Expires={}", httpdate::fmt_http_date(expires));
+    resp.headers_mut()
+        .append(SET_COOKIE, HeaderValue::from_str(&v).expect("hex and a date"));
 }
 
 fn session_cookie(req: &Request<Incoming>) -> Option<String> {

@@ -31,10 +31,7 @@ async fn eight_sessions_each_stay_on_one_replica_and_both_replicas_serve() {
         let mut c = KbsClient::new(proxy.url());
         c.auth().await.unwrap();
         c.attest().await.unwrap();
-        assert_eq!(
-            &c.fetch_resource(RESOURCE).await.unwrap()[..],
-            b"demo-secret-value"
-        );
+        assert_eq!(&c.fetch_resource(RESOURCE).await.unwrap()[..], b"demo-secret-value");
         // The replicas' own records: one replica saw the whole session.
         let seen = steps_by_replica(&sims, &c);
         assert_eq!(seen.len(), 1, "{seen:?}");
@@ -42,9 +39,7 @@ async fn eight_sessions_each_stay_on_one_replica_and_both_replicas_serve() {
         // And every response came from that replica.
         let replicas = c.replicas();
         assert!(
-            replicas
-                .iter()
-                .all(|r| r.as_deref() == Some(seen[0].0.as_str())),
+            replicas.iter().all(|r| r.as_deref() == Some(seen[0].0.as_str())),
             "{replicas:?}"
         );
         served.insert(seen[0].0.clone());
@@ -57,19 +52,11 @@ async fn the_real_client_flow_get_resource_first_then_handshake() {
     let (sims, proxy) = two_replicas().await;
     for _ in 0..4 {
         let mut c = KbsClient::new(proxy.url());
-        assert_eq!(
-            &c.get_resource(RESOURCE).await.unwrap()[..],
-            b"demo-secret-value"
-        );
+        assert_eq!(&c.get_resource(RESOURCE).await.unwrap()[..], b"demo-secret-value");
         let steps: Vec<_> = c.log.iter().map(|e| (e.step, e.status.as_u16())).collect();
         assert_eq!(
             steps,
-            [
-                ("resource", 401),
-                ("auth", 200),
-                ("attest", 200),
-                ("resource", 200)
-            ]
+            [("resource", 401), ("auth", 200), ("attest", 200), ("resource", 200)]
         );
         assert_eq!(steps_by_replica(&sims, &c).len(), 1);
     }
@@ -100,10 +87,7 @@ async fn without_affinity_sessions_fail_as_with_a_plain_balancer() {
             Err(e) => panic!("unexpected error {e}"),
         }
     }
-    assert_eq!(
-        failures, 4,
-        "round robin sends every attest to the other replica"
-    );
+    assert_eq!(failures, 4, "round robin sends every attest to the other replica");
 }
 
 /// Sends `POST /kbs/v0/auth` with the given Cookie header; returns (replica, Set-Cookie route value).
@@ -128,12 +112,7 @@ async fn auth_with(proxy: &TestProxy, cookie: Option<&str>) -> (String, Option<S
 }
 
 fn route_value(set_cookie: &str) -> &str {
-    set_cookie
-        .strip_prefix("route=")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
+    set_cookie.strip_prefix("route=").unwrap().split(';').next().unwrap()
 }
 
 #[tokio::test]
@@ -179,9 +158,7 @@ async fn forged_tampered_truncated_expired_and_foreign_cookies_count_as_absent()
         for _ in 0..4 {
             let (replica, set) = auth_with(&proxy, Some(&format!("route={bad}"))).await;
             let set = set.expect("a bad cookie is replaced with a good one");
-            assert!(codec
-                .verify(route_value(&set).as_bytes(), now, 172_800)
-                .is_ok());
+            assert!(codec.verify(route_value(&set).as_bytes(), now, 172_800).is_ok());
             replicas.insert(replica);
         }
         assert_eq!(replicas.len(), 2, "{bad:?}: treated as absent, so balanced");
@@ -231,9 +208,7 @@ async fn pinned_replica_lost_mid_session_gives_kbs_401_and_the_client_recovers()
 
     // The resource call is not sent to the other replica: a KBS-shaped 401 comes back.
     match c.fetch_resource(RESOURCE).await {
-        Err(ClientError::Kbs {
-            status, error_type, ..
-        }) => {
+        Err(ClientError::Kbs { status, error_type, .. }) => {
             assert_eq!(status, StatusCode::UNAUTHORIZED);
             assert_eq!(error_type, "TokenNotFound");
         }
@@ -249,15 +224,10 @@ async fn pinned_replica_lost_mid_session_gives_kbs_401_and_the_client_recovers()
 
     // The real client's reaction to that 401: a new handshake (re-pinned) and the GET again.
     c.log.clear();
-    assert_eq!(
-        &c.get_resource(RESOURCE).await.unwrap()[..],
-        b"demo-secret-value"
-    );
+    assert_eq!(&c.get_resource(RESOURCE).await.unwrap()[..], b"demo-secret-value");
     assert_eq!(c.log[0].replica, None, "the 401 is the proxy's own");
     assert!(
-        c.replicas()[1..]
-            .iter()
-            .all(|r| r.as_deref() == Some(other.name())),
+        c.replicas()[1..].iter().all(|r| r.as_deref() == Some(other.name())),
         "{:?}",
         c.log
     );
@@ -366,16 +336,8 @@ async fn the_demo_prints_one_replica_per_session() {
     let table = demo::render(&reports);
     assert!(reports.iter().all(|r| r.result.is_ok()), "{table}");
     for r in &reports {
-        assert!(
-            r.replicas
-                .iter()
-                .all(|x| x.is_some() && x == &r.replicas[0]),
-            "{table}"
-        );
+        assert!(r.replicas.iter().all(|x| x.is_some() && x == &r.replicas[0]), "{table}");
     }
-    assert!(
-        table.contains("kbs-a") && table.contains("kbs-b"),
-        "{table}"
-    );
+    assert!(table.contains("kbs-a") && table.contains("kbs-b"), "{table}");
     d.shutdown.cancel();
 }

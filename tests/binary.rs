@@ -14,19 +14,12 @@ use tokio::process::Command;
 async fn the_binary_serves_sessions_on_every_worker_and_stops_on_sigterm() {
     let sims = start_sims(2).await;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kbs-affinity-proxy"));
-    cmd.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--log-format",
-        "json",
-    ])
-    .env("KBS_AFFINITY_PROXY_COOKIE_SECRET", SECRET)
-    .env("RUST_LOG", "info")
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .kill_on_drop(true);
+    cmd.args(["--listen", "127.0.0.1:0", "--workers", "2", "--log-format", "json"])
+        .env("KBS_AFFINITY_PROXY_COOKIE_SECRET", SECRET)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     for b in backends_of(&sims) {
         cmd.arg("--backend").arg(b);
     }
@@ -76,8 +69,7 @@ async fn the_binary_serves_sessions_on_every_worker_and_stops_on_sigterm() {
     assert!(log.iter().any(|l| l.contains("shutting down")), "{log:?}");
     // No cookie value or token ever reaches the log.
     assert!(
-        !log.iter()
-            .any(|l| l.contains(SECRET) || l.contains("kbs-session-id=")),
+        !log.iter().any(|l| l.contains(SECRET) || l.contains("kbs-session-id=")),
         "{log:?}"
     );
 }

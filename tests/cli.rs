@@ -22,11 +22,7 @@ fn bad_values_exit_64_naming_the_key() {
     let short_secret = dir.path().join("short");
     std::fs::write(&short_secret, "tiny\n").unwrap();
     let bad_toml = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad_toml,
-        "listen = \"127.0.0.1:0\"\ncookie-colour = \"red\"\n",
-    )
-    .unwrap();
+    std::fs::write(&bad_toml, "listen = \"127.0.0.1:0\"\ncookie-colour = \"red\"\n").unwrap();
     let wrong_type = dir.path().join("type.toml");
     std::fs::write(&wrong_type, "cookie-max-age = \"soon\"\n").unwrap();
     let short = short_secret.to_str().unwrap();
@@ -37,14 +33,8 @@ fn bad_values_exit_64_naming_the_key() {
         (vec![B, "--listen", "localhost"], "listen"),
         (vec![B, "--log-format", "xml"], "log-format"),
         (vec![B, "--cookie-name", "bad name"], "cookie-name"),
-        (
-            vec![B, "--cookie-same-site", "sometimes"],
-            "cookie-same-site",
-        ),
-        (
-            vec![B, "--backend-connect-timeout", "soon"],
-            "backend-connect-timeout",
-        ),
+        (vec![B, "--cookie-same-site", "sometimes"], "cookie-same-site"),
+        (vec![B, "--backend-connect-timeout", "soon"], "backend-connect-timeout"),
         (vec![B, "--workers", "0"], "workers"),
         (vec![B, "--cookie-secret-file", short], "cookie-secret-file"),
         (
@@ -58,24 +48,15 @@ fn bad_values_exit_64_naming_the_key() {
         ),
         (vec![], "backend"),
         (vec!["--no-such-flag"], "--no-such-flag"),
-        (
-            vec![B, "--config", bad_toml.to_str().unwrap()],
-            "cookie-colour",
-        ),
-        (
-            vec![B, "--config", wrong_type.to_str().unwrap()],
-            "cookie-max-age",
-        ),
+        (vec![B, "--config", bad_toml.to_str().unwrap()], "cookie-colour"),
+        (vec![B, "--config", wrong_type.to_str().unwrap()], "cookie-max-age"),
         (vec!["demo", "--backend", "http://x:1"], "backend"),
         (vec!["demo", "--listen", "nowhere"], "listen"),
     ];
     for (args, key) in cases {
         let (code, stderr) = run(&args);
         assert_eq!(code, 64, "{args:?} should exit 64; stderr: {stderr}");
-        assert!(
-            stderr.contains(key),
-            "{args:?}: stderr should name {key}: {stderr}"
-        );
+        assert!(stderr.contains(key), "{args:?}: stderr should name {key}: {stderr}");
         assert!(!stderr.contains("tiny"), "secrets never printed: {stderr}");
         assert!(stderr.lines().count() <= 6, "short and clear: {stderr}");
     }

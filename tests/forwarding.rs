@@ -30,8 +30,7 @@ async fn ten_mib_streams_through_both_ways() {
     let req = Request::post(format!("{}/upload", proxy.url()))
         .body(StreamBody::new(futures_stream(chunks)))
         .unwrap();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let resp = client.request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let got = resp.into_body().collect().await.unwrap().to_bytes();
@@ -48,15 +47,10 @@ async fn bodies_are_not_buffered_the_echo_starts_before_the_upload_ends() {
     let proxy = echo_proxy().await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
     let req = Request::post(format!("{}/stream", proxy.url()))
-        .body(StreamBody::new(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
+        .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
         .unwrap();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
-    tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
-        .await
-        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    tx.send(Ok(Frame::data(Bytes::from_static(b"first")))).await.unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
         .await
         .unwrap()
@@ -69,9 +63,7 @@ async fn bodies_are_not_buffered_the_echo_starts_before_the_upload_ends() {
         .unwrap()
         .unwrap();
     assert_eq!(first.into_data().unwrap(), "first");
-    tx.send(Ok(Frame::data(Bytes::from_static(b"second"))))
-        .await
-        .unwrap();
+    tx.send(Ok(Frame::data(Bytes::from_static(b"second")))).await.unwrap();
     drop(tx);
     let rest = body.collect().await.unwrap().to_bytes();
     assert_eq!(rest, "second");
@@ -94,25 +86,15 @@ async fn hop_by_hop_headers_go_and_forwarded_headers_come() {
         .unwrap();
     let (parts, _) = send(req).await;
     assert_eq!(parts.status, StatusCode::OK);
-    let seen: serde_json::Value =
-        serde_json::from_str(parts.headers["x-seen-headers"].to_str().unwrap()).unwrap();
+    let seen: serde_json::Value = serde_json::from_str(parts.headers["x-seen-headers"].to_str().unwrap()).unwrap();
     for gone in ["x-private-hop", "keep-alive", "te", "proxy-authorization"] {
-        assert!(
-            seen.get(gone).is_none(),
-            "{gone} must not reach the backend: {seen}"
-        );
+        assert!(seen.get(gone).is_none(), "{gone} must not reach the backend: {seen}");
     }
-    assert_eq!(
-        seen["host"], "kbs.example:8443",
-        "the client's Host is kept"
-    );
+    assert_eq!(seen["host"], "kbs.example:8443", "the client's Host is kept");
     assert_eq!(seen["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
     assert_eq!(seen["x-forwarded-proto"], "http");
     assert_eq!(seen["x-forwarded-host"], "kbs.example:8443");
-    assert_eq!(
-        seen["authorization"], "Bearer admin-token",
-        "end-to-end headers pass"
-    );
+    assert_eq!(seen["authorization"], "Bearer admin-token", "end-to-end headers pass");
     assert!(
         parts.headers.get("keep-alive").is_none(),
         "the backend's hop-by-hop headers go too"
@@ -134,8 +116,7 @@ async fn http2_clients_get_host_from_their_authority() {
         .await
         .unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2);
-    let seen: serde_json::Value =
-        serde_json::from_str(resp.headers()["x-seen-headers"].to_str().unwrap()).unwrap();
+    let seen: serde_json::Value = serde_json::from_str(resp.headers()["x-seen-headers"].to_str().unwrap()).unwrap();
     assert_eq!(seen["host"], proxy.addr.to_string());
     assert_eq!(seen["x-forwarded-host"], proxy.addr.to_string());
 }
@@ -188,9 +169,7 @@ async fn a_backend_that_never_answers_gives_504_in_the_kbs_shape() {
     let req = Request::get(format!("{}/kbs/v0/resource/a/b/c", proxy.url()))
         .body(Full::default())
         .unwrap();
-    let (parts, body) = tokio::time::timeout(Duration::from_secs(10), send(req))
-        .await
-        .unwrap();
+    let (parts, body) = tokio::time::timeout(Duration::from_secs(10), send(req)).await.unwrap();
     assert_kbs_error(&parts, &body, StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout");
 }
 
@@ -207,10 +186,5 @@ async fn an_oversized_auth_body_gets_413_in_the_kbs_shape() {
         .body(Full::from(big))
         .unwrap();
     let (parts, body) = send(req).await;
-    assert_kbs_error(
-        &parts,
-        &body,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "PayloadTooLarge",
-    );
+    assert_kbs_error(&parts, &body, StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge");
 }

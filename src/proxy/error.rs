@@ -60,15 +60,11 @@ impl ProxyError {
             Self::SessionLost => match kind {
                 RouteKind::Attest => (StatusCode::UNAUTHORIZED, "AttestationError"),
                 RouteKind::Resource => (StatusCode::UNAUTHORIZED, "TokenNotFound"),
-                RouteKind::Auth | RouteKind::Admin | RouteKind::Other => {
-                    (StatusCode::UNAUTHORIZED, "SessionLost")
-                }
+                RouteKind::Auth | RouteKind::Admin | RouteKind::Other => (StatusCode::UNAUTHORIZED, "SessionLost"),
             },
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge"),
             Self::ClientBody(_) => (StatusCode::BAD_REQUEST, "InvalidRequest"),
-            Self::Unreachable { .. } | Self::Backend { .. } => {
-                (StatusCode::BAD_GATEWAY, "BadGateway")
-            }
+            Self::Unreachable { .. } | Self::Backend { .. } => (StatusCode::BAD_GATEWAY, "BadGateway"),
             Self::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
         }
     }

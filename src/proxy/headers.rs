@@ -47,12 +47,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Sets the `X-Forwarded-*` fields: appends the client's address to `X-Forwarded-For`, and
 /// replaces `-Proto` and `-Host` with what this proxy saw.
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    client_ip: &HeaderValue,
-    tls: bool,
-    host: Option<HeaderValue>,
-) {
+pub fn set_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, tls: bool, host: Option<HeaderValue>) {
     match headers.get(&X_FORWARDED_FOR) {
         None => {
             headers.insert(X_FORWARDED_FOR.clone(), client_ip.clone());
@@ -82,17 +77,11 @@ mod tests {
     #[test]
     fn strips_listed_and_static_hop_by_hop() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret-Hop"));
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(
-            header::PROXY_AUTHORIZATION,
-            HeaderValue::from_static("Basic eA=="),
-        );
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic eA=="));
         h.insert(header::COOKIE, HeaderValue::from_static("a=b"));
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
@@ -103,12 +92,7 @@ mod tests {
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
         let ip = HeaderValue::from_static("127.0.0.1");
-        set_forwarded(
-            &mut h,
-            &ip,
-            false,
-            Some(HeaderValue::from_static("kbs.example")),
-        );
+        set_forwarded(&mut h, &ip, false, Some(HeaderValue::from_static("kbs.example")));
         assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1");
         set_forwarded(&mut h, &ip, true, None);
         assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1, 127.0.0.1");

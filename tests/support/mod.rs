@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -13,25 +13,34 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use kbs_affinity_proxy::config::Settings;
+use kbs_affinity_proxy::control::{self, ControlPlane};
 use kbs_affinity_proxy::proxy::{Proxy, ProxyBody};
-use kbs_affinity_proxy::server;
 use kbs_affinity_proxy::sim::{SimConfig, SimKbs};
+use kbs_affinity_proxy::{admin, server};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// The cookie secret the tests configure, so they can mint cookies of their own.
 pub const SECRET: &str = "test-secret-0123456789abcdef0123";
 
-/// A proxy serving on the test's runtime.
+/// A proxy serving on the test's runtime, with its control plane (and admin port, when the
+/// settings ask for one: it is bound on 127.0.0.1:0 whatever they say).
 pub struct TestProxy {
     pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
     pub proxy: Proxy,
-    shutdown: CancellationToken,
+    pub control: Arc<ControlPlane>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
 }
 
 impl TestProxy {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin.expect("admin port configured"))
     }
 }
 
@@ -47,34 +56,57 @@ pub fn settings(backends: Vec<String>) -> Settings {
         backend: Some(backends),
         cookie_secret: Some(SECRET.into()),
         listen: Some("127.0.0.1:0".into()),
+        shutdown_grace: Some("1s".into()),
+        access_log: Some("off".into()),
         ..Settings::default()
     }
 }
 
 /// `NAME=URL` for each replica.
 pub fn backends_of(sims: &[SimKbs]) -> Vec<String> {
-    sims.iter()
-        .map(|s| format!("{}={}", s.name(), s.url()))
-        .collect()
+    sims.iter().map(|s| format!("{}={}", s.name(), s.url())).collect()
 }
 
 /// Starts a proxy with `settings` on 127.0.0.1:0.
 pub async fn start_proxy(settings: Settings) -> TestProxy {
+    start_proxy_with(settings, |c| c).await
+}
+
+/// The same, letting the test adjust the control plane (a resolver, a reload source).
+pub async fn start_proxy_with(settings: Settings, adjust: impl FnOnce(ControlPlane) -> ControlPlane) -> TestProxy {
     let config = settings.validate().expect("valid test config");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let proxy = Proxy::new(&config);
+    let proxy = Proxy::new(&config).unwrap();
+    let tls = control::tls_settings(&config).unwrap();
+    let tls_server = tls.as_ref().map(|(_, s)| Arc::clone(s));
+    let control = Arc::new(adjust(ControlPlane::new(proxy.clone(), config.clone(), tls)));
     let shutdown = CancellationToken::new();
-    tokio::spawn(server::serve(
+    control.refresh_dns().await;
+    tokio::spawn(Arc::clone(&control).run(shutdown.clone()));
+    let admin = match &config.admin {
+        Some(a) => {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let admin_addr = l.local_addr().unwrap();
+            tokio::spawn(admin::serve(l, Arc::clone(&control), a.token.clone(), shutdown.clone()));
+            Some(admin_addr)
+        }
+        None => None,
+    };
+    let task = tokio::spawn(server::serve(
         proxy.worker(),
         listener,
+        tls_server,
         shutdown.clone(),
-        Duration::from_secs(1),
+        config.shutdown_grace,
     ));
     TestProxy {
         addr,
+        admin,
         proxy,
+        control,
         shutdown,
+        task,
     }
 }
 
@@ -82,11 +114,7 @@ pub async fn start_proxy(settings: Settings) -> TestProxy {
 pub async fn start_sims(n: usize) -> Vec<SimKbs> {
     let mut out = Vec::new();
     for i in 0..n {
-        out.push(
-            SimKbs::start_local(SimConfig::new(format!("kbs-{i}")))
-                .await
-                .unwrap(),
-        );
+        out.push(SimKbs::start_local(SimConfig::new(format!("kbs-{i}"))).await.unwrap());
     }
     out
 }
@@ -150,20 +178,15 @@ pub async fn start_echo() -> SocketAddr {
             .collect();
         let mut resp = Response::new(ProxyBody::Stream(req.into_body(), None));
         let json = serde_json::Value::Object(seen).to_string();
-        resp.headers_mut()
-            .insert("x-seen-headers", json.parse().unwrap());
-        resp.headers_mut()
-            .insert("keep-alive", "timeout=5".parse().unwrap());
+        resp.headers_mut().insert("x-seen-headers", json.parse().unwrap());
+        resp.headers_mut().insert("keep-alive", "timeout=5".parse().unwrap());
         resp
     })
     .await
 }
 
 /// A plain HTTP/1.1 client.
-pub fn client() -> hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
-> {
+pub fn client() -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
 }
 
