@@ -122,10 +122,15 @@ impl ControlPlane {
         &self.proxy
     }
 
-    /// Runs the checks and watchers until `shutdown`. Resolves DNS and checks health once first.
+    /// Runs the checks and watchers until `shutdown`, the first round one interval from now:
+    /// callers run [`Self::refresh_dns`] and [`Self::check_health`] once before serving.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut next_dns = Instant::now();
-        let mut next_health = Instant::now();
+        let (dns_interval, health_interval) = {
+            let state = self.state();
+            (state.config.dns_interval, state.config.health.interval)
+        };
+        let mut next_dns = Instant::now() + dns_interval;
+        let mut next_health = Instant::now() + health_interval;
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
         loop {
             let now = Instant::now();

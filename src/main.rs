@@ -281,31 +281,32 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     let tls_server = tls.as_ref().map(|(_, settings)| std::sync::Arc::clone(settings));
     let source: control::ReloadSource = Box::new(move || reload_args.clone().layered()?.validate());
     let control = std::sync::Arc::new(ControlPlane::new(proxy.clone(), config.clone(), tls).with_reload(source, watch));
+    let shutdown = CancellationToken::new();
+    let admin = admin_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string());
+    let token = config.admin.as_ref().and_then(|a| a.token.clone());
+    let control_thread = spawn_control_plane(control, admin_listener, token, shutdown.clone())?;
     let backends: Vec<String> = config
         .backends
         .iter()
         .map(|b| format!("{}={}", b.name, b.authority))
         .collect();
-    let admin = admin_listener
-        .as_ref()
-        .and_then(|l| l.local_addr().ok())
-        .map(|a| a.to_string());
+    let dns: Vec<String> = config
+        .backend_dns
+        .iter()
+        .map(|d| format!("{}:{}", d.host, d.port))
+        .collect();
     tracing::info!(
         listen = %bound,
         tls = config.tls.is_some(),
         admin = admin.as_deref().unwrap_or("off"),
         workers = config.workers,
         ?backends,
-        dns = ?config.backend_dns.iter().map(|d| format!("{}:{}", d.host, d.port)).collect::<Vec<_>>(),
+        ?dns,
         "kbs-affinity-proxy serving"
     );
-    let shutdown = CancellationToken::new();
-    let control_thread = spawn_control_plane(
-        control,
-        admin_listener,
-        config.admin.and_then(|a| a.token),
-        shutdown.clone(),
-    )?;
     server::run_workers(&proxy, listeners, tls_server, shutdown.clone(), config.shutdown_grace)?;
     shutdown.cancel();
     let _ = control_thread.join();
@@ -320,35 +321,54 @@ fn spawn_control_plane(
     token: Option<config::AdminToken>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Signal handlers before anything else: a SIGHUP must never meet the default action (exit).
+    let signals = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::hangup())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
+    })?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::Builder::new().name("control".into()).spawn(move || {
         rt.block_on(async move {
             // DNS and health first, so the workers' first requests see real backends.
             control.refresh_dns().await;
+            control.check_health().await;
             tokio::spawn(std::sync::Arc::clone(&control).run(shutdown.clone()));
             if let Some(listener) = admin.and_then(|l| tokio::net::TcpListener::from_std(l).ok()) {
+                let control = std::sync::Arc::clone(&control);
                 tokio::spawn(kbs_affinity_proxy::admin::serve(
                     listener,
-                    std::sync::Arc::clone(&control),
+                    control,
                     token,
                     shutdown.clone(),
                 ));
             }
-            handle_signals(&control, &shutdown).await;
+            let _ = ready_tx.send(());
+            handle_signals(&control, signals, &shutdown).await;
         });
     })?;
+    ready_rx.recv().context("the control plane did not start")?;
     Ok(handle)
 }
 
+type Signals = (
+    tokio::signal::unix::Signal,
+    tokio::signal::unix::Signal,
+    tokio::signal::unix::Signal,
+);
+
 /// SIGHUP reloads; SIGINT/SIGTERM start the graceful shutdown.
-async fn handle_signals(control: &ControlPlane, shutdown: &CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup()).ok();
+async fn handle_signals(control: &ControlPlane, (mut hup, mut term, mut int): Signals, shutdown: &CancellationToken) {
     loop {
         tokio::select! {
-            () = wait_for_signal() => break,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
             () = shutdown.cancelled() => return,
-            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+            _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration");
                 let _ = control.reload();
             }

@@ -10,6 +10,148 @@ use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
+/// A running binary and its log lines.
+struct Running {
+    child: tokio::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    start: serde_json::Value,
+}
+
+impl Running {
+    /// Starts the binary with `args` and waits for its "serving" line.
+    async fn start(args: &[String]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kbs-affinity-proxy"))
+            .args(args)
+            .args(["--log-format", "json"])
+            .env("KBS_AFFINITY_PROXY_COOKIE_SECRET", SECRET)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut raw = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = raw.next_line().await {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or(serde_json::Value::String(line));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let start = Self::wait_in(&mut lines, "kbs-affinity-proxy serving").await;
+        Self { child, lines, start }
+    }
+
+    async fn wait_in(
+        lines: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+        message: &str,
+    ) -> serde_json::Value {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(v) = lines.recv().await {
+                if v["message"] == message {
+                    return v;
+                }
+            }
+            panic!("the proxy exited before logging {message:?}");
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn wait_for(&mut self, message: &str) -> serde_json::Value {
+        Self::wait_in(&mut self.lines, message).await
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    fn field(&self, name: &str) -> String {
+        self.start[name].as_str().unwrap().to_owned()
+    }
+}
+
+async fn cookie_name(addr: &str) -> String {
+    let req = http::Request::get(format!("http://{addr}/healthz"))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let (parts, _) = send(req).await;
+    parts.headers["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split('=')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_file_and_refuses_a_bad_one() {
+    let sims = start_sims(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.toml");
+    let config = |cookie: &str| {
+        format!(
+            "backend = [\"{}\"]\ncookie-name = \"{cookie}\"\naccess-log = \"off\"\n",
+            backends_of(&sims)[0]
+        )
+    };
+    std::fs::write(&file, config("first")).unwrap();
+    let args: Vec<String> = [
+        "--config",
+        file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut proxy = Running::start(&args).await;
+    let addr = proxy.field("listen");
+    assert_eq!(cookie_name(&addr).await, "first");
+
+    std::fs::write(&file, "cookie-name = 42\n").unwrap();
+    proxy.signal("-HUP");
+    let refused = proxy
+        .wait_for("reload refused: the new configuration is invalid; keeping the old one")
+        .await;
+    assert!(refused["error"].as_str().unwrap().contains("cookie-name"), "{refused}");
+    assert_eq!(cookie_name(&addr).await, "first");
+
+    std::fs::write(&file, config("second")).unwrap();
+    proxy.signal("-HUP");
+    proxy.wait_for("configuration reloaded").await;
+    assert_eq!(cookie_name(&addr).await, "second");
+
+    // The healthcheck subcommand, as a container HEALTHCHECK runs it, against the admin port.
+    let admin = proxy.field("admin");
+    for (path, ok) in [("/healthz", true), ("/nope", false)] {
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_kbs-affinity-proxy"))
+            .args(["healthcheck", "--url", &format!("http://{admin}{path}")])
+            .output()
+            .unwrap()
+            .status;
+        assert_eq!(status.success(), ok, "{path}");
+    }
+    proxy.signal("-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), proxy.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_sessions_on_every_worker_and_stops_on_sigterm() {
     let sims = start_sims(2).await;

@@ -83,6 +83,7 @@ pub async fn start_proxy_with(settings: Settings, adjust: impl FnOnce(ControlPla
     let control = Arc::new(adjust(ControlPlane::new(proxy.clone(), config.clone(), tls)));
     let shutdown = CancellationToken::new();
     control.refresh_dns().await;
+    control.check_health().await;
     tokio::spawn(Arc::clone(&control).run(shutdown.clone()));
     let admin = match &config.admin {
         Some(a) => {
@@ -195,4 +196,99 @@ pub async fn send(req: Request<Full<Bytes>>) -> (http::response::Parts, Bytes) {
     let resp = client().request(req).await.expect("request");
     let (parts, body) = resp.into_parts();
     (parts, body.collect().await.expect("body").to_bytes())
+}
+
+/// A throw-away PKI: a CA and certificates it signs, as PEM files in a temporary folder.
+pub mod pki {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use kbs_affinity_proxy::config::TlsFiles;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    pub struct Pki {
+        pub dir: tempfile::TempDir,
+        ca: rcgen::Certificate,
+        ca_key: KeyPair,
+        pub ca_path: PathBuf,
+    }
+
+    impl Pki {
+        pub fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let ca_key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(rcgen::DnType::CommonName, "test CA");
+            let ca = params.self_signed(&ca_key).unwrap();
+            let ca_path = dir.path().join("ca.pem");
+            std::fs::write(&ca_path, ca.pem()).unwrap();
+            Self {
+                dir,
+                ca,
+                ca_key,
+                ca_path,
+            }
+        }
+
+        /// A certificate for `sans` (DNS names or IPs), written as `<file>.pem` / `<file>.key`.
+        pub fn issue(&self, file: &str, sans: &[&str]) -> TlsFiles {
+            let key = KeyPair::generate().unwrap();
+            let params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+            let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+            let files = TlsFiles {
+                cert: self.dir.path().join(format!("{file}.pem")),
+                key: self.dir.path().join(format!("{file}.key")),
+            };
+            std::fs::write(&files.cert, cert.pem()).unwrap();
+            std::fs::write(&files.key, key.serialize_pem()).unwrap();
+            files
+        }
+
+        /// A client configuration trusting this CA, offering `alpn`.
+        pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_file(&self.ca_path).unwrap())
+                .unwrap();
+            let mut c = rustls::ClientConfig::builder_with_provider(kbs_affinity_proxy::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            Arc::new(c)
+        }
+
+        /// A server configuration for `files`; with `require_client_cert`, clients must present
+        /// a certificate signed by this CA.
+        pub fn server_config(&self, files: &TlsFiles, require_client_cert: bool) -> Arc<rustls::ServerConfig> {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(&files.key).unwrap();
+            let builder = rustls::ServerConfig::builder_with_provider(kbs_affinity_proxy::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap();
+            let builder = if require_client_cert {
+                let mut roots = rustls::RootCertStore::empty();
+                roots
+                    .add(CertificateDer::from_pem_file(&self.ca_path).unwrap())
+                    .unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    kbs_affinity_proxy::tls::provider(),
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            } else {
+                builder.with_no_client_auth()
+            };
+            Arc::new(builder.with_single_cert(certs, key).unwrap())
+        }
+    }
 }
