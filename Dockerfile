@@ -12,5 +12,9 @@ RUN cargo build --release --locked --bin kbs-affinity-proxy \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/kbs-affinity-proxy /usr/local/bin/kbs-affinity-proxy
 USER 65532:65532
-EXPOSE 8080
+# 8080: clients; 9090: the admin port (/healthz, /readyz, /metrics) when --admin-listen is given.
+EXPOSE 8080 9090
+# Distroless has no shell or curl: the binary checks itself. Needs --admin-listen on port 9090.
+HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
+  CMD ["/usr/local/bin/kbs-affinity-proxy", "healthcheck", "--url", "http://127.0.0.1:9090/healthz"]
 ENTRYPOINT ["/usr/local/bin/kbs-affinity-proxy"]
