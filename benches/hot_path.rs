@@ -56,7 +56,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let state = read_route_cookie(black_box(&headers), "route", &codec, NOW, MAX_AGE);
             matches!(
-                decide(RouteKind::Resource, state, &set, NOW, MAX_AGE),
+                decide(true, RouteKind::Resource, state, None, &set, NOW, MAX_AGE),
                 kbs_affinity_proxy::affinity::Decision::Pinned { .. }
             )
         })

@@ -6,7 +6,7 @@ use http::header::{HeaderMap, COOKIE};
 
 use crate::backend::{Backend, Backends};
 use crate::kbs::RouteKind;
-use crate::route_cookie::{cookie_values, Pin, Rejection, RouteCookieCodec};
+use crate::route_cookie::{cookie_values, BackendId, Pin, Rejection, RouteCookieCodec};
 
 /// What the request's route cookie says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,15 +41,35 @@ pub fn read_route_cookie(
     state
 }
 
+/// What pins a request to a backend when its route cookie does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Learned {
+    /// A `kbs-session-id` the backend issued.
+    SessionId(BackendId),
+    /// An attestation token the backend issued.
+    Token(BackendId),
+}
+
+impl Learned {
+    fn backend(self) -> BackendId {
+        match self {
+            Self::SessionId(b) | Self::Token(b) => b,
+        }
+    }
+}
+
 /// Where a request goes.
 #[derive(Debug)]
 pub enum Decision<'a> {
-    /// To the backend the cookie names. `refresh`: re-issue the cookie (same backend, new time).
+    /// To the backend the cookie (or a learned session id or token: `learned`) names. `refresh`:
+    /// (re-)issue the route cookie for it.
     Pinned {
         /// The pinned backend.
         backend: &'a Arc<Backend>,
         /// Whether to send a fresh cookie.
         refresh: bool,
+        /// Set when the pin came from a learned session id or token instead of the cookie.
+        learned: Option<Learned>,
     },
     /// To a backend the balancer picks; the response carries a new cookie. `repin`: the
     /// request had a valid cookie for a backend that is down or gone.
@@ -62,30 +82,39 @@ pub enum Decision<'a> {
     SessionLost(Option<&'a Arc<Backend>>),
 }
 
-/// Decides. One exhaustive match over the cookie's state and whether the request needs its
-/// session's replica.
+/// Decides. One exhaustive match over what pins the request (its cookie, else what was
+/// learned) and whether the request needs its session's replica (`session_bound`: attest, and
+/// resource calls unless they carry a token every replica accepts).
 ///
 /// A valid cookie on an `auth` is refreshed once it is past half its age, so a cookie never
-/// expires in the middle of the auth → attest → resource sequence that follows.
+/// expires in the middle of the auth → attest → resource sequence that follows. A pin from a
+/// learned session id or token re-issues the cookie the client lacks.
 pub fn decide<'a>(
+    session_bound: bool,
     kind: RouteKind,
     cookie: CookieState,
+    learned: Option<Learned>,
     backends: &'a Backends,
     now: u64,
     max_age: u64,
 ) -> Decision<'a> {
-    let pinned = match cookie {
-        CookieState::Valid(pin) => Some((pin, backends.by_id(pin.backend))),
-        CookieState::Absent | CookieState::Rejected(_) => None,
+    let pinned = match (cookie, learned) {
+        (CookieState::Valid(pin), _) => Some((Some(pin), None, backends.by_id(pin.backend))),
+        (CookieState::Absent | CookieState::Rejected(_), Some(l)) => Some((None, Some(l), backends.by_id(l.backend()))),
+        (CookieState::Absent | CookieState::Rejected(_), None) => None,
     };
-    match (pinned, kind.needs_session()) {
-        (Some((pin, Some(backend))), _) if backend.serves_pinned(backends.drain_timeout) => Decision::Pinned {
+    match (pinned, session_bound) {
+        (Some((pin, learned, Some(backend))), _) if backend.serves_pinned(backends.drain_timeout) => Decision::Pinned {
             backend,
-            refresh: kind == RouteKind::Auth && now.saturating_sub(pin.issued_at) > max_age / 2,
+            refresh: match pin {
+                Some(pin) => kind == RouteKind::Auth && now.saturating_sub(pin.issued_at) > max_age / 2,
+                None => true,
+            },
+            learned,
         },
         // Pinned to a replica that is down (`Some`) or no longer in the set (`None`).
-        (Some((_, backend)), true) => Decision::SessionLost(backend),
-        (Some((_, _)), false) => Decision::Balance { repin: true },
+        (Some((_, _, backend)), true) => Decision::SessionLost(backend),
+        (Some((_, _, _)), false) => Decision::Balance { repin: true },
         (None, _) => Decision::Balance { repin: false },
     }
 }
@@ -154,9 +183,9 @@ mod tests {
                 issued_at: at,
             })
         };
-        let d = |kind, state| decide(kind, state, &set, NOW, MAX_AGE);
+        let d = |kind: RouteKind, state| decide(kind.needs_session(), kind, state, None, &set, NOW, MAX_AGE);
         assert!(
-            matches!(d(RouteKind::Attest, pin("a", NOW)), Decision::Pinned { backend, refresh: false } if backend.name == "a")
+            matches!(d(RouteKind::Attest, pin("a", NOW)), Decision::Pinned { backend, refresh: false, learned: None } if backend.name == "a")
         );
         assert!(matches!(
             d(RouteKind::Auth, pin("a", NOW - 600)),

@@ -44,6 +44,9 @@ pub struct Backend {
     last_check_ok: AtomicBool,
     /// Milliseconds since [`epoch`] when draining began; 0 when not draining.
     drain_since_ms: AtomicU64,
+    /// Admin writes in the journal this backend has not applied; it takes no new sessions
+    /// until caught up.
+    journal_lag: AtomicU64,
     /// Counters for metrics and `/backends`.
     pub stats: BackendStats,
 }
@@ -129,6 +132,7 @@ impl Backend {
             streak: AtomicU32::new(0),
             last_check_ok: AtomicBool::new(true),
             drain_since_ms: AtomicU64::new(0),
+            journal_lag: AtomicU64::new(0),
             stats: BackendStats::default(),
         }
     }
@@ -149,9 +153,19 @@ impl Backend {
         self.healthy.load(Ordering::Relaxed) && self.passive.is_available()
     }
 
-    /// Whether new sessions may be sent here.
+    /// Whether new sessions may be sent here: healthy, not draining, and not missing admin writes.
     pub fn accepts_new_sessions(&self) -> bool {
-        self.is_healthy() && !self.is_draining()
+        self.is_healthy() && !self.is_draining() && self.journal_lag() == 0
+    }
+
+    /// Admin writes it has not applied yet.
+    pub fn journal_lag(&self) -> u64 {
+        self.journal_lag.load(Ordering::Relaxed)
+    }
+
+    /// Sets how many admin writes it has not applied.
+    pub fn set_journal_lag(&self, lag: u64) {
+        self.journal_lag.store(lag, Ordering::Relaxed);
     }
 
     /// Whether requests pinned here may still be served: healthy, and if draining, not for
@@ -185,6 +199,10 @@ impl Backend {
     /// Feeds one active check result; flips the verdict after `rise` consecutive successes or
     /// `fall` consecutive failures, and says so.
     pub fn record_check(&self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {
+        if ok {
+            // A check that reached it is as good as a response: end any passive back-off.
+            self.passive.record_success();
+        }
         // Only the backend's one checker task calls this, so load/store pairs do not race.
         let streak = if self.last_check_ok.swap(ok, Ordering::Relaxed) == ok {
             self.streak.load(Ordering::Relaxed).saturating_add(1)

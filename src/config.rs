@@ -52,6 +52,22 @@ pub mod defaults {
     pub const HEALTH_FALL: u32 = 3;
     /// `--health-rise`: consecutive good checks that mark it up again.
     pub const HEALTH_RISE: u32 = 2;
+    /// `--admin-write-routes`: the admin writes broadcast to every replica.
+    pub const ADMIN_WRITE_ROUTES: [&str; 5] = [
+        "POST /kbs/v0/resource/",
+        "DELETE /kbs/v0/resource/",
+        "POST /kbs/v0/resource-policy",
+        "POST /kbs/v0/attestation-policy",
+        "POST /kbs/v0/reference-value",
+    ];
+    /// `--admin-body-limit`, bytes.
+    pub const ADMIN_BODY_LIMIT: usize = 8 * 1024 * 1024;
+    /// `--admin-journal-max`: writes kept in the journal.
+    pub const ADMIN_JOURNAL_MAX: usize = 10_000;
+    /// `--session-table-size`: learned session ids and tokens kept.
+    pub const SESSION_TABLE_SIZE: usize = 100_000;
+    /// `--session-lifetime`, seconds: the KBS's default `[attestation_service] timeout`.
+    pub const SESSION_LIFETIME: u64 = 300;
 }
 
 /// One layer of raw settings. Field names are the config-file keys (kebab-case).
@@ -127,6 +143,22 @@ pub struct Settings {
     pub admin_token_file: Option<PathBuf>,
     /// `access-log`: `on` or `off`.
     pub access_log: Option<String>,
+    /// `admin-writes`: `broadcast` (every replica gets each admin write) or `passthrough`.
+    pub admin_writes: Option<String>,
+    /// `admin-write-routes`: `METHOD /path-prefix` of the writes to broadcast.
+    pub admin_write_routes: Option<Vec<String>>,
+    /// `admin-body-limit`: largest admin write body, bytes (buffered to send it to every replica).
+    pub admin_body_limit: Option<usize>,
+    /// `admin-journal`: directory keeping the admin journal across restarts.
+    pub admin_journal: Option<PathBuf>,
+    /// `admin-journal-max`: writes kept in the journal.
+    pub admin_journal_max: Option<usize>,
+    /// `session-table-size`: learned `kbs-session-id`s and tokens kept.
+    pub session_table_size: Option<usize>,
+    /// `session-lifetime`: how long a learned session id is kept at most.
+    pub session_lifetime: Option<String>,
+    /// `tokens-portable`: replicas share a token signer, so bearer requests may go anywhere.
+    pub tokens_portable: Option<bool>,
 }
 
 /// A configuration problem, naming the key. The binary prints it and exits 64 (EX_USAGE).
@@ -269,6 +301,24 @@ pub struct BackendTls {
     pub insecure_skip_verify: bool,
 }
 
+/// Admin writes sent to every replica (`--admin-writes broadcast`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminFanout {
+    /// Which requests are admin writes: method and path prefix.
+    pub routes: Vec<(http::Method, String)>,
+    /// Largest body buffered; larger gets 413.
+    pub body_limit: usize,
+}
+
+impl AdminFanout {
+    /// Whether `method path` is an admin write to broadcast.
+    pub fn matches(&self, method: &http::Method, path: &str) -> bool {
+        self.routes
+            .iter()
+            .any(|(m, prefix)| m == method && path.starts_with(prefix.as_str()))
+    }
+}
+
 /// The admin port.
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
@@ -346,6 +396,18 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// One log line per request.
     pub access_log: bool,
+    /// Admin writes broadcast to every replica; `None` in passthrough mode.
+    pub admin_fanout: Option<AdminFanout>,
+    /// Where the admin journal is kept (in memory only when unset).
+    pub admin_journal: Option<PathBuf>,
+    /// Writes kept in the admin journal.
+    pub admin_journal_max: usize,
+    /// Learned session ids and tokens kept.
+    pub session_table_size: usize,
+    /// How long a learned session id is kept at most.
+    pub session_lifetime: Duration,
+    /// Replicas share a token signer: bearer requests are balanced freely.
+    pub tokens_portable: bool,
 }
 
 impl Settings {
@@ -406,7 +468,15 @@ impl Settings {
             health_rise,
             admin_listen,
             admin_token_file,
-            access_log
+            access_log,
+            admin_writes,
+            admin_write_routes,
+            admin_body_limit,
+            admin_journal,
+            admin_journal_max,
+            session_table_size,
+            session_lifetime,
+            tokens_portable
         )
     }
 
@@ -589,6 +659,48 @@ impl Settings {
             "off" | "false" => false,
             other => return Err(invalid("access-log", other, "expected on or off")),
         };
+        let admin_fanout = match self.admin_writes.as_deref().unwrap_or("broadcast") {
+            "passthrough" => None,
+            "broadcast" => {
+                let raw: Vec<String> = self
+                    .admin_write_routes
+                    .unwrap_or_else(|| defaults::ADMIN_WRITE_ROUTES.iter().map(|r| r.to_string()).collect());
+                let mut routes = Vec::with_capacity(raw.len());
+                for r in raw {
+                    let parsed = r
+                        .split_once(' ')
+                        .and_then(|(m, p)| Some((http::Method::from_bytes(m.as_bytes()).ok()?, p.trim().to_owned())))
+                        .filter(|(_, p)| p.starts_with('/'));
+                    match parsed {
+                        Some(route) => routes.push(route),
+                        None => return Err(invalid("admin-write-routes", r, "expected METHOD /path-prefix")),
+                    }
+                }
+                let body_limit = self.admin_body_limit.unwrap_or(defaults::ADMIN_BODY_LIMIT);
+                if body_limit == 0 {
+                    return Err(invalid("admin-body-limit", "0", "expected a positive number of bytes"));
+                }
+                Some(AdminFanout { routes, body_limit })
+            }
+            other => return Err(invalid("admin-writes", other, "expected broadcast or passthrough")),
+        };
+        let admin_journal_max = self.admin_journal_max.unwrap_or(defaults::ADMIN_JOURNAL_MAX);
+        if admin_journal_max == 0 {
+            return Err(invalid(
+                "admin-journal-max",
+                "0",
+                "expected a positive number of writes",
+            ));
+        }
+        let session_table_size = self.session_table_size.unwrap_or(defaults::SESSION_TABLE_SIZE);
+        if session_table_size == 0 {
+            return Err(invalid(
+                "session-table-size",
+                "0",
+                "expected a positive number of entries",
+            ));
+        }
+        let session_lifetime = duration("session-lifetime", self.session_lifetime, defaults::SESSION_LIFETIME)?;
         let workers = match self.workers {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             Some(n @ 1..=1024) => n,
@@ -622,6 +734,12 @@ impl Settings {
             health,
             admin,
             access_log,
+            admin_fanout,
+            admin_journal: self.admin_journal,
+            admin_journal_max,
+            session_table_size,
+            session_lifetime,
+            tokens_portable: self.tokens_portable.unwrap_or(false),
         })
     }
 }

@@ -9,6 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use http::Request;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +20,7 @@ use crate::backend::{route_index, ROUTES};
 use crate::config::{BackendSpec, Config, ConfigError};
 use crate::connector::BackendConnector;
 use crate::discovery::{specs_for, Resolve, SystemResolver};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, ProxyBody};
 use crate::server::TlsSettings;
 use crate::tls::CertStore;
 
@@ -43,6 +46,8 @@ pub struct ControlPlane {
     state: Mutex<State>,
     /// Connections for health checks (same TLS settings as traffic).
     connector: BackendConnector,
+    /// Pooled client for journal replays.
+    client: Client<BackendConnector, ProxyBody>,
     resolver: Box<dyn Resolve>,
     /// Client-facing certificates, when TLS is on.
     certs: Mutex<Option<Arc<CertStore>>>,
@@ -85,8 +90,10 @@ impl ControlPlane {
             Some((c, t)) => (Some(c), Some(t)),
             None => (None, None),
         };
+        let client = Client::builder(TokioExecutor::new()).build(connector.clone());
         Self {
             proxy,
+            client,
             state: Mutex::new(State {
                 config,
                 discovered: BTreeMap::new(),
@@ -154,11 +161,65 @@ impl ControlPlane {
         }
     }
 
-    /// Checks every backend once.
+    /// Checks every backend once, then catches up the healthy ones that missed admin writes.
     pub async fn check_health(&self) {
         let health = self.state().config.health.clone();
         let routing = self.proxy.routing();
         crate::health::check_all(&routing, &health, &self.connector).await;
+        self.catch_up().await;
+    }
+
+    /// Replays the journaled admin writes each healthy, non-draining backend has missed, in
+    /// order; it takes new sessions again once it has them all. A replica that refuses a write
+    /// (4xx) has it counted as applied, with a warning, so one bad write cannot block it forever;
+    /// on a 5xx or no answer the replay stops and is tried again at the next round.
+    pub async fn catch_up(&self) {
+        let journal = Arc::clone(self.proxy.journal());
+        let routing = self.proxy.routing();
+        for backend in &routing.backends.list {
+            if backend.is_draining() || !backend.is_healthy() || journal.behind(&backend.name) == 0 {
+                continue;
+            }
+            let _order = journal.order().await;
+            for write in journal.pending(&backend.name) {
+                let mut req = Request::new(ProxyBody::full(write.body.clone()));
+                *req.method_mut() = write.method.clone();
+                let Ok(uri) = format!("{}://{}{}", backend.scheme, backend.authority, write.path).parse() else {
+                    break;
+                };
+                *req.uri_mut() = uri;
+                for (name, value) in &write.headers {
+                    req.headers_mut().append(name.clone(), value.clone());
+                }
+                let answer = tokio::time::timeout(routing.response_timeout, self.client.request(req)).await;
+                let status = match answer {
+                    Ok(Ok(resp)) => resp.status(),
+                    Ok(Err(e)) => {
+                        tracing::warn!(backend = backend.name, error = %e, "admin journal replay failed; will retry");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!(backend = backend.name, "admin journal replay timed out; will retry");
+                        break;
+                    }
+                };
+                if status.is_server_error() {
+                    tracing::warn!(backend = backend.name, %status, "admin journal replay refused by a server error; will retry");
+                    break;
+                }
+                if !status.is_success() {
+                    tracing::warn!(backend = backend.name, %status, seq = write.seq, path = write.path, "replica refused a replayed admin write; skipping it");
+                }
+                if let Err(e) = journal.mark_applied(&backend.name, write.seq) {
+                    tracing::error!(error = %e, "cannot record the admin journal position");
+                    break;
+                }
+            }
+            journal.refresh_lags(&routing.backends);
+            if journal.behind(&backend.name) == 0 {
+                tracing::info!(backend = backend.name, "replica caught up on admin writes");
+            }
+        }
     }
 
     /// Re-resolves every DNS source and installs the resulting backend set when it changed. A
@@ -183,13 +244,20 @@ impl ControlPlane {
                 }
             }
         }
-        let mut state = self.state();
-        if found != state.discovered {
-            let count: usize = found.values().map(Vec::len).sum();
-            tracing::info!(backends = count, "DNS discovery changed the backend set");
-            state.discovered = found;
-            let discovered: Vec<BackendSpec> = state.discovered.values().flatten().cloned().collect();
-            self.proxy.set_backends(&state.config.backends, &discovered);
+        let changed = {
+            let mut state = self.state();
+            let changed = found != state.discovered;
+            if changed {
+                let count: usize = found.values().map(Vec::len).sum();
+                tracing::info!(backends = count, "DNS discovery changed the backend set");
+                state.discovered = found;
+                let discovered: Vec<BackendSpec> = state.discovered.values().flatten().cloned().collect();
+                self.proxy.set_backends(&state.config.backends, &discovered);
+            }
+            changed
+        };
+        if changed {
+            self.catch_up().await;
         }
     }
 
@@ -339,6 +407,8 @@ impl ControlPlane {
                     "accepts_new_sessions": b.accepts_new_sessions(),
                     "in_flight": b.in_flight(),
                     "sessions_pinned": b.stats.sessions_pinned.load(Ordering::Relaxed),
+                    "admin_writes_behind": b.journal_lag(),
+                    "in_sync": b.journal_lag() == 0,
                     "pinned_refused": b.stats.pinned_refused.load(Ordering::Relaxed),
                     "requests": requests,
                 })

@@ -19,6 +19,8 @@
 //! - [`connector`], [`tls`]: backend connections (TCP, TLS with SNI); client-facing TLS.
 //! - [`control`]: the control plane: [`health`] checks, [`discovery`] by DNS, drains, reloads.
 //! - [`admin`]: the admin port; [`metrics`]: counters and their Prometheus exposition.
+//! - [`journal`]: admin writes broadcast to every replica, and the catch-up of those that missed some.
+//! - [`sessions`]: affinity learned from `kbs-session-id` cookies and tokens, for cookie-less clients.
 //! - [`demo`]: the `demo` subcommand; [`telemetry`]: logging.
 
 pub mod admin;
@@ -31,6 +33,7 @@ pub mod control;
 pub mod demo;
 pub mod discovery;
 pub mod health;
+pub mod journal;
 pub mod kbs;
 pub mod kbs_client;
 pub mod loadgen;
@@ -39,6 +42,7 @@ pub mod proxy;
 pub mod route_cookie;
 pub mod routing;
 pub mod server;
+pub mod sessions;
 pub mod sim;
 pub mod telemetry;
 pub mod tls;

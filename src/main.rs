@@ -152,6 +152,30 @@ struct ProxyArgs {
     /// One log line per request: on or off [default: on].
     #[arg(long, value_name = "on|off")]
     access_log: Option<String>,
+    /// Admin writes (set-resource, policies, reference values): broadcast to every replica, or passthrough [default: broadcast].
+    #[arg(long, value_name = "MODE")]
+    admin_writes: Option<String>,
+    /// An admin write to broadcast, as "METHOD /path-prefix" (repeat; replaces the default list).
+    #[arg(long = "admin-write-route", value_name = "METHOD /PREFIX")]
+    admin_write_routes: Vec<String>,
+    /// Largest admin write body, bytes [default: 8388608].
+    #[arg(long, value_name = "BYTES")]
+    admin_body_limit: Option<usize>,
+    /// Directory keeping the admin journal across restarts (files 0600: they hold secrets) [default: memory only].
+    #[arg(long, value_name = "DIR")]
+    admin_journal: Option<PathBuf>,
+    /// Admin writes kept in the journal [default: 10000].
+    #[arg(long, value_name = "N")]
+    admin_journal_max: Option<usize>,
+    /// Learned kbs-session-ids and tokens kept, for clients without the route cookie [default: 100000].
+    #[arg(long, value_name = "N")]
+    session_table_size: Option<usize>,
+    /// How long a learned kbs-session-id is kept at most [default: 300s].
+    #[arg(long, value_name = "DURATION")]
+    session_lifetime: Option<String>,
+    /// The replicas share a token signer: bearer resource requests may go to any replica.
+    #[arg(long)]
+    tokens_portable: bool,
 }
 
 impl ProxyArgs {
@@ -191,6 +215,14 @@ impl ProxyArgs {
             admin_listen: self.admin_listen,
             admin_token_file: self.admin_token_file,
             access_log: self.access_log,
+            admin_writes: self.admin_writes,
+            admin_write_routes: (!self.admin_write_routes.is_empty()).then_some(self.admin_write_routes),
+            admin_body_limit: self.admin_body_limit,
+            admin_journal: self.admin_journal,
+            admin_journal_max: self.admin_journal_max,
+            session_table_size: self.session_table_size,
+            session_lifetime: self.session_lifetime,
+            tokens_portable: self.tokens_portable.then_some(true),
         };
         (self.config, settings)
     }

@@ -59,6 +59,8 @@ pub struct ProxyStats {
     pub pinned_refused: AtomicU64,
     /// Client connections open now.
     pub active_connections: AtomicI64,
+    /// Requests pinned without a valid route cookie: by a learned session id, by a learned token.
+    learned: [AtomicU64; 2],
     /// Time to the response head, per route kind.
     latency: [Histogram; 5],
 }
@@ -72,6 +74,7 @@ impl Default for ProxyStats {
             repinned: AtomicU64::new(0),
             pinned_refused: AtomicU64::new(0),
             active_connections: AtomicI64::new(0),
+            learned: Default::default(),
             latency: std::array::from_fn(|_| Histogram::new(exponential_buckets(0.000_25, 2.0, 16))),
         }
     }
@@ -87,6 +90,15 @@ impl ProxyStats {
     /// Counts a refused route cookie.
     pub fn count_rejected(&self, why: Rejection) {
         self.cookies_rejected[rejection_index(why)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request pinned by what was learned instead of a route cookie.
+    pub fn count_learned(&self, how: crate::affinity::Learned) {
+        let i = match how {
+            crate::affinity::Learned::SessionId(_) => 0,
+            crate::affinity::Learned::Token(_) => 1,
+        };
+        self.learned[i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records the time to a response head.
@@ -228,6 +240,15 @@ impl Collector for ProxyCollector {
             "Pinned requests answered with a KBS 401: backend down, drained or gone",
             &refused,
         )?;
+        counter(
+            &mut encoder,
+            "learned_pins",
+            "Requests without a valid route cookie pinned by a learned kbs-session-id or token",
+            &[
+                (vec![("by", "session_id")], load(&s.learned[0])),
+                (vec![("by", "token")], load(&s.learned[1])),
+            ],
+        )?;
         gauge(
             &mut encoder,
             "active_connections",
@@ -282,6 +303,21 @@ impl Collector for ProxyCollector {
             "backend_ejections",
             "Passive ejections after failures on real traffic",
             &ejections,
+        )?;
+        let lag: Vec<_> = backends
+            .iter()
+            .map(|b| {
+                (
+                    vec![("backend", b.name.as_str())],
+                    i64::try_from(b.journal_lag()).unwrap_or(i64::MAX),
+                )
+            })
+            .collect();
+        gauge(
+            &mut encoder,
+            "backend_admin_writes_behind",
+            "Journaled admin writes the backend has not applied",
+            &lag,
         )?;
         let pinned: Vec<_> = backends
             .iter()

@@ -5,8 +5,10 @@
 
 mod body;
 mod error;
+mod fanout;
 pub mod headers;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,15 +25,21 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 pub use body::ProxyBody;
 pub use error::ProxyError;
 
-use crate::affinity::{decide, read_route_cookie, CookieState, Decision};
+use crate::affinity::{decide, read_route_cookie, CookieState, Decision, Learned};
 use crate::backend::Backend;
 use crate::config::{BackendSpec, Config};
 use crate::connector::BackendConnector;
+use crate::journal::Journal;
 use crate::kbs::RouteKind;
+use crate::kbs::SESSION_COOKIE;
 use crate::metrics::ProxyStats;
-use crate::route_cookie::BackendId;
+use crate::route_cookie::{cookie_values, BackendId};
 use crate::routing::Routing;
+use crate::sessions::{hash_key, jwt_expiry, session_from_set_cookie, session_key, AffinityTable};
 use crate::tls::TlsError;
+
+/// Largest `attest` response read to learn its token (real ones are a few KiB).
+const ATTEST_BODY_LIMIT: usize = 256 * 1024;
 
 /// How long an idle pooled backend connection is kept.
 const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -53,19 +61,60 @@ struct Shared {
     connect_timeout: std::time::Duration,
     /// TLS client settings for `https://` backends.
     backend_tls: Arc<rustls::ClientConfig>,
+    /// `kbs-session-id` → backend, learned from `auth` responses.
+    sessions: AffinityTable,
+    /// Attestation token (hashed) → backend, learned from `attest` responses.
+    tokens: AffinityTable,
+    /// Admin writes accepted so far, and how far each replica applied them.
+    journal: Arc<Journal>,
+}
+
+/// Why the proxy could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// The backend TLS settings do not load.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The admin journal directory cannot be opened or is damaged.
+    #[error("admin journal: {0}")]
+    Journal(#[from] std::io::Error),
 }
 
 impl Proxy {
     /// Builds the proxy from a validated configuration. Binds nothing.
-    pub fn new(config: &Config) -> Result<Self, TlsError> {
+    pub fn new(config: &Config) -> Result<Self, InitError> {
+        let journal = Arc::new(Journal::open(
+            config.admin_journal.as_deref(),
+            config.admin_journal_max,
+        )?);
+        let routing = Routing::new(config, &[], None);
+        journal.refresh_lags(&routing.backends);
         Ok(Self {
             shared: Arc::new(Shared {
-                routing: Arc::new(ArcSwap::from_pointee(Routing::new(config, &[], None))),
+                routing: Arc::new(ArcSwap::from_pointee(routing)),
                 stats: Arc::new(ProxyStats::default()),
                 connect_timeout: config.connect_timeout,
                 backend_tls: crate::tls::client_config(&config.backend_tls)?,
+                sessions: AffinityTable::new(config.session_table_size),
+                tokens: AffinityTable::new(config.session_table_size),
+                journal,
             }),
         })
+    }
+
+    /// The admin journal.
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.shared.journal
+    }
+
+    /// Learned session ids and tokens held now.
+    pub fn learned_entries(&self) -> (usize, usize) {
+        (self.shared.sessions.len(), self.shared.tokens.len())
+    }
+
+    /// The capacity of each learned table.
+    pub fn learned_capacity(&self) -> usize {
+        self.shared.sessions.capacity()
     }
 
     /// The current routing table.
@@ -200,6 +249,12 @@ impl Worker {
         routing: &Routing,
         log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        if let Some(fanout) = &routing.admin_fanout {
+            if fanout.matches(req.method(), req.uri().path()) {
+                log.decision = "broadcast";
+                return self.broadcast(req, conn, routing, fanout).await;
+            }
+        }
         let stats = &*self.shared.stats;
         let now = unix_now();
         let cookie = &*routing.cookie;
@@ -207,20 +262,51 @@ impl Worker {
         if let CookieState::Rejected(why) = state {
             stats.count_rejected(why);
         }
-        let mut target = match decide(kind, state, &routing.backends, now, cookie.max_age) {
-            Decision::Pinned { backend, refresh } => {
-                log.decision = if refresh { "pinned-refreshed" } else { "pinned" };
+        let bearer = kind == RouteKind::Resource && bearer_token(req.headers()).is_some();
+        // A resource call with a token every replica accepts does not need its session's replica.
+        let session_bound = kind.needs_session() && !(bearer && routing.tokens_portable);
+        let learned = match state {
+            CookieState::Valid(_) => None,
+            CookieState::Absent | CookieState::Rejected(_) => self.learned_pin(req.headers(), kind, routing, now),
+        };
+        let mut target = match decide(
+            session_bound,
+            kind,
+            state,
+            learned,
+            &routing.backends,
+            now,
+            cookie.max_age,
+        ) {
+            Decision::Pinned {
+                backend,
+                refresh,
+                learned,
+            } => {
+                log.decision = match (learned, refresh) {
+                    (Some(Learned::SessionId(_)), _) => "pinned-session-id",
+                    (Some(Learned::Token(_)), _) => "pinned-token",
+                    (None, true) => "pinned-refreshed",
+                    (None, false) => "pinned",
+                };
+                if let Some(l) = learned {
+                    stats.count_learned(l);
+                }
                 Target {
                     backend: Arc::clone(backend),
                     issue_cookie: refresh,
-                    session_bound: kind.needs_session(),
+                    session_bound,
                 }
             }
             Decision::Balance { repin } => {
                 if repin {
-                    stats.repinned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    stats.repinned.fetch_add(1, Ordering::Relaxed);
                 }
-                log.decision = if repin { "repinned" } else { "balanced" };
+                log.decision = match (repin, bearer && routing.tokens_portable) {
+                    (true, _) => "repinned",
+                    (false, true) => "balanced-portable-token",
+                    (false, false) => "balanced",
+                };
                 let backend = balance(routing, &[]).ok_or(ProxyError::NoBackend)?;
                 Target {
                     backend,
@@ -230,7 +316,7 @@ impl Worker {
             }
             Decision::SessionLost(backend) => {
                 let counter = backend.map_or(&stats.pinned_refused, |b| &b.stats.pinned_refused);
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                counter.fetch_add(1, Ordering::Relaxed);
                 log.backend = backend.map(|b| b.name.clone());
                 return Err(ProxyError::SessionLost);
             }
@@ -271,15 +357,18 @@ impl Worker {
                     let (mut parts, body) = resp.into_parts();
                     target.backend.stats.count_response(kind, parts.status.as_u16());
                     headers::remove_hop_by_hop(&mut parts.headers);
+                    if matches!(kind, RouteKind::Auth | RouteKind::Attest) {
+                        self.learn_session(&parts.headers, &target.backend, routing, now);
+                    }
                     if target.issue_cookie {
                         let value = cookie.set_cookie(target.backend.id, now, conn.tls);
                         parts.headers.append(SET_COOKIE, value);
-                        stats.cookies_issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        target
-                            .backend
-                            .stats
-                            .sessions_pinned
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        stats.cookies_issued.fetch_add(1, Ordering::Relaxed);
+                        target.backend.stats.sessions_pinned.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if kind == RouteKind::Attest && parts.status.is_success() && !routing.tokens_portable {
+                        let body = self.learn_token(body, &target.backend, routing, now).await?;
+                        return Ok(Response::from_parts(parts, body));
                     }
                     return Ok(Response::from_parts(parts, ProxyBody::Stream(body, Some(in_flight))));
                 }
@@ -288,11 +377,7 @@ impl Worker {
                     let backend = target.backend.name.clone();
                     if target.session_bound {
                         tracing::warn!(backend, route = kind.as_str(), "pinned replica unreachable");
-                        target
-                            .backend
-                            .stats
-                            .pinned_refused
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        target.backend.stats.pinned_refused.fetch_add(1, Ordering::Relaxed);
                         return Err(ProxyError::SessionLost);
                     }
                     if !may_retry {
@@ -326,6 +411,76 @@ impl Worker {
             // Only reached when `may_retry` held, so `outgoing` was copied, not taken.
         }
     }
+}
+
+impl Worker {
+    /// What the proxy learned about a request that has no valid route cookie: the replica that
+    /// issued its `kbs-session-id`, else (resource calls, unless tokens are portable) the one
+    /// that issued its bearer token.
+    fn learned_pin(&self, headers: &HeaderMap, kind: RouteKind, routing: &Routing, now: u64) -> Option<Learned> {
+        let from_session = headers.get_all(http::header::COOKIE).iter().find_map(|h| {
+            cookie_values(h.as_bytes(), SESSION_COOKIE.as_bytes())
+                .find_map(|v| self.shared.sessions.get(session_key(v), now))
+        });
+        if let Some(b) = from_session {
+            return Some(Learned::SessionId(b));
+        }
+        if kind != RouteKind::Resource || routing.tokens_portable {
+            return None;
+        }
+        let token = bearer_token(headers)?;
+        self.shared.tokens.get(hash_key(token), now).map(Learned::Token)
+    }
+
+    /// Remembers the `kbs-session-id` a backend set (on `auth` and `attest` responses).
+    fn learn_session(&self, headers: &HeaderMap, backend: &Backend, routing: &Routing, now: u64) {
+        let lifetime = routing.session_lifetime.as_secs();
+        for sc in headers.get_all(SET_COOKIE) {
+            if let Some((value, expires)) = session_from_set_cookie(sc.as_bytes()) {
+                let until = expires.unwrap_or(u64::MAX).min(now + lifetime);
+                self.shared.sessions.insert(session_key(value), backend.id, until, now);
+            }
+        }
+    }
+
+    /// Reads an `attest` response (small JSON) to remember which backend issued its token, until
+    /// the token's `exp`. Bodies over the limit pass through unread.
+    async fn learn_token(
+        &self,
+        body: Incoming,
+        backend: &Backend,
+        routing: &Routing,
+        now: u64,
+    ) -> Result<ProxyBody, ProxyError> {
+        if body.size_hint().lower() > ATTEST_BODY_LIMIT as u64 {
+            return Ok(ProxyBody::Stream(body, None));
+        }
+        let bytes = match Limited::new(body, ATTEST_BODY_LIMIT).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(_) => {
+                return Err(ProxyError::BackendBody {
+                    backend: backend.name.clone(),
+                })
+            }
+        };
+        let token = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("token").and_then(|t| t.as_str()).map(str::to_owned));
+        if let Some(token) = token {
+            let until = jwt_expiry(&token).unwrap_or(now + routing.session_lifetime.as_secs());
+            self.shared
+                .tokens
+                .insert(hash_key(token.as_bytes()), backend.id, until, now);
+        }
+        Ok(ProxyBody::full(bytes))
+    }
+}
+
+/// The token of an `Authorization: Bearer` header.
+fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+    let v = headers.get(http::header::AUTHORIZATION)?.as_bytes();
+    let t = v.strip_prefix(b"Bearer ")?.trim_ascii();
+    (!t.is_empty()).then_some(t)
 }
 
 /// A backend for an unpinned request, skipping `exclude`. Prefers backends that take new
@@ -422,11 +577,7 @@ struct Outgoing {
 
 impl Outgoing {
     fn uri(&self, backend: &Backend) -> Uri {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(backend.scheme.clone());
-        parts.authority = Some(backend.authority.clone());
-        parts.path_and_query = Some(self.path.clone());
-        Uri::from_parts(parts).expect("scheme, authority and path are set")
+        backend_uri(backend, self.path.clone())
     }
 
     fn build(&self, backend: &Backend, headers: HeaderMap, body: ProxyBody) -> Request<ProxyBody> {
@@ -453,6 +604,16 @@ impl Outgoing {
         let body = std::mem::replace(&mut self.body, ProxyBody::Empty);
         self.build(backend, headers, body)
     }
+}
+
+/// `scheme://authority/path` of `backend`: rewriting the authority gives each backend its own
+/// keep-alive pool in the client.
+fn backend_uri(backend: &Backend, path: PathAndQuery) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(backend.scheme.clone());
+    parts.authority = Some(backend.authority.clone());
+    parts.path_and_query = Some(path);
+    Uri::from_parts(parts).expect("scheme, authority and path are set")
 }
 
 /// Rewrites the client's headers for the backend: hop-by-hop out, `Host` kept (taken from the

@@ -9,7 +9,7 @@ use http::HeaderValue;
 
 use crate::backend::{Backend, Backends};
 use crate::balance::Balancer;
-use crate::config::{BackendSpec, Config, CookieConfig, SameSite};
+use crate::config::{AdminFanout, BackendSpec, Config, CookieConfig, SameSite};
 use crate::route_cookie::{BackendId, RouteCookieCodec};
 
 /// One routing snapshot.
@@ -27,6 +27,12 @@ pub struct Routing {
     pub auth_body_limit: usize,
     /// One log line per request.
     pub access_log: bool,
+    /// Admin writes broadcast to every replica (`None`: passthrough).
+    pub admin_fanout: Option<AdminFanout>,
+    /// How long a learned session id is kept at most.
+    pub session_lifetime: Duration,
+    /// Replicas share a token signer: bearer requests need no particular replica.
+    pub tokens_portable: bool,
 }
 
 impl Routing {
@@ -41,6 +47,9 @@ impl Routing {
             response_timeout: config.response_timeout,
             auth_body_limit: config.auth_body_limit,
             access_log: config.access_log,
+            admin_fanout: config.admin_fanout.clone(),
+            session_lifetime: config.session_lifetime,
+            tokens_portable: config.tokens_portable,
         }
     }
 
@@ -54,6 +63,9 @@ impl Routing {
             response_timeout: self.response_timeout,
             auth_body_limit: self.auth_body_limit,
             access_log: self.access_log,
+            admin_fanout: self.admin_fanout.clone(),
+            session_lifetime: self.session_lifetime,
+            tokens_portable: self.tokens_portable,
         }
     }
 }

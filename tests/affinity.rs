@@ -63,15 +63,14 @@ async fn the_real_client_flow_get_resource_first_then_handshake() {
 }
 
 #[tokio::test]
-async fn without_affinity_sessions_fail_as_with_a_plain_balancer() {
-    // A client that drops the route cookie is what a round-robin balancer without affinity does
-    // to every client: its attest lands on the other replica, which does not know the session.
-    let (_sims, proxy) = two_replicas().await;
-    let mut failures = 0;
+async fn through_a_plain_round_robin_balancer_sessions_fail() {
+    // The real failure the proxy exists for: without affinity the attest lands on the other
+    // replica, which does not know the session.
+    let sims = start_sims(2).await;
+    let plain = start_round_robin(sims.iter().map(|s| s.addr()).collect()).await;
     for _ in 0..4 {
-        let mut c = KbsClient::new(proxy.url());
+        let mut c = KbsClient::new(format!("http://{plain}"));
         c.auth().await.unwrap();
-        c.forget_cookie("route");
         match c.attest().await {
             Err(ClientError::Kbs {
                 status,
@@ -81,13 +80,24 @@ async fn without_affinity_sessions_fail_as_with_a_plain_balancer() {
                 assert_eq!(status, StatusCode::UNAUTHORIZED);
                 assert_eq!(error_type, "AttestationError");
                 assert_eq!(detail, "Attestation error: RCAR handshake Attest failed");
-                failures += 1;
             }
-            Ok(()) => {}
-            Err(e) => panic!("unexpected error {e}"),
+            other => panic!("round robin sends every attest to the other replica: {other:?}"),
         }
     }
-    assert_eq!(failures, 4, "round robin sends every attest to the other replica");
+}
+
+#[tokio::test]
+async fn a_client_that_drops_the_route_cookie_stays_pinned_by_its_kbs_session_id() {
+    let (sims, proxy) = two_replicas().await;
+    for _ in 0..6 {
+        let mut c = KbsClient::new(proxy.url());
+        c.auth().await.unwrap();
+        c.forget_cookie("route");
+        c.attest().await.unwrap();
+        c.forget_cookie("route");
+        c.fetch_resource(RESOURCE).await.unwrap();
+        assert_eq!(steps_by_replica(&sims, &c).len(), 1, "{:?}", c.log);
+    }
 }
 
 /// Sends `POST /kbs/v0/auth` with the given Cookie header; returns (replica, Set-Cookie route value).

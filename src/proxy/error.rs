@@ -33,6 +33,20 @@ pub enum ProxyError {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    /// Backend: its response body could not be read (or was too large where it is read).
+    #[error("KBS replica {backend} sent a response body that could not be read")]
+    BackendBody {
+        /// The backend's name.
+        backend: String,
+    },
+    /// Backends: an admin write was not applied on every replica; `detail` says where it was.
+    #[error("{detail}")]
+    AdminWrite {
+        /// The worst status among the replicas' answers.
+        status: StatusCode,
+        /// Which replicas accepted, refused or missed the write, and why.
+        detail: String,
+    },
     /// Backend: no response head within the response timeout.
     #[error("KBS replica {backend} did not answer in time")]
     Timeout {
@@ -64,7 +78,10 @@ impl ProxyError {
             },
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge"),
             Self::ClientBody(_) => (StatusCode::BAD_REQUEST, "InvalidRequest"),
-            Self::Unreachable { .. } | Self::Backend { .. } => (StatusCode::BAD_GATEWAY, "BadGateway"),
+            Self::Unreachable { .. } | Self::Backend { .. } | Self::BackendBody { .. } => {
+                (StatusCode::BAD_GATEWAY, "BadGateway")
+            }
+            Self::AdminWrite { status, .. } => (*status, "AdminWriteIncomplete"),
             Self::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
         }
     }

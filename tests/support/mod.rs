@@ -292,3 +292,24 @@ pub mod pki {
         }
     }
 }
+
+/// A plain round-robin reverse proxy with no affinity at all: what a load balancer without
+/// sticky sessions does in front of KBS replicas.
+pub async fn start_round_robin(backends: Vec<SocketAddr>) -> SocketAddr {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Incoming>();
+    start_backend(move |req: Request<Incoming>| {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % backends.len();
+        let target = backends[i];
+        let client = client.clone();
+        async move {
+            let (mut parts, body) = req.into_parts();
+            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+            parts.uri = format!("http://{target}{pq}").parse().unwrap();
+            let resp = client.request(Request::from_parts(parts, body)).await.unwrap();
+            let (parts, body) = resp.into_parts();
+            Response::from_parts(parts, ProxyBody::Stream(body, None))
+        }
+    })
+    .await
+}

@@ -1,0 +1,334 @@
+#!/usr/bin/env bash
+# Compares kbs-affinity-proxy with HAProxy and nginx doing the same job (sticky-cookie
+# affinity over two HTTP/1.1 backends), and with no proxy at all (the ceiling).
+#
+#   bash benches/compare.sh                 # ~8 minutes on 2 cores; results on stdout
+#   REPS=3 DURATION=10 CONNS=64 IDLE_CONNS=10000 bash benches/compare.sh
+#   SKIP_BUILD=1 CARGO_TARGET_DIR=... bash benches/compare.sh   # reuse binaries built there
+#
+# What it does, in one run:
+#  1. installs haproxy, nginx and wrk with apt-get when missing (apt-get update first);
+#  2. builds the proxy and two examples in release (examples/fast_backend.rs: two tiny
+#     backends answering 200 "ok"; examples/idle_conns.rs: the idle-connection opener);
+#  3. starts the backends, HAProxy (benches/compare/haproxy.cfg), nginx
+#     (benches/compare/nginx.conf) and the proxy (--workers 1, --access-log off when the flag
+#     exists), each proxy pinned to core 0 (taskset -c 0), wrk and the backends to core 1;
+#  4. for REPS repetitions, interleaved (every target once per mode per repetition), runs
+#     `wrk -t1 -c$CONNS -d${DURATION}s --latency` in three modes:
+#       ka-cookie    keep-alive, with a valid route cookie got first through that proxy
+#       ka-nocookie  keep-alive, no cookie: the proxy balances and answers Set-Cookie
+#       close        a new connection per request (Connection: close), with the cookie
+#     and reads the proxy's CPU time (utime+stime, /proc/PID/stat) before and after each run;
+#  5. prints a Markdown table: medians over the repetitions of req/s, p50 and p99 latency,
+#     CPU microseconds per request of the proxy process, and ratios to HAProxy;
+#  6. restarts each proxy fresh and measures its RSS with IDLE_CONNS idle keep-alive client
+#     connections (each has made one request), and per connection (HAProxy: at most 9000,
+#     see benches/compare/haproxy.cfg).
+# Every run is bounded (wrk -d, timeouts on every wait); everything it starts is stopped on
+# exit. Ports used: 18080 (proxy), 18081-18082 (backends), 18090 (HAProxy), 18091 (nginx).
+set -euo pipefail
+
+REPS=${REPS:-3}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+IDLE_CONNS=${IDLE_CONNS:-10000}
+PROXY_CPU=0
+LOAD_CPU=1
+SECRET=bench-secret-0123456789abcdef0123
+
+cd "$(dirname "$0")/.."
+HERE=$PWD
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HERE/target}
+WORK=$(mktemp -d /tmp/kbs-compare.XXXXXX)
+CHILDREN=()
+
+log() { echo "[compare] $*" >&2; }
+
+cleanup() {
+    local p
+    for p in "${CHILDREN[@]}"; do
+        kill "$p" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# --- tools ---------------------------------------------------------------------------------
+missing=()
+for tool in haproxy nginx wrk; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+for tool in curl taskset ss; do
+    command -v "$tool" >/dev/null || { log "needs $tool"; exit 1; }
+done
+ulimit -n "$(ulimit -Hn)"
+if (($(ulimit -n) < IDLE_CONNS + 1000)); then
+    log "open-file limit $(ulimit -n) is below IDLE_CONNS=$IDLE_CONNS + 1000"
+    exit 1
+fi
+
+if [[ ${SKIP_BUILD:-0} != 1 ]]; then
+    log "building (release)"
+    cargo build --release --quiet --bin kbs-affinity-proxy --example fast_backend --example idle_conns
+fi
+PROXY_BIN=$CARGO_TARGET_DIR/release/kbs-affinity-proxy
+BACKEND_BIN=$CARGO_TARGET_DIR/release/examples/fast_backend
+IDLE_BIN=$CARGO_TARGET_DIR/release/examples/idle_conns
+
+for port in 18080 18081 18082 18090 18091; do
+    if ss -Htln "sport = :$port" | grep -q .; then
+        log "port $port is taken"
+        exit 1
+    fi
+done
+
+# --- processes -----------------------------------------------------------------------------
+# Waits (at most 10 s) until something accepts on 127.0.0.1:$1.
+wait_port() {
+    local i
+    for ((i = 0; i < 100; i++)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    log "nothing listens on port $1"
+    exit 1
+}
+
+# Each start_* sets $started to the pid of the process doing the work.
+start_backends() {
+    taskset -c "$LOAD_CPU" "$BACKEND_BIN" 127.0.0.1:18081 127.0.0.1:18082 2>"$WORK/backends.log" &
+    started=$!
+    CHILDREN+=("$started")
+    wait_port 18081
+    wait_port 18082
+}
+
+start_haproxy() {
+    taskset -c "$PROXY_CPU" haproxy -db -f benches/compare/haproxy.cfg 2>"$WORK/haproxy.log" &
+    started=$!
+    CHILDREN+=("$started")
+    wait_port 18090
+}
+
+start_nginx() {
+    mkdir -p "$WORK/nginx"
+    taskset -c "$PROXY_CPU" nginx -p "$WORK/nginx" -e stderr -c "$HERE/benches/compare/nginx.conf" \
+        2>"$WORK/nginx.log" &
+    started=$!
+    CHILDREN+=("$started")
+    wait_port 18091
+}
+
+OURS_FLAGS=(--listen 127.0.0.1:18080 --backend b1=http://127.0.0.1:18081
+    --backend b2=http://127.0.0.1:18082 --workers 1)
+if "$PROXY_BIN" --help | grep -q -- '--access-log'; then
+    OURS_FLAGS+=(--access-log off)
+fi
+start_ours() {
+    KBS_AFFINITY_PROXY_COOKIE_SECRET=$SECRET RUST_LOG=warn \
+        taskset -c "$PROXY_CPU" "$PROXY_BIN" "${OURS_FLAGS[@]}" 2>"$WORK/ours.log" &
+    started=$!
+    CHILDREN+=("$started")
+    wait_port 18080
+}
+
+stop() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+# utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat; the comm
+# field may hold spaces, so count from the closing parenthesis).
+cpu_ticks() {
+    sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+}
+
+rss_kb() {
+    awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"
+}
+
+# The `route=...` pair of the Set-Cookie answered to a cookie-less request.
+route_cookie() {
+    curl -s -m 5 -D - -o /dev/null "http://127.0.0.1:$1/" |
+        tr -d '\r' | sed -n 's/^[Ss]et-[Cc]ookie: \(route=[^;]*\).*/\1/p' | head -1
+}
+
+# Which backend answers with cookie $2 through port $1, five times: one name expected.
+backends_seen() {
+    local i
+    for ((i = 0; i < 5; i++)); do
+        curl -s -m 5 -D - -o /dev/null -H "Cookie: $2" "http://127.0.0.1:$1/" |
+            tr -d '\r' | sed -n 's/^[Xx]-[Bb]ackend: //p'
+    done | sort -u | tr '\n' ' '
+}
+
+# --- throughput ----------------------------------------------------------------------------
+start_backends
+BACKEND_PID=$started
+start_haproxy
+declare -A PID=([haproxy]=$started)
+start_nginx
+PID[nginx]=$started
+start_ours
+PID[ours]=$started
+PID[direct]=$BACKEND_PID
+declare -A PORT=([direct]=18081 [haproxy]=18090 [nginx]=18091 [ours]=18080)
+TARGETS=(direct haproxy nginx ours)
+MODES=(ka-cookie ka-nocookie close)
+
+declare -A COOKIE=([direct]="route=none")
+for t in haproxy nginx ours; do
+    COOKIE[$t]=$(route_cookie "${PORT[$t]}")
+    if [[ -z ${COOKIE[$t]} ]]; then
+        log "$t answered no route cookie"
+        exit 1
+    fi
+    log "$t: cookie ${COOKIE[$t]:0:24}... routes to: $(backends_seen "${PORT[$t]}" "${COOKIE[$t]}")"
+done
+
+# Runs wrk against target $1 in mode $2; appends one TSV line to $WORK/runs.tsv:
+# rep mode target req/s p50_us p99_us cpu_us_per_req requests errors
+run_wrk() {
+    local target=$1 mode=$2 rep=$3 port=${PORT[$1]} hdr=()
+    case $mode in
+        ka-cookie) hdr=(-H "Cookie: ${COOKIE[$target]}") ;;
+        ka-nocookie) hdr=() ;;
+        close) hdr=(-H "Cookie: ${COOKIE[$target]}" -H "Connection: close") ;;
+    esac
+    local pid=${PID[$target]} t0 t1
+    t0=$(cpu_ticks "$pid")
+    timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" \
+        wrk -t1 -c"$CONNS" -d"${DURATION}s" --timeout 5s --latency "${hdr[@]}" \
+        "http://127.0.0.1:$port/" >"$WORK/wrk.out"
+    t1=$(cpu_ticks "$pid")
+    awk -v rep="$rep" -v mode="$mode" -v target="$target" -v ticks=$((t1 - t0)) \
+        -v hz="$(getconf CLK_TCK)" '
+        function us(v) {
+            if (v ~ /us$/) return v + 0
+            if (v ~ /ms$/) return v * 1000
+            if (v ~ /s$/) return v * 1000000
+            return v
+        }
+        / requests in / { requests = $1 }
+        /^Requests\/sec:/ { rps = $2 }
+        /^ +50%/ { p50 = us($2) }
+        /^ +99%/ { p99 = us($2) }
+        /Non-2xx or 3xx responses:/ { errors += $NF }
+        /Socket errors:/ { gsub(",", ""); errors += $4 + $6 + $8 + $10 }
+        END {
+            cpu = requests > 0 ? ticks / hz * 1e6 / requests : 0
+            printf "%s\t%s\t%s\t%.0f\t%.0f\t%.0f\t%.2f\t%d\t%d\n",
+                rep, mode, target, rps, p50, p99, cpu, requests, errors
+        }' "$WORK/wrk.out" >>"$WORK/runs.tsv"
+    tail -1 "$WORK/runs.tsv" | awk -F'\t' '{ printf "[compare] rep %s %-11s %-7s %8s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  errors %s\n", $1, $2, $3, $4, $5, $6, $7, $9 }' >&2
+}
+
+log "warm-up"
+for t in "${TARGETS[@]}"; do
+    timeout 20 taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s -H "Cookie: ${COOKIE[$t]}" \
+        "http://127.0.0.1:${PORT[$t]}/" >/dev/null
+done
+
+: >"$WORK/runs.tsv"
+for ((rep = 1; rep <= REPS; rep++)); do
+    for mode in "${MODES[@]}"; do
+        for t in "${TARGETS[@]}"; do
+            run_wrk "$t" "$mode" "$rep"
+        done
+    done
+done
+cp "$WORK/runs.tsv" "${RUNS_TSV:-/dev/null}" 2>/dev/null || true
+
+# --- summary -------------------------------------------------------------------------------
+echo
+echo "wrk -t1 -c$CONNS -d${DURATION}s --latency; medians of $REPS interleaved runs (min-max of req/s);"
+echo "CPU = utime+stime of the proxy process per request (for direct: of the backend process)."
+echo
+echo "| mode | target | req/s | p50 ms | p99 ms | CPU µs/req | req/s vs HAProxy | CPU vs HAProxy | errors |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+awk -F'\t' '
+    function median(s,    a, n, i, j, t) {
+        n = split(s, a, " ")
+        for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) {
+            t = a[j]; a[j] = a[j - 1]; a[j - 1] = t
+        }
+        return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    function minmax(s,    a, n, i, lo, hi) {
+        n = split(s, a, " "); lo = hi = a[1]
+        for (i = 2; i <= n; i++) { if (a[i] + 0 < lo + 0) lo = a[i]; if (a[i] + 0 > hi + 0) hi = a[i] }
+        return lo "-" hi
+    }
+    {
+        k = $2 SUBSEP $3
+        rps[k] = rps[k] " " $4; p50[k] = p50[k] " " $5; p99[k] = p99[k] " " $6
+        cpu[k] = cpu[k] " " $7; err[k] += $9
+    }
+    END {
+        split("ka-cookie ka-nocookie close", modes, " ")
+        split("direct haproxy nginx ours", targets, " ")
+        for (m = 1; m <= 3; m++) {
+            h = modes[m] SUBSEP "haproxy"
+            hr = median(rps[h]); hc = median(cpu[h])
+            for (t = 1; t <= 4; t++) {
+                k = modes[m] SUBSEP targets[t]
+                if (!(k in rps)) continue
+                r = median(rps[k]); c = median(cpu[k])
+                rr = (hr > 0) ? r / hr : 0
+                cr = (targets[t] == "direct") ? "-" : sprintf("%.2f", (hc > 0) ? c / hc : 0)
+                printf "| %s | %s | %d (%s) | %.3f | %.3f | %.1f | %.2f | %s | %d |\n", \
+                    modes[m], targets[t], r, minmax(rps[k]), median(p50[k]) / 1000, \
+                    median(p99[k]) / 1000, c, rr, cr, err[k]
+            }
+        }
+    }' "$WORK/runs.tsv"
+
+# --- memory with idle connections ----------------------------------------------------------
+stop "${PID[ours]}"
+stop "${PID[haproxy]}"
+stop "${PID[nginx]}"
+
+echo
+echo "RSS with $IDLE_CONNS idle keep-alive client connections (each made one request first),"
+echo "each proxy freshly started and warmed with 1 s of wrk -c8; RSS = VmRSS of its process:"
+echo
+echo "| proxy | RSS before | RSS with the idle connections | per connection (connections) |"
+echo "|---|---:|---:|---:|"
+for t in ours haproxy nginx; do
+    "start_$t"
+    pid=$started
+    timeout 20 taskset -c "$LOAD_CPU" wrk -t1 -c8 -d1s "http://127.0.0.1:${PORT[$t]}/" >/dev/null
+    sleep 1
+    before=$(rss_kb "$pid")
+    n=$IDLE_CONNS
+    # HAProxy will not start with room for more than 9990 connections under a 20000 fd limit.
+    [[ $t == haproxy ]] && ((n > 9000)) && n=9000
+    : >"$WORK/idle.out"
+    taskset -c "$LOAD_CPU" "$IDLE_BIN" "127.0.0.1:${PORT[$t]}" "$n" 20 \
+        >"$WORK/idle.out" 2>"$WORK/idle.err" &
+    idle=$!
+    CHILDREN+=("$idle")
+    for ((i = 0; i < 600; i++)); do
+        grep -q '^ready' "$WORK/idle.out" && break
+        kill -0 "$idle" 2>/dev/null || break
+        sleep 0.1
+    done
+    opened=$(sed -n 's/^ready //p' "$WORK/idle.out")
+    sleep 1
+    after=$(rss_kb "$pid")
+    established=$(ss -Htn state established "( sport = :${PORT[$t]} )" | wc -l)
+    stop "$idle"
+    awk -v t="$t" -v b="$before" -v a="$after" -v n="${opened:-0}" -v e="$established" 'BEGIN {
+        printf "| %s | %.1f MiB | %.1f MiB | %.2f KiB (%d opened, %d established) |\n",
+            t, b / 1024, a / 1024, (n > 0 ? (a - b) / n : 0), n, e
+    }'
+    stop "$pid"
+done

@@ -1,0 +1,367 @@
+//! The admin journal: the ordered list of admin writes that at least one replica accepted, and
+//! how far each replica has applied it. A replica that missed writes (down, timed out, added
+//! later) is caught up from here before it takes new sessions.
+//!
+//! With a directory (`--admin-journal DIR`) the journal survives restarts: `journal.jsonl` holds
+//! one write per line (method, path, the headers that matter — the admin `Authorization`
+//! included — and the body, base64), `replicas.json` each replica's applied position. Both are
+//! created with mode 0600 in a 0700 directory: **they hold secrets** (resource contents, admin
+//! tokens). Writes to the same resource path or policy supersede older ones (compaction), and the
+//! journal keeps at most `max_entries` writes; beyond that the oldest are dropped with a warning.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backends;
+
+/// Headers of an admin write that are kept and replayed; everything else is connection detail.
+const KEPT_HEADERS: [HeaderName; 3] = [
+    http::header::AUTHORIZATION,
+    http::header::CONTENT_TYPE,
+    http::header::ACCEPT,
+];
+
+/// One admin write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminWrite {
+    /// Position in the journal; increasing, with gaps where writes were superseded.
+    pub seq: u64,
+    /// `POST` or `DELETE`.
+    pub method: Method,
+    /// Path and query.
+    pub path: String,
+    /// The kept headers.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl AdminWrite {
+    /// A write of `method path` with the headers worth replaying from `headers`.
+    pub fn new(method: Method, path: String, headers: &HeaderMap, body: Bytes) -> Self {
+        let headers = KEPT_HEADERS
+            .iter()
+            .flat_map(|n| headers.get_all(n).iter().map(move |v| (n.clone(), v.clone())))
+            .collect();
+        Self {
+            seq: 0,
+            method,
+            path,
+            headers,
+            body,
+        }
+    }
+
+    /// Writes with the same key supersede each other: the last write to a resource path (set or
+    /// delete) or to the resource policy is the state. Other writes are all kept.
+    fn supersede_key(&self) -> Option<&str> {
+        let p = self.path.split('?').next().unwrap_or("");
+        (p.starts_with("/kbs/v0/resource/") || p == "/kbs/v0/resource-policy").then_some(p)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Line {
+    seq: u64,
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Line {
+    fn from_write(w: &AdminWrite) -> Self {
+        Self {
+            seq: w.seq,
+            method: w.method.to_string(),
+            path: w.path.clone(),
+            headers: w
+                .headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), STANDARD.encode(v.as_bytes())))
+                .collect(),
+            body: STANDARD.encode(&w.body),
+        }
+    }
+
+    fn into_write(self) -> Option<AdminWrite> {
+        let headers = self
+            .headers
+            .into_iter()
+            .map(|(n, v)| {
+                let v = STANDARD.decode(v).ok()?;
+                Some((
+                    HeaderName::from_bytes(n.as_bytes()).ok()?,
+                    HeaderValue::from_bytes(&v).ok()?,
+                ))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(AdminWrite {
+            seq: self.seq,
+            method: Method::from_bytes(self.method.as_bytes()).ok()?,
+            path: self.path,
+            headers,
+            body: Bytes::from(STANDARD.decode(self.body).ok()?),
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: VecDeque<Arc<AdminWrite>>,
+    /// The last sequence number handed out.
+    last_seq: u64,
+    /// Per replica name: the position up to which it has applied the journal.
+    applied: HashMap<String, u64>,
+}
+
+/// The journal. Its `order` lock serializes fan-outs and replays so every replica applies the
+/// writes in one order; it is held across the fan-out's awaits on purpose (admin writes are
+/// rare, and order is their point). The state lock is never held across an await.
+#[derive(Debug)]
+pub struct Journal {
+    state: Mutex<State>,
+    order: tokio::sync::Mutex<()>,
+    dir: Option<PathBuf>,
+    max_entries: usize,
+}
+
+impl Journal {
+    /// An in-memory journal, or one kept in `dir` (created 0700 if missing; loaded if present).
+    pub fn open(dir: Option<&Path>, max_entries: usize) -> io::Result<Self> {
+        let mut state = State::default();
+        if let Some(dir) = dir {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            let path = dir.join("journal.jsonl");
+            if path.exists() {
+                for (i, line) in BufReader::new(File::open(&path)?).lines().enumerate() {
+                    let line = line?;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let write = serde_json::from_str::<Line>(&line)
+                        .ok()
+                        .and_then(Line::into_write)
+                        .ok_or_else(|| {
+                            io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!("{}: line {} is damaged", path.display(), i + 1),
+                            )
+                        })?;
+                    state.last_seq = state.last_seq.max(write.seq);
+                    state.entries.push_back(Arc::new(write));
+                }
+            }
+            let replicas = dir.join("replicas.json");
+            if replicas.exists() {
+                let text = fs::read_to_string(&replicas)?;
+                let saved: HashMap<String, u64> = serde_json::from_str(&text)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", replicas.display())))?;
+                state.last_seq = state.last_seq.max(saved.values().copied().max().unwrap_or(0));
+                state.applied = saved;
+            }
+        }
+        Ok(Self {
+            state: Mutex::new(state),
+            order: tokio::sync::Mutex::new(()),
+            dir: dir.map(Path::to_owned),
+            max_entries,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the ordering lock for a fan-out or a replay.
+    pub async fn order(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.order.lock().await
+    }
+
+    /// Writes in the journal now.
+    pub fn len(&self) -> usize {
+        self.state().entries.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many journaled writes `replica` has not applied.
+    pub fn behind(&self, replica: &str) -> usize {
+        let state = self.state();
+        let applied = state.applied.get(replica).copied().unwrap_or(0);
+        state.entries.iter().filter(|w| w.seq > applied).count()
+    }
+
+    /// The writes `replica` has not applied, in order.
+    pub fn pending(&self, replica: &str) -> Vec<Arc<AdminWrite>> {
+        let state = self.state();
+        let applied = state.applied.get(replica).copied().unwrap_or(0);
+        state.entries.iter().filter(|w| w.seq > applied).cloned().collect()
+    }
+
+    /// Appends a write some replicas accepted; returns its sequence number. Older writes it
+    /// supersedes are dropped, and the oldest beyond the bound.
+    pub fn append(&self, mut write: AdminWrite) -> io::Result<u64> {
+        let mut state = self.state();
+        state.last_seq += 1;
+        write.seq = state.last_seq;
+        let mut rewrite = false;
+        if let Some(key) = write.supersede_key() {
+            let before = state.entries.len();
+            state.entries.retain(|w| w.supersede_key() != Some(key));
+            rewrite |= state.entries.len() != before;
+        }
+        while state.entries.len() >= self.max_entries {
+            let dropped = state.entries.pop_front();
+            tracing::warn!(
+                seq = dropped.map(|w| w.seq),
+                max = self.max_entries,
+                "admin journal full: dropped its oldest write; replicas added later will not get it"
+            );
+            rewrite = true;
+        }
+        let seq = write.seq;
+        state.entries.push_back(Arc::new(write));
+        self.persist_entries(&state, rewrite)?;
+        Ok(seq)
+    }
+
+    /// Records that `replica` applied everything up to `seq`.
+    pub fn mark_applied(&self, replica: &str, seq: u64) -> io::Result<()> {
+        let mut state = self.state();
+        let slot = state.applied.entry(replica.to_owned()).or_insert(0);
+        *slot = (*slot).max(seq);
+        self.persist_applied(&state)
+    }
+
+    /// Sets each backend's lag from the journal (new backends start behind when it is not empty).
+    pub fn refresh_lags(&self, backends: &Backends) {
+        for b in &backends.list {
+            b.set_journal_lag(self.behind(&b.name) as u64);
+        }
+    }
+
+    fn persist_entries(&self, state: &State, rewrite: bool) -> io::Result<()> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        let path = dir.join("journal.jsonl");
+        if rewrite {
+            let mut text = String::new();
+            for w in &state.entries {
+                text.push_str(&serde_json::to_string(&Line::from_write(w)).map_err(io::Error::other)?);
+                text.push('\n');
+            }
+            write_private(&path, text.as_bytes())
+        } else {
+            let last = state.entries.back().expect("just appended");
+            let mut line = serde_json::to_string(&Line::from_write(last)).map_err(io::Error::other)?;
+            line.push('\n');
+            let mut f = OpenOptions::new().create(true).append(true).mode(0o600).open(&path)?;
+            f.write_all(line.as_bytes())?;
+            f.sync_data()
+        }
+    }
+
+    fn persist_applied(&self, state: &State) -> io::Result<()> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        let text = serde_json::to_string(&state.applied).map_err(io::Error::other)?;
+        write_private(&dir.join("replicas.json"), text.as_bytes())
+    }
+}
+
+/// Replaces `path` atomically with `data`, mode 0600.
+fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_data()?;
+    fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn write(method: Method, path: &str, body: &'static str) -> AdminWrite {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::AUTHORIZATION, HeaderValue::from_static("Bearer admin"));
+        h.insert(http::header::USER_AGENT, HeaderValue::from_static("not kept"));
+        AdminWrite::new(method, path.into(), &h, Bytes::from_static(body.as_bytes()))
+    }
+
+    #[test]
+    fn tracks_what_each_replica_missed_and_supersedes() {
+        let j = Journal::open(None, 100).unwrap();
+        let s1 = j.append(write(Method::POST, "/kbs/v0/resource/a/b/c", "one")).unwrap();
+        j.mark_applied("kbs-0", s1).unwrap();
+        let s2 = j
+            .append(write(Method::POST, "/kbs/v0/attestation-policy", "p"))
+            .unwrap();
+        j.mark_applied("kbs-0", s2).unwrap();
+        assert_eq!((j.behind("kbs-0"), j.behind("kbs-1")), (0, 2));
+        j.append(write(Method::POST, "/kbs/v0/resource/a/b/c", "two")).unwrap();
+        assert_eq!(j.len(), 2, "the second set of a/b/c supersedes the first");
+        let pending = j.pending("kbs-1");
+        assert_eq!(
+            pending.iter().map(|w| &w.body[..]).collect::<Vec<_>>(),
+            [&b"p"[..], b"two"]
+        );
+        assert_eq!(pending[0].headers.len(), 1, "only the kept headers");
+        assert_eq!(j.behind("kbs-0"), 1);
+    }
+
+    #[test]
+    fn bounded() {
+        let j = Journal::open(None, 3).unwrap();
+        for _ in 0..10 {
+            j.append(write(Method::POST, "/kbs/v0/reference-value", "rv")).unwrap();
+        }
+        assert_eq!(j.len(), 3);
+    }
+
+    #[test]
+    fn survives_a_restart_with_private_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        {
+            let j = Journal::open(Some(&path), 100).unwrap();
+            let s = j
+                .append(write(Method::POST, "/kbs/v0/resource/x/y/z", "secret"))
+                .unwrap();
+            j.mark_applied("kbs-0", s).unwrap();
+            j.append(write(Method::DELETE, "/kbs/v0/resource/q/r/s", "")).unwrap();
+            j.append(write(Method::POST, "/kbs/v0/resource/x/y/z", "newer"))
+                .unwrap(); // rewrite
+        }
+        let j = Journal::open(Some(&path), 100).unwrap();
+        assert_eq!(j.len(), 2);
+        assert_eq!(j.behind("kbs-0"), 2);
+        assert_eq!(j.behind("kbs-new"), 2);
+        assert_eq!(j.pending("kbs-0")[1].body, "newer");
+        let s = j.append(write(Method::POST, "/kbs/v0/reference-value", "rv")).unwrap();
+        assert!(s > 3, "sequence numbers continue after a restart");
+        for f in ["journal.jsonl", "replicas.json"] {
+            let mode = fs::metadata(path.join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{f}");
+        }
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+}
