@@ -98,20 +98,25 @@ pub struct Settings {
     /// `log-format`: `text` or `json`.
     pub log_format: Option<String>,
     /// `backend-connect-timeout`: `5s`, `500ms`, or a number of seconds.
+    #[serde(default, deserialize_with = "text_or_number")]
     pub backend_connect_timeout: Option<String>,
     /// `backend-response-timeout`: time to the response head.
+    #[serde(default, deserialize_with = "text_or_number")]
     pub backend_response_timeout: Option<String>,
     /// `auth-body-limit`, bytes.
     pub auth_body_limit: Option<usize>,
     /// `workers`: serving threads, each with its own single-threaded runtime.
     pub workers: Option<usize>,
     /// `shutdown-grace`: how long in-flight requests may finish after SIGTERM/SIGINT.
+    #[serde(default, deserialize_with = "text_or_number")]
     pub shutdown_grace: Option<String>,
     /// `backend-dns`: `[https://]HOST:PORT` resolved to one backend per address, repeated.
     pub backend_dns: Option<Vec<String>>,
     /// `backend-dns-interval`: how often DNS sources are re-resolved.
+    #[serde(default, deserialize_with = "text_or_number")]
     pub backend_dns_interval: Option<String>,
     /// `drain-timeout`: how long a drained backend keeps serving its pinned sessions.
+    #[serde(default, deserialize_with = "text_or_number")]
     pub drain_timeout: Option<String>,
     /// `tls-cert`: PEM certificate chain for client-facing TLS.
     pub tls_cert: Option<PathBuf>,
@@ -130,8 +135,10 @@ pub struct Settings {
     /// `health-check-path`: path of the HTTP check.
     pub health_check_path: Option<String>,
     /// `health-check-interval`.
+    #[serde(default, deserialize_with = "text_or_number")]
     pub health_check_interval: Option<String>,
     /// `health-check-timeout`.
+    #[serde(default, deserialize_with = "text_or_number")]
     pub health_check_timeout: Option<String>,
     /// `health-fall`: consecutive failures to mark a backend down.
     pub health_fall: Option<u32>,
@@ -142,6 +149,7 @@ pub struct Settings {
     /// `admin-token-file`: bearer token allowing admin writes from other than loopback.
     pub admin_token_file: Option<PathBuf>,
     /// `access-log`: `on` or `off`.
+    #[serde(default, deserialize_with = "text_or_bool")]
     pub access_log: Option<String>,
     /// `admin-writes`: `broadcast` (every replica gets each admin write) or `passthrough`.
     pub admin_writes: Option<String>,
@@ -156,9 +164,38 @@ pub struct Settings {
     /// `session-table-size`: learned `kbs-session-id`s and tokens kept.
     pub session_table_size: Option<usize>,
     /// `session-lifetime`: how long a learned session id is kept at most.
+    #[serde(default, deserialize_with = "text_or_number")]
     pub session_lifetime: Option<String>,
     /// `tokens-portable`: replicas share a token signer, so bearer requests may go anywhere.
     pub tokens_portable: Option<bool>,
+}
+
+/// Durations in the file may be strings (`"5s"`) or numbers of seconds (`5`).
+fn text_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Seconds(u64),
+    }
+    Ok(Option::<Raw>::deserialize(d)?.map(|r| match r {
+        Raw::Text(t) => t,
+        Raw::Seconds(n) => n.to_string(),
+    }))
+}
+
+/// Switches in the file may be strings (`"on"`) or booleans (`true`).
+fn text_or_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Switch(bool),
+    }
+    Ok(Option::<Raw>::deserialize(d)?.map(|r| match r {
+        Raw::Text(t) => t,
+        Raw::Switch(b) => if b { "on" } else { "off" }.to_owned(),
+    }))
 }
 
 /// A configuration problem, naming the key. The binary prints it and exits 64 (EX_USAGE).
@@ -1099,6 +1136,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.cookie_max_age, Some(10));
+        let s: Settings = toml::from_str("shutdown-grace = 7\ndrain-timeout = \"2m\"\naccess-log = false\n").unwrap();
+        assert_eq!(
+            (s.shutdown_grace.as_deref(), s.drain_timeout.as_deref()),
+            (Some("7"), Some("2m"))
+        );
+        assert_eq!(s.access_log.as_deref(), Some("off"));
         assert!(toml::from_str::<Settings>("cookie-colour = 1")
             .unwrap_err()
             .to_string()
