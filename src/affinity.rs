@@ -77,9 +77,9 @@ pub enum Decision<'a> {
         /// Whether a valid pin is being replaced.
         repin: bool,
     },
-    /// Nowhere: the session lives on a replica that is down, drained past its timeout, or gone
-    /// (`None`); answer a KBS 401.
-    SessionLost(Option<&'a Arc<Backend>>),
+    /// Nowhere: the session lives on a replica that is down or drained past its timeout;
+    /// answer a KBS 401.
+    SessionLost(&'a Arc<Backend>),
 }
 
 /// Decides. One exhaustive match over what pins the request (its cookie, else what was
@@ -112,9 +112,11 @@ pub fn decide<'a>(
             },
             learned,
         },
-        // Pinned to a replica that is down (`Some`) or no longer in the set (`None`).
-        (Some((_, _, backend)), true) => Decision::SessionLost(backend),
-        (Some((_, _, _)), false) => Decision::Balance { repin: true },
+        // Pinned to a replica that is down, or drained past its timeout.
+        (Some((_, _, Some(backend))), true) => Decision::SessionLost(backend),
+        (Some((_, _, Some(_))), false) => Decision::Balance { repin: true },
+        // A pin naming a backend this proxy does not have is treated as absent (and counted).
+        (Some((_, _, None)), _) => Decision::Balance { repin: false },
         (None, _) => Decision::Balance { repin: false },
     }
 }
@@ -193,11 +195,11 @@ mod tests {
         ));
         assert!(matches!(
             d(RouteKind::Attest, pin("gone", NOW)),
-            Decision::SessionLost(None)
+            Decision::Balance { repin: false }
         ));
         assert!(matches!(
             d(RouteKind::Auth, pin("gone", NOW)),
-            Decision::Balance { repin: true }
+            Decision::Balance { repin: false }
         ));
         set.list[1].drain();
         assert!(
@@ -207,7 +209,7 @@ mod tests {
         set.list[0].record_failure();
         assert!(matches!(
             d(RouteKind::Resource, pin("a", NOW)),
-            Decision::SessionLost(Some(_))
+            Decision::SessionLost(_)
         ));
         assert!(matches!(
             d(RouteKind::Auth, pin("a", NOW)),

@@ -60,6 +60,12 @@ pub mod defaults {
         "POST /kbs/v0/attestation-policy",
         "POST /kbs/v0/reference-value",
     ];
+    /// `--client-idle-timeout`, seconds.
+    pub const CLIENT_IDLE_TIMEOUT: u64 = 60;
+    /// `--max-connections`.
+    pub const MAX_CONNECTIONS: usize = 10_000;
+    /// `--max-header-bytes`: request line plus headers.
+    pub const MAX_HEADER_BYTES: usize = 64 * 1024;
     /// `--admin-body-limit`, bytes.
     pub const ADMIN_BODY_LIMIT: usize = 8 * 1024 * 1024;
     /// `--admin-journal-max`: writes kept in the journal.
@@ -168,6 +174,13 @@ pub struct Settings {
     pub session_lifetime: Option<String>,
     /// `tokens-portable`: replicas share a token signer, so bearer requests may go anywhere.
     pub tokens_portable: Option<bool>,
+    /// `client-idle-timeout`: time a client gets to send a request head, idle keep-alive included.
+    #[serde(default, deserialize_with = "text_or_number")]
+    pub client_idle_timeout: Option<String>,
+    /// `max-connections`: client connections open at once; more wait in the listen backlog.
+    pub max_connections: Option<usize>,
+    /// `max-header-bytes`: largest request head (HTTP/1.1) or header list (HTTP/2).
+    pub max_header_bytes: Option<usize>,
 }
 
 /// Durations in the file may be strings (`"5s"`) or numbers of seconds (`5`).
@@ -388,8 +401,8 @@ pub struct CookieConfig {
     pub domain: Option<String>,
     /// `SameSite` attribute, if any.
     pub same_site: Option<SameSite>,
-    /// Signing key.
-    pub secret: CookieSecret,
+    /// Signing keys: the first signs, all verify (rotation).
+    pub secrets: Vec<CookieSecret>,
     /// True when no secret was configured and one was generated: proxy replicas will disagree.
     pub secret_generated: bool,
 }
@@ -445,6 +458,19 @@ pub struct Config {
     pub session_lifetime: Duration,
     /// Replicas share a token signer: bearer requests are balanced freely.
     pub tokens_portable: bool,
+    /// Client limits.
+    pub limits: ClientLimits,
+}
+
+/// Limits on what clients may hold or send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Time to send a request head; an idle keep-alive connection is closed after it too.
+    pub idle_timeout: Duration,
+    /// Client connections open at once, over all workers.
+    pub max_connections: usize,
+    /// Largest request head (HTTP/1.1) or header list (HTTP/2), bytes.
+    pub max_header_bytes: usize,
 }
 
 impl Settings {
@@ -513,7 +539,10 @@ impl Settings {
             admin_journal_max,
             session_table_size,
             session_lifetime,
-            tokens_portable
+            tokens_portable,
+            client_idle_timeout,
+            max_connections,
+            max_header_bytes
         )
     }
 
@@ -573,7 +602,7 @@ impl Settings {
                 _ => Err(invalid("cookie-same-site", s, "expected strict, lax or none")),
             })
             .transpose()?;
-        let (secret, secret_generated) = load_secret(self.cookie_secret_file, self.cookie_secret)?;
+        let (secrets, secret_generated) = load_secrets(self.cookie_secret_file, self.cookie_secret)?;
 
         let balance = match self.balance.as_deref().unwrap_or("round-robin") {
             "round-robin" => Policy::RoundRobin,
@@ -738,6 +767,21 @@ impl Settings {
             ));
         }
         let session_lifetime = duration("session-lifetime", self.session_lifetime, defaults::SESSION_LIFETIME)?;
+        let limits = ClientLimits {
+            idle_timeout: duration(
+                "client-idle-timeout",
+                self.client_idle_timeout,
+                defaults::CLIENT_IDLE_TIMEOUT,
+            )?,
+            max_connections: match self.max_connections.unwrap_or(defaults::MAX_CONNECTIONS) {
+                0 => return Err(invalid("max-connections", "0", "expected a positive number")),
+                n => n,
+            },
+            max_header_bytes: match self.max_header_bytes.unwrap_or(defaults::MAX_HEADER_BYTES) {
+                n @ 8192..=16_777_216 => n,
+                n => return Err(invalid("max-header-bytes", n.to_string(), "expected 8192 to 16777216")),
+            },
+        };
         let workers = match self.workers {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             Some(n @ 1..=1024) => n,
@@ -753,7 +797,7 @@ impl Settings {
                 path,
                 domain: self.cookie_domain,
                 same_site,
-                secret,
+                secrets,
                 secret_generated,
             },
             balance,
@@ -777,6 +821,7 @@ impl Settings {
             session_table_size,
             session_lifetime,
             tokens_portable: self.tokens_portable.unwrap_or(false),
+            limits,
         })
     }
 }
@@ -926,31 +971,43 @@ pub fn parse_backend(item: &str) -> Result<BackendSpec, ConfigError> {
     })
 }
 
-fn load_secret(file: Option<PathBuf>, inline: Option<String>) -> Result<(CookieSecret, bool), ConfigError> {
-    let (key, bytes) = match (file, inline) {
+/// One secret per line (first signs, all verify: rotation), from the file or the inline value.
+fn load_secrets(file: Option<PathBuf>, inline: Option<String>) -> Result<(Vec<CookieSecret>, bool), ConfigError> {
+    let (key, text) = match (file, inline) {
         (Some(path), _) => {
-            let mut bytes = std::fs::read(&path).map_err(|source| ConfigError::Read {
+            let bytes = std::fs::read(&path).map_err(|source| ConfigError::Read {
                 key: "cookie-secret-file",
                 path: path.clone(),
                 source,
             })?;
-            let end = bytes.trim_ascii_end().len();
-            bytes.truncate(end);
             ("cookie-secret-file", bytes)
         }
-        (None, Some(s)) => ("cookie-secret", s.trim().as_bytes().to_vec()),
-        (None, None) => return Ok((CookieSecret::generate(), true)),
+        (None, Some(s)) => ("cookie-secret", s.into_bytes()),
+        (None, None) => return Ok((vec![CookieSecret::generate()], true)),
     };
-    let len = bytes.len();
-    CookieSecret::new(bytes).map(|s| (s, false)).ok_or_else(|| {
-        invalid(
-            key,
-            "<redacted>",
-            format!(
-                "the secret has {len} bytes; at least {MIN_SECRET_LEN} are needed (e.g. `openssl rand -base64 32`)"
-            ),
-        )
-    })
+    let mut secrets = Vec::new();
+    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+        let line = line.trim_ascii();
+        if line.is_empty() {
+            continue;
+        }
+        let len = line.len();
+        let secret = CookieSecret::new(line.to_vec()).ok_or_else(|| {
+            invalid(
+                key,
+                "<redacted>",
+                format!(
+                    "secret on line {} has {len} bytes; at least {MIN_SECRET_LEN} are needed (e.g. `openssl rand -base64 32`)",
+                    i + 1
+                ),
+            )
+        })?;
+        secrets.push(secret);
+    }
+    if secrets.is_empty() {
+        return Err(invalid(key, "<redacted>", "no secret in it"));
+    }
+    Ok((secrets, false))
 }
 
 /// Parses `250ms`, `5s`, `2m`, or a bare number of seconds.

@@ -48,9 +48,8 @@ pub async fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<
     let task = tokio::spawn(server::serve(
         proxy.worker(),
         listener,
-        None,
+        server::ServeOptions::from_config(&config, None),
         shutdown.clone(),
-        config.shutdown_grace,
     ));
     Ok(Demo {
         replicas,

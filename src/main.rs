@@ -176,6 +176,15 @@ struct ProxyArgs {
     /// The replicas share a token signer: bearer resource requests may go to any replica.
     #[arg(long)]
     tokens_portable: bool,
+    /// Time a client gets to send a request head; idle keep-alive connections close after it [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    client_idle_timeout: Option<String>,
+    /// Client connections open at once; more wait in the listen backlog [default: 10000].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Largest request head (HTTP/1.1) or header list (HTTP/2), bytes; over it: 431 [default: 65536].
+    #[arg(long, value_name = "BYTES")]
+    max_header_bytes: Option<usize>,
 }
 
 impl ProxyArgs {
@@ -223,6 +232,9 @@ impl ProxyArgs {
             session_table_size: self.session_table_size,
             session_lifetime: self.session_lifetime,
             tokens_portable: self.tokens_portable.then_some(true),
+            client_idle_timeout: self.client_idle_timeout,
+            max_connections: self.max_connections,
+            max_header_bytes: self.max_header_bytes,
         };
         (self.config, settings)
     }
@@ -339,7 +351,12 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         ?dns,
         "kbs-affinity-proxy serving"
     );
-    server::run_workers(&proxy, listeners, tls_server, shutdown.clone(), config.shutdown_grace)?;
+    server::run_workers(
+        &proxy,
+        listeners,
+        server::ServeOptions::from_config(&config, tls_server),
+        shutdown.clone(),
+    )?;
     shutdown.cancel();
     let _ = control_thread.join();
     tracing::info!("stopped");

@@ -19,11 +19,12 @@ use crate::routing::Routing;
 
 /// Status classes in [`crate::backend::BackendStats::responses`] order.
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-const REJECTIONS: [Rejection; 4] = [
+const REJECTIONS: [Rejection; 5] = [
     Rejection::Malformed,
     Rejection::BadSignature,
     Rejection::Expired,
     Rejection::FromTheFuture,
+    Rejection::UnknownBackend,
 ];
 
 fn rejection_index(r: Rejection) -> usize {
@@ -32,6 +33,7 @@ fn rejection_index(r: Rejection) -> usize {
         Rejection::BadSignature => 1,
         Rejection::Expired => 2,
         Rejection::FromTheFuture => 3,
+        Rejection::UnknownBackend => 4,
     }
 }
 
@@ -41,6 +43,7 @@ fn rejection_label(r: Rejection) -> &'static str {
         Rejection::BadSignature => "bad_signature",
         Rejection::Expired => "expired",
         Rejection::FromTheFuture => "from_the_future",
+        Rejection::UnknownBackend => "unknown_backend",
     }
 }
 
@@ -52,11 +55,9 @@ pub struct ProxyStats {
     /// Route cookies issued.
     pub cookies_issued: AtomicU64,
     /// Route cookies refused, by reason.
-    cookies_rejected: [AtomicU64; 4],
+    cookies_rejected: [AtomicU64; 5],
     /// Requests whose valid cookie named a down or gone backend and that were balanced anew.
     pub repinned: AtomicU64,
-    /// Pinned requests refused with a KBS 401 because their backend was down or gone.
-    pub pinned_refused: AtomicU64,
     /// Client connections open now.
     pub active_connections: AtomicI64,
     /// Requests pinned without a valid route cookie: by a learned session id, by a learned token.
@@ -72,7 +73,6 @@ impl Default for ProxyStats {
             cookies_issued: AtomicU64::new(0),
             cookies_rejected: Default::default(),
             repinned: AtomicU64::new(0),
-            pinned_refused: AtomicU64::new(0),
             active_connections: AtomicI64::new(0),
             learned: Default::default(),
             latency: std::array::from_fn(|_| Histogram::new(exponential_buckets(0.000_25, 2.0, 16))),
@@ -232,7 +232,6 @@ impl Collector for ProxyCollector {
         let refused: Vec<_> = backends
             .iter()
             .map(|b| (vec![("backend", b.name.as_str())], load(&b.stats.pinned_refused)))
-            .chain(std::iter::once((vec![("backend", "unknown")], load(&s.pinned_refused))))
             .collect();
         counter(
             &mut encoder,

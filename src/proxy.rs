@@ -33,7 +33,7 @@ use crate::journal::Journal;
 use crate::kbs::RouteKind;
 use crate::kbs::SESSION_COOKIE;
 use crate::metrics::ProxyStats;
-use crate::route_cookie::{cookie_values, BackendId};
+use crate::route_cookie::{cookie_values, BackendId, Rejection};
 use crate::routing::Routing;
 use crate::sessions::{hash_key, jwt_expiry, session_from_set_cookie, session_key, AffinityTable};
 use crate::tls::TlsError;
@@ -259,6 +259,13 @@ impl Worker {
         let now = unix_now();
         let cookie = &*routing.cookie;
         let state = read_route_cookie(req.headers(), &cookie.name, &cookie.codec, now, cookie.max_age);
+        // A validly signed cookie for a backend not in the set counts as absent.
+        let state = match state {
+            CookieState::Valid(pin) if routing.backends.by_id(pin.backend).is_none() => {
+                CookieState::Rejected(Rejection::UnknownBackend)
+            }
+            other => other,
+        };
         if let CookieState::Rejected(why) = state {
             stats.count_rejected(why);
         }
@@ -315,9 +322,8 @@ impl Worker {
                 }
             }
             Decision::SessionLost(backend) => {
-                let counter = backend.map_or(&stats.pinned_refused, |b| &b.stats.pinned_refused);
-                counter.fetch_add(1, Ordering::Relaxed);
-                log.backend = backend.map(|b| b.name.clone());
+                backend.stats.pinned_refused.fetch_add(1, Ordering::Relaxed);
+                log.backend = Some(backend.name.clone());
                 return Err(ProxyError::SessionLost);
             }
         };

@@ -92,6 +92,9 @@ pub enum Rejection {
     Expired,
     /// Issued further in the future than clock skew explains.
     FromTheFuture,
+    /// Validly signed, but naming a backend this proxy does not have (removed, or a cookie from
+    /// a proxy with other backends).
+    UnknownBackend,
 }
 
 /// A verified cookie's content.
@@ -103,11 +106,14 @@ pub struct Pin {
     pub issued_at: u64,
 }
 
-/// Mints and verifies route cookie values with one secret.
+/// Mints route cookie values with the newest secret and verifies them with every listed one,
+/// so secrets can be rotated without un-pinning clients.
 #[derive(Clone)]
 pub struct RouteCookieCodec {
-    /// The keyed HMAC state, cloned per use so the key schedule runs once at start-up.
+    /// The keyed HMAC state of the signing secret, cloned per use so the key schedule runs once.
     mac: HmacSha256,
+    /// Older secrets still accepted, newest first.
+    older: Vec<HmacSha256>,
 }
 
 impl fmt::Debug for RouteCookieCodec {
@@ -119,8 +125,16 @@ impl fmt::Debug for RouteCookieCodec {
 impl RouteCookieCodec {
     /// A codec keyed with `secret`.
     pub fn new(secret: &CookieSecret) -> Self {
-        let mac = HmacSha256::new_from_slice(&secret.0).expect("HMAC takes keys of any length");
-        Self { mac }
+        Self::with_keys(secret, &[])
+    }
+
+    /// A codec that signs with `newest` and also accepts cookies signed with any of `older`.
+    pub fn with_keys(newest: &CookieSecret, older: &[CookieSecret]) -> Self {
+        let key = |s: &CookieSecret| HmacSha256::new_from_slice(&s.0).expect("HMAC takes keys of any length");
+        Self {
+            mac: key(newest),
+            older: older.iter().map(key).collect(),
+        }
     }
 
     /// The encoded cookie value pinning `backend`, issued at `now` (Unix seconds).
@@ -154,10 +168,14 @@ impl RouteCookieCodec {
         if n != RAW_LEN || raw[0] != VERSION {
             return Err(Rejection::Malformed);
         }
-        let mut mac = self.mac.clone();
-        mac.update(&raw[..SIGNED_LEN]);
-        mac.verify_truncated_left(&raw[SIGNED_LEN..RAW_LEN])
-            .map_err(|_| Rejection::BadSignature)?;
+        let signed_by = |key: &HmacSha256| {
+            let mut mac = key.clone();
+            mac.update(&raw[..SIGNED_LEN]);
+            mac.verify_truncated_left(&raw[SIGNED_LEN..RAW_LEN]).is_ok()
+        };
+        if !signed_by(&self.mac) && !self.older.iter().any(signed_by) {
+            return Err(Rejection::BadSignature);
+        }
         let backend = BackendId(u64::from_be_bytes(raw[1..9].try_into().expect("8 bytes")));
         let issued_at = u64::from(u32::from_be_bytes(raw[9..13].try_into().expect("4 bytes")));
         if issued_at > now.saturating_add(MAX_CLOCK_SKEW_SECS) {
@@ -245,6 +263,29 @@ mod tests {
         let mut not_b64 = v;
         not_b64[0] = b'!';
         assert_eq!(c.verify(&not_b64, NOW, 100), Err(Rejection::Malformed));
+    }
+
+    #[test]
+    fn rotation_signs_with_the_newest_and_accepts_the_listed() {
+        let old = CookieSecret::new(vec![1; 32]).unwrap();
+        let new = CookieSecret::new(vec![2; 32]).unwrap();
+        let id = BackendId::from_name("kbs-0");
+        let before = RouteCookieCodec::new(&old).mint(id, NOW);
+        let rotated = RouteCookieCodec::with_keys(&new, std::slice::from_ref(&old));
+        assert_eq!(
+            rotated.verify(&before, NOW, 100).map(|p| p.backend),
+            Ok(id),
+            "old cookies still pin"
+        );
+        let after = rotated.mint(id, NOW);
+        assert!(
+            RouteCookieCodec::new(&new).verify(&after, NOW, 100).is_ok(),
+            "new cookies use the newest"
+        );
+        assert_eq!(
+            RouteCookieCodec::new(&old).verify(&after, NOW, 100),
+            Err(Rejection::BadSignature)
+        );
     }
 
     #[test]

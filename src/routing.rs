@@ -137,7 +137,7 @@ impl CookieIssuer {
             None => {}
         }
         Self {
-            codec: RouteCookieCodec::new(&c.secret),
+            codec: RouteCookieCodec::with_keys(&c.secrets[0], &c.secrets[1..]),
             name: c.name.clone(),
             max_age: c.max_age,
             attrs_tls: format!("{attrs}; Secure"),

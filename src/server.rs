@@ -21,12 +21,19 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{ClientLimits, Config};
 use crate::proxy::{ConnInfo, Proxy, Worker};
 
-/// How long a client may take to send a request head (slow-loris bound).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Streams one HTTP/2 client may have open at once.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Header fields in one HTTP/1.1 request; more gets 431.
+const MAX_HEADERS: usize = 100;
+/// HTTP/2 streams reset by the client before the server saw them (rapid-reset bound).
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// HTTP/2 streams the server may reset for protocol errors before it closes the connection.
+const H2_MAX_LOCAL_RESETS: usize = 256;
+/// How long an HTTP/2 keep-alive ping may go unanswered.
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a client may take to complete the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,25 +60,49 @@ pub fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net
     Ok(out)
 }
 
+/// How a listener serves: TLS, limits, shutdown grace.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// Client-facing TLS, when on.
+    pub tls: Option<TlsSettings>,
+    /// Client limits (idle timeout, connections, header size).
+    pub limits: ClientLimits,
+    /// Time open requests get to finish on shutdown.
+    pub grace: Duration,
+}
+
+impl ServeOptions {
+    /// The options a configuration asks for.
+    pub fn from_config(config: &Config, tls: Option<TlsSettings>) -> Self {
+        Self {
+            tls,
+            limits: config.limits,
+            grace: config.shutdown_grace,
+        }
+    }
+}
+
 /// Runs one worker thread per listener, each with its own `current_thread` runtime, until
-/// `shutdown` is cancelled and in-flight requests have finished (or `grace` ran out).
+/// `shutdown` is cancelled and in-flight requests have finished (or the grace ran out). The
+/// connection limit is shared out evenly between the workers.
 pub fn run_workers(
     proxy: &Proxy,
     listeners: Vec<std::net::TcpListener>,
-    tls: Option<TlsSettings>,
+    options: ServeOptions,
     shutdown: CancellationToken,
-    grace: Duration,
 ) -> io::Result<()> {
     let mut threads = Vec::with_capacity(listeners.len());
+    let mut per_worker = options.clone();
+    per_worker.limits.max_connections = options.limits.max_connections.div_ceil(listeners.len().max(1));
     for (i, listener) in listeners.into_iter().enumerate() {
         let proxy = proxy.clone();
         let shutdown = shutdown.clone();
-        let tls = tls.clone();
+        let options = per_worker.clone();
         let thread = std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
                 let listener = TcpListener::from_std(listener)?;
-                serve(proxy.worker(), listener, tls, shutdown, grace).await;
+                serve(proxy.worker(), listener, options, shutdown).await;
                 Ok::<_, io::Error>(())
             })
         })?;
@@ -89,44 +120,65 @@ struct Conn {
     info: ConnInfo,
 }
 
-/// Counts a client connection as open while alive.
-struct ConnGuard(Arc<Worker>);
+/// Counts a client connection as open, and holds its connection slot, while alive.
+struct ConnGuard {
+    worker: Arc<Worker>,
+    /// Returned to the listener's semaphore on drop.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
 
 impl ConnGuard {
-    fn new(worker: &Arc<Worker>) -> Self {
+    fn new(worker: &Arc<Worker>, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
         worker.stats().active_connections.fetch_add(1, Ordering::Relaxed);
-        Self(Arc::clone(worker))
+        Self {
+            worker: Arc::clone(worker),
+            _slot: slot,
+        }
     }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.0.stats().active_connections.fetch_sub(1, Ordering::Relaxed);
+        self.worker.stats().active_connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// Serves clients from `listener` on the current runtime until `shutdown` is cancelled, then
-/// waits up to `grace` for open requests to finish. With `tls`, every connection is TLS.
-pub async fn serve(
-    worker: Worker,
-    listener: TcpListener,
-    tls: Option<TlsSettings>,
-    shutdown: CancellationToken,
-    grace: Duration,
-) {
+/// waits up to the grace for open requests to finish. With TLS, every connection is TLS.
+///
+/// At most `max_connections` connections are served at once: beyond that the loop stops
+/// accepting, new connections wait in the kernel's listen backlog (and are refused when it is
+/// full), and memory stays bounded.
+pub async fn serve(worker: Worker, listener: TcpListener, options: ServeOptions, shutdown: CancellationToken) {
+    let ServeOptions { tls, limits, grace } = options;
     let worker = Arc::new(worker);
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's header read timeout also runs while a keep-alive connection waits for its next
+    // request, so it bounds slow-loris heads and idle keep-alive connections alike.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.idle_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(MAX_HEADERS);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     let builder = Arc::new(builder);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     loop {
+        // A free connection slot first: at the limit, stop accepting until a connection closes.
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = shutdown.cancelled() => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -141,7 +193,7 @@ pub async fn serve(
         };
         // Small request/response exchanges: do not let Nagle hold the last segment back.
         let _ = stream.set_nodelay(true);
-        let guard = ConnGuard::new(&worker);
+        let guard = ConnGuard::new(&worker, slot);
         let conn = Arc::new(Conn {
             worker: Arc::clone(&worker),
             info: ConnInfo::new(peer, tls.is_some()),

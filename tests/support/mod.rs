@@ -94,13 +94,8 @@ pub async fn start_proxy_with(settings: Settings, adjust: impl FnOnce(ControlPla
         }
         None => None,
     };
-    let task = tokio::spawn(server::serve(
-        proxy.worker(),
-        listener,
-        tls_server,
-        shutdown.clone(),
-        config.shutdown_grace,
-    ));
+    let options = server::ServeOptions::from_config(&config, tls_server);
+    let task = tokio::spawn(server::serve(proxy.worker(), listener, options, shutdown.clone()));
     TestProxy {
         addr,
         admin,
