@@ -232,7 +232,7 @@ async fn scripted_backend(script: &'static [u8], then: After) -> std::net::Socke
                 let _ = s.write_all(script).await;
                 match then {
                     After::Reset => {
-                        let _ = s.set_linger(Some(Duration::ZERO));
+                        let _ = s.set_zero_linger();
                         drop(s);
                     }
                     After::Hang => {
