@@ -215,3 +215,76 @@ async fn the_binary_serves_sessions_on_every_worker_and_stops_on_sigterm() {
         "{log:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookies_tokens_and_resource_bodies_never_reach_the_log_at_any_level() {
+    let sims = start_sims(2).await;
+    let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--workers", "1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for b in backends_of(&sims) {
+        args.push("--backend".into());
+        args.push(b);
+    }
+    // Trace level everywhere, hyper, h2 and rustls included.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kbs-affinity-proxy"))
+        .args(&args)
+        .env("KBS_AFFINITY_PROXY_COOKIE_SECRET", SECRET)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("kbs-affinity-proxy serving") {
+                let start = line.find("listen=").unwrap() + "listen=".len();
+                return line[start..].split_whitespace().next().unwrap().to_owned();
+            }
+        }
+        panic!("no serving line");
+    })
+    .await
+    .unwrap();
+    let reader = tokio::spawn(async move {
+        let mut all = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let mut secrets = Vec::new();
+    for h2 in [false, true] {
+        let url = format!("http://{addr}");
+        let mut c = if h2 { KbsClient::http2(url) } else { KbsClient::new(url) }.with_token_auth();
+        c.handshake().await.unwrap();
+        let body = c.fetch_resource("default/key/demo").await.unwrap();
+        secrets.push(String::from_utf8(body.to_vec()).unwrap());
+        secrets.push(c.cookie("route").unwrap().to_owned());
+        secrets.push(c.cookie("kbs-session-id").unwrap().to_owned());
+    }
+    secrets.push(SECRET.to_owned());
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let log = reader.await.unwrap();
+    assert!(log.len() > 1000, "trace logging was on: {} bytes", log.len());
+    for s in &secrets {
+        assert!(!log.contains(s.as_str()), "a secret reached the log");
+    }
+    assert!(
+        !log.to_lowercase().contains("bearer "),
+        "no Authorization value in the log"
+    );
+}

@@ -382,3 +382,36 @@ async fn a_backend_reset_mid_response_ends_the_client_response_and_a_slow_body_b
         assert_eq!(b.in_flight(), 0, "{}", b.name);
     }
 }
+
+#[tokio::test]
+async fn an_http2_rapid_reset_flood_is_cut_off_and_others_are_served() {
+    let (_sims, proxy) = two_replicas().await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let mut client = client;
+    let mut cut_off = false;
+    for _ in 0..10_000 {
+        let ready = tokio::time::timeout(LIMIT, client.ready()).await.unwrap();
+        let Ok(c) = ready else {
+            cut_off = true;
+            break;
+        };
+        client = c;
+        let req = http::Request::get(format!("http://{}/healthz", proxy.addr))
+            .body(())
+            .unwrap();
+        match client.send_request(req, false) {
+            Ok((_resp, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(_) => {
+                cut_off = true;
+                break;
+            }
+        }
+    }
+    let ended = tokio::time::timeout(LIMIT, driver).await;
+    assert!(cut_off || matches!(ended, Ok(Ok(Err(_)))), "the flood was not bounded");
+    // Others are served.
+    let mut c = KbsClient::http2(proxy.url());
+    c.get_resource("default/key/demo").await.unwrap();
+}
