@@ -9,10 +9,7 @@ use kbs_affinity_proxy::sim::{SimConfig, SimKbs};
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(2);
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2);
     let mut flags = Vec::new();
     let mut replicas = Vec::new();
     for i in 0..n {
@@ -21,10 +18,7 @@ async fn main() -> std::io::Result<()> {
         replicas.push(sim);
     }
     println!("{n} simulated KBS replicas running; front them with:");
-    println!(
-        "  kbs-affinity-proxy --listen 127.0.0.1:8080 {}",
-        flags.join(" ")
-    );
+    println!("  kbs-affinity-proxy --listen 127.0.0.1:8080 {}", flags.join(" "));
     println!("Ctrl-C stops them.");
     tokio::signal::ctrl_c().await?;
     for r in &replicas {
