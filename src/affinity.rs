@@ -20,18 +20,40 @@ pub enum CookieState {
     Rejected(Rejection),
 }
 
+/// Read access to a request's header values by name, borrowed: routing is decided from the
+/// bytes as they arrived, whether hyper parsed them into a `HeaderMap` or the HTTP/1 fast path
+/// left them in its read buffer.
+pub trait HeaderView {
+    /// Every value of the field `name` (lower case), in order.
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
+}
+
+impl HeaderView for HeaderMap {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name).into_iter().map(|v| v.as_bytes())
+    }
+}
+
+impl HeaderView for [httparse::Header<'_>] {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+}
+
 /// Reads the route cookie from every `Cookie` field (HTTP/2 may split them), borrowing the bytes.
 /// The first valid value wins, so a stray extra `route` cookie cannot break a session.
 pub fn read_route_cookie(
-    headers: &HeaderMap,
+    headers: &(impl HeaderView + ?Sized),
     name: &str,
     codec: &RouteCookieCodec,
     now: u64,
     max_age: u64,
 ) -> CookieState {
     let mut state = CookieState::Absent;
-    for field in headers.get_all(COOKIE) {
-        for value in cookie_values(field.as_bytes(), name.as_bytes()) {
+    for field in headers.values(COOKIE.as_str()) {
+        for value in cookie_values(field, name.as_bytes()) {
             match codec.verify(value, now, max_age) {
                 Ok(pin) => return CookieState::Valid(pin),
                 Err(why) => state = CookieState::Rejected(why),

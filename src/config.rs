@@ -181,6 +181,9 @@ pub struct Settings {
     pub max_connections: Option<usize>,
     /// `max-header-bytes`: largest request head (HTTP/1.1) or header list (HTTP/2).
     pub max_header_bytes: Option<usize>,
+    /// `fast-path`: `on` (plain HTTP/1.1 on the proxy's own fast path) or `off` (hyper for all).
+    #[serde(default, deserialize_with = "text_or_bool")]
+    pub fast_path: Option<String>,
 }
 
 /// Durations in the file may be strings (`"5s"`) or numbers of seconds (`5`).
@@ -460,6 +463,8 @@ pub struct Config {
     pub tokens_portable: bool,
     /// Client limits.
     pub limits: ClientLimits,
+    /// Plain HTTP/1.1 on the fast path.
+    pub fast_path: bool,
 }
 
 /// Limits on what clients may hold or send.
@@ -542,7 +547,8 @@ impl Settings {
             tokens_portable,
             client_idle_timeout,
             max_connections,
-            max_header_bytes
+            max_header_bytes,
+            fast_path
         )
     }
 
@@ -822,6 +828,11 @@ impl Settings {
             session_lifetime,
             tokens_portable: self.tokens_portable.unwrap_or(false),
             limits,
+            fast_path: match self.fast_path.as_deref().unwrap_or("on") {
+                "on" | "true" => true,
+                "off" | "false" => false,
+                other => return Err(invalid("fast-path", other, "expected on or off")),
+            },
         })
     }
 }

@@ -185,6 +185,9 @@ struct ProxyArgs {
     /// Largest request head (HTTP/1.1) or header list (HTTP/2), bytes; over it: 431 [default: 65536].
     #[arg(long, value_name = "BYTES")]
     max_header_bytes: Option<usize>,
+    /// Plain HTTP/1.1 on the proxy's own fast path (on), or hyper for everything (off) [default: on].
+    #[arg(long, value_name = "on|off")]
+    fast_path: Option<String>,
 }
 
 impl ProxyArgs {
@@ -235,6 +238,7 @@ impl ProxyArgs {
             client_idle_timeout: self.client_idle_timeout,
             max_connections: self.max_connections,
             max_header_bytes: self.max_header_bytes,
+            fast_path: self.fast_path,
         };
         (self.config, settings)
     }

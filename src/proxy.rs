@@ -6,6 +6,7 @@
 mod body;
 mod error;
 mod fanout;
+mod fast;
 pub mod headers;
 
 use std::sync::atomic::Ordering;
@@ -24,8 +25,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use body::ProxyBody;
 pub use error::ProxyError;
+pub use fast::{Handoff, Rewind};
 
-use crate::affinity::{decide, read_route_cookie, CookieState, Decision, Learned};
+use crate::affinity::{decide, read_route_cookie, CookieState, Decision, HeaderView, Learned};
 use crate::backend::Backend;
 use crate::config::{BackendSpec, Config};
 use crate::connector::BackendConnector;
@@ -169,6 +171,7 @@ impl Proxy {
         Worker {
             shared: Arc::clone(&self.shared),
             client,
+            fast: fast::FastState::default(),
         }
     }
 }
@@ -197,6 +200,8 @@ pub struct Worker {
     shared: Arc<Shared>,
     /// Pooled HTTP/1.1 client to the backends; the pool keys by backend scheme and authority.
     client: Client<BackendConnector, ProxyBody>,
+    /// The HTTP/1.1 fast path's idle backend connections and spare buffers.
+    fast: fast::FastState,
 }
 
 impl Worker {
@@ -423,10 +428,15 @@ impl Worker {
     /// What the proxy learned about a request that has no valid route cookie: the replica that
     /// issued its `kbs-session-id`, else (resource calls, unless tokens are portable) the one
     /// that issued its bearer token.
-    fn learned_pin(&self, headers: &HeaderMap, kind: RouteKind, routing: &Routing, now: u64) -> Option<Learned> {
-        let from_session = headers.get_all(http::header::COOKIE).iter().find_map(|h| {
-            cookie_values(h.as_bytes(), SESSION_COOKIE.as_bytes())
-                .find_map(|v| self.shared.sessions.get(session_key(v), now))
+    fn learned_pin(
+        &self,
+        headers: &(impl HeaderView + ?Sized),
+        kind: RouteKind,
+        routing: &Routing,
+        now: u64,
+    ) -> Option<Learned> {
+        let from_session = headers.values("cookie").find_map(|h| {
+            cookie_values(h, SESSION_COOKIE.as_bytes()).find_map(|v| self.shared.sessions.get(session_key(v), now))
         });
         if let Some(b) = from_session {
             return Some(Learned::SessionId(b));
@@ -483,8 +493,8 @@ impl Worker {
 }
 
 /// The token of an `Authorization: Bearer` header.
-fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
-    let v = headers.get(http::header::AUTHORIZATION)?.as_bytes();
+fn bearer_token(headers: &(impl HeaderView + ?Sized)) -> Option<&[u8]> {
+    let v = headers.values("authorization").next()?;
     let t = v.strip_prefix(b"Bearer ")?.trim_ascii();
     (!t.is_empty()).then_some(t)
 }

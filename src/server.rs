@@ -18,11 +18,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientLimits, Config};
-use crate::proxy::{ConnInfo, Proxy, Worker};
+use crate::proxy::{ConnInfo, Handoff, Proxy, Rewind, Worker};
 
 /// Streams one HTTP/2 client may have open at once.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
@@ -69,6 +69,8 @@ pub struct ServeOptions {
     pub limits: ClientLimits,
     /// Time open requests get to finish on shutdown.
     pub grace: Duration,
+    /// Serve plain HTTP/1.1 on the fast path (hyper for everything else).
+    pub fast_path: bool,
 }
 
 impl ServeOptions {
@@ -78,6 +80,7 @@ impl ServeOptions {
             tls,
             limits: config.limits,
             grace: config.shutdown_grace,
+            fast_path: config.fast_path,
         }
     }
 }
@@ -150,7 +153,13 @@ impl Drop for ConnGuard {
 /// accepting, new connections wait in the kernel's listen backlog (and are refused when it is
 /// full), and memory stays bounded.
 pub async fn serve(worker: Worker, listener: TcpListener, options: ServeOptions, shutdown: CancellationToken) {
-    let ServeOptions { tls, limits, grace } = options;
+    let ServeOptions {
+        tls,
+        limits,
+        grace,
+        fast_path,
+    } = options;
+    let fast_conns = tokio_util::task::TaskTracker::new();
     let worker = Arc::new(worker);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's header read timeout also runs while a keep-alive connection waits for its next
@@ -203,6 +212,35 @@ pub async fn serve(worker: Worker, listener: TcpListener, options: ServeOptions,
             async move { Ok::<_, Infallible>(conn.worker.handle(req, &conn.info).await) }
         });
         match &tls {
+            None if fast_path => {
+                // HTTP/1.1 on the fast path; anything else is handed to hyper with what was read.
+                let builder = Arc::clone(&builder);
+                let watcher = graceful.watcher();
+                let handoff: Handoff = Box::new(move |rewound: Rewind<TcpStream>| {
+                    Box::pin(async move {
+                        let connection = builder.serve_connection(TokioIo::new(rewound), service).into_owned();
+                        if let Err(e) = watcher.watch(connection).await {
+                            tracing::debug!(error = %e, "client connection ended with an error");
+                        }
+                    })
+                });
+                let worker = Arc::clone(&worker);
+                let info = Arc::new(ConnInfo::new(peer, false));
+                let shutdown = shutdown.clone();
+                fast_conns.spawn(async move {
+                    worker
+                        .serve_fast(
+                            stream,
+                            info,
+                            limits.idle_timeout,
+                            limits.max_header_bytes,
+                            shutdown,
+                            handoff,
+                        )
+                        .await;
+                    drop(guard);
+                });
+            }
             None => {
                 let watched = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
                 tokio::spawn(async move {
@@ -238,8 +276,14 @@ pub async fn serve(worker: Worker, listener: TcpListener, options: ServeOptions,
         }
     }
     drop(listener);
+    fast_conns.close();
+    // Fast-path connections finish their request in flight and stop (they watch `shutdown`).
+    let all_done = async {
+        graceful.shutdown().await;
+        fast_conns.wait().await;
+    };
     tokio::select! {
-        () = graceful.shutdown() => tracing::debug!("all connections closed"),
+        () = all_done => tracing::debug!("all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!(?grace, "shutdown grace elapsed; closing open connections"),
     }
 }

@@ -308,11 +308,20 @@ async fn broken_backends_get_prompt_kbs_shaped_answers_and_leak_nothing() {
             .as_secs();
         let pin = String::from_utf8(codec.mint(broken.id, now).to_vec()).unwrap();
         let started = tokio::time::Instant::now();
+        // A chunked body of unknown length streams: it cannot be re-sent to another replica.
+        let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::io::Error>> =
+            vec![Ok(hyper::body::Frame::data(Bytes::from_static(b"{}")))];
         let req = Request::post(format!("{}/kbs/v0/plugin/echo", proxy.url()))
             .header("cookie", format!("route={pin}"))
-            .body(Full::new(Bytes::from_static(b"{}")))
+            .body(http_body_util::StreamBody::new(tokio_stream::iter(chunks)))
             .unwrap();
-        let (parts, body) = send(req).await;
+        let resp = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http()
+            .request(req)
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
         assert!(started.elapsed() < Duration::from_secs(5), "{what}: prompt");
         assert_eq!(parts.status, status, "{what}");
         assert_eq!(kbs_error_type(&body), variant, "{what}");

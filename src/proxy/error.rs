@@ -47,6 +47,21 @@ pub enum ProxyError {
         /// Which replicas accepted, refused or missed the write, and why.
         detail: String,
     },
+    /// Backend: no connection could be made (fast path).
+    #[error("KBS replica {backend} is unreachable")]
+    Connect {
+        /// The backend's name.
+        backend: String,
+        /// The connect error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Backend: it closed, reset or answered something that is not an HTTP/1.1 response.
+    #[error("KBS replica {backend} sent no valid response")]
+    BadResponse {
+        /// The backend's name.
+        backend: String,
+    },
     /// Backend: no response head within the response timeout.
     #[error("KBS replica {backend} did not answer in time")]
     Timeout {
@@ -78,9 +93,11 @@ impl ProxyError {
             },
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge"),
             Self::ClientBody(_) => (StatusCode::BAD_REQUEST, "InvalidRequest"),
-            Self::Unreachable { .. } | Self::Backend { .. } | Self::BackendBody { .. } => {
-                (StatusCode::BAD_GATEWAY, "BadGateway")
-            }
+            Self::Unreachable { .. }
+            | Self::Connect { .. }
+            | Self::Backend { .. }
+            | Self::BackendBody { .. }
+            | Self::BadResponse { .. } => (StatusCode::BAD_GATEWAY, "BadGateway"),
             Self::AdminWrite { status, .. } => (*status, "AdminWriteIncomplete"),
             Self::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
         }

@@ -1,0 +1,987 @@
+//! The HTTP/1.1 fast path, for plain-TCP clients.
+//!
+//! A request head is parsed with `httparse` into borrowed slices in the connection's read
+//! buffer; routing is decided from those bytes (the same [`decide`] as the hyper path); the head
+//! is rewritten for the backend while copying (hop-by-hop fields dropped, `X-Forwarded-*` set)
+//! and written with the body to a pooled backend connection **in the same task**; the response
+//! head is rewritten the same way and the body streamed back by its framing. No `HeaderMap`, no
+//! channel between tasks, no per-request timer but the response deadline, buffers reused from a
+//! per-worker free list, and an idle client connection holds no buffer at all.
+//!
+//! Everything unusual goes to hyper instead, with the bytes already read replayed: HTTP/1.0,
+//! `Transfer-Encoding` or `Upgrade`/`Expect` on the request, absolute-form targets, a missing
+//! `Host`, `auth` and `attest` (buffered bodies, learning), admin writes (fan-out), `https`
+//! backends. Once handed over, the connection stays with hyper. Framing is exactly as strict as
+//! hyper's: conflicting `Content-Length`s, bad chunk sizes, obs-fold, invalid bytes are errors.
+
+mod chunked;
+mod rewind;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{Method, Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+pub use rewind::Rewind;
+
+use self::chunked::ChunkedScanner;
+use super::{bearer_token, body::ProxyBody, ConnInfo, ProxyError, Worker};
+use crate::affinity::{decide, read_route_cookie, CookieState, Decision, HeaderView, Learned};
+use crate::backend::{Backend, InFlight};
+use crate::kbs::RouteKind;
+use crate::route_cookie::{BackendId, Rejection};
+use crate::routing::Routing;
+
+/// Header fields per message the fast path parses; more is 431 (as hyper).
+const MAX_HEADERS: usize = 100;
+/// Largest backend response head.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Size of the buffers kept on the free list.
+const BUF_SIZE: usize = 16 * 1024;
+/// Buffers kept on a worker's free list.
+const FREE_BUFFERS: usize = 256;
+/// Idle connections kept per backend per worker.
+const IDLE_PER_BACKEND: usize = 512;
+/// How long an idle backend connection is kept.
+const BACKEND_IDLE: Duration = Duration::from_secs(60);
+
+/// The fast path's per-worker state: idle backend connections and spare buffers.
+#[derive(Debug, Default)]
+pub struct FastState {
+    idle: Mutex<HashMap<BackendId, Vec<(TcpStream, Instant)>>>,
+    buffers: Mutex<Vec<Vec<u8>>>,
+}
+
+impl FastState {
+    fn take_conn(&self, id: BackendId) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(&id)?;
+        while let Some((conn, since)) = list.pop() {
+            if since.elapsed() < BACKEND_IDLE {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn put_conn(&self, id: BackendId, conn: TcpStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(id).or_default();
+        if list.len() < IDLE_PER_BACKEND {
+            list.push((conn, Instant::now()));
+        }
+    }
+
+    fn take_buf(&self) -> Vec<u8> {
+        let mut b = self
+            .buffers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        b.clear();
+        if b.capacity() < BUF_SIZE {
+            b.reserve(BUF_SIZE);
+        }
+        b
+    }
+
+    fn put_buf(&self, mut b: Vec<u8>) {
+        if b.capacity() == 0 || b.capacity() > 4 * BUF_SIZE {
+            return; // grown by a huge head: let it go
+        }
+        b.clear();
+        let mut free = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < FREE_BUFFERS {
+            free.push(b);
+        }
+    }
+}
+
+/// Serves the rest of a connection with hyper (the bytes already read come first).
+pub type Handoff = Box<dyn FnOnce(Rewind<TcpStream>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// What to do with a parsed request.
+enum Prepared {
+    /// The head is not complete yet.
+    Partial,
+    /// Forward it.
+    Forward(Plan),
+    /// Answer it here (an error of our own), then carry on or close.
+    Local {
+        resp: Response<ProxyBody>,
+        head_len: usize,
+        body_len: u64,
+        close: bool,
+        kind: RouteKind,
+    },
+    /// Not for the fast path: hyper takes the connection over.
+    Handoff,
+    /// A head hyper would refuse: answer this status and close.
+    Reject(StatusCode),
+}
+
+/// A request ready to forward.
+struct Plan {
+    head_len: usize,
+    body_len: u64,
+    /// The head for the backend, rewritten (any backend: it names none).
+    out_head: Vec<u8>,
+    backend: Arc<Backend>,
+    issue_cookie: bool,
+    session_bound: bool,
+    kind: RouteKind,
+    is_head: bool,
+    client_close: bool,
+    decision: &'static str,
+    /// For the access log only (method, path without query).
+    log: Option<(String, String)>,
+}
+
+/// How a response body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the backend closes.
+    Close,
+}
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1, and the proxy authentication fields), lower case.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "trailer",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+fn is_hop_by_hop(name: &str, connection_tokens: &[&[u8]]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || connection_tokens
+            .iter()
+            .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
+}
+
+/// The tokens of every `Connection` field.
+fn connection_tokens<'a>(headers: &'a [httparse::Header<'a>]) -> Vec<&'a [u8]> {
+    headers
+        .values("connection")
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn has_token(tokens: &[&[u8]], token: &[u8]) -> bool {
+    tokens.iter().any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// The single Content-Length, `None` when absent, `Err` when invalid or conflicting.
+fn content_length(headers: &[httparse::Header<'_>]) -> Result<Option<u64>, ()> {
+    let mut len = None;
+    for v in headers.values("content-length") {
+        // Comma-separated repeats are allowed by RFC 9110 §8.6 only when equal.
+        for part in v.split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err(());
+            }
+            let n: u64 = std::str::from_utf8(part).map_err(|_| ())?.parse().map_err(|_| ())?;
+            match len {
+                Some(prev) if prev != n => return Err(()),
+                _ => len = Some(n),
+            }
+        }
+    }
+    Ok(len)
+}
+
+impl Worker {
+    /// Serves one plain-TCP client connection; see the module docs.
+    pub async fn serve_fast(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        conn: Arc<ConnInfo>,
+        idle_timeout: Duration,
+        max_head: usize,
+        shutdown: CancellationToken,
+        handoff: Handoff,
+    ) {
+        let fast = &self.fast;
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            if buf.is_empty() {
+                // Idle between requests: hold no buffer, wake on data, the idle timeout or shutdown.
+                fast.put_buf(std::mem::take(&mut buf));
+                tokio::select! {
+                    r = stream.readable() => if r.is_err() { return },
+                    () = tokio::time::sleep(idle_timeout) => return,
+                    () = shutdown.cancelled() => return,
+                }
+                buf = fast.take_buf();
+            }
+            let deadline = tokio::time::Instant::now() + idle_timeout;
+            // Read until the head is complete.
+            let prepared = loop {
+                let routing = self.shared.routing.load_full();
+                match self.prepare(&buf, &conn, &routing, max_head) {
+                    Prepared::Partial => {}
+                    other => break other,
+                }
+                if buf.len() >= max_head {
+                    break Prepared::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+                }
+                match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
+                        fast.put_buf(buf);
+                        return;
+                    }
+                    Ok(Ok(_)) => {}
+                }
+            };
+            match prepared {
+                Prepared::Partial => unreachable!("handled in the loop"),
+                Prepared::Handoff => {
+                    handoff(Rewind::new(buf, stream)).await;
+                    return;
+                }
+                Prepared::Reject(status) => {
+                    let head = format!(
+                        "HTTP/1.1 {} {}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        status.as_u16(),
+                        status.canonical_reason().unwrap_or("")
+                    );
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    fast.put_buf(buf);
+                    return;
+                }
+                Prepared::Local {
+                    resp,
+                    head_len,
+                    body_len,
+                    close,
+                    kind,
+                } => {
+                    // Skip (discard) the request body, then answer.
+                    let keep = match self.discard_body(&mut stream, &mut buf, head_len, body_len).await {
+                        Ok(()) => !close,
+                        Err(()) => false,
+                    };
+                    self.shared.stats.count_local(kind, resp.status().as_u16());
+                    if write_local(&mut stream, resp, !keep).await.is_err() || !keep {
+                        fast.put_buf(buf);
+                        return;
+                    }
+                }
+                Prepared::Forward(plan) => {
+                    let close = plan.client_close;
+                    match self.forward(&mut stream, &mut buf, &conn, plan).await {
+                        Ok(true) if !close && !shutdown.is_cancelled() => {}
+                        Ok(_) | Err(()) => {
+                            let _ = stream.shutdown().await;
+                            fast.put_buf(buf);
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Parses the head in `buf` and decides; see [`Prepared`].
+    fn prepare(&self, buf: &[u8], conn: &ConnInfo, routing: &Routing, max_head: usize) -> Prepared {
+        // HTTP/2 with prior knowledge: hyper's.
+        const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] == H2_PREFACE[..n] {
+            return if n == H2_PREFACE.len() {
+                Prepared::Handoff
+            } else {
+                Prepared::Partial
+            };
+        }
+        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut storage);
+        let head_len = match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Prepared::Partial,
+            Err(httparse::Error::TooManyHeaders) => {
+                return Prepared::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+            }
+            Err(_) => return Prepared::Reject(StatusCode::BAD_REQUEST),
+        };
+        if head_len > max_head {
+            return Prepared::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        }
+        let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+            return Prepared::Handoff; // HTTP/1.0 and oddities: hyper's rules apply
+        };
+        let headers: &[httparse::Header<'_>] = req.headers;
+        let tokens = connection_tokens(headers);
+        let special = ["transfer-encoding", "upgrade", "expect"];
+        if !target.starts_with('/')
+            || headers.values("host").count() != 1
+            || special.iter().any(|n| headers.values(n).next().is_some())
+        {
+            return Prepared::Handoff;
+        }
+        let body_len = match content_length(headers) {
+            Ok(n) => n.unwrap_or(0),
+            Err(()) => return Prepared::Reject(StatusCode::BAD_REQUEST),
+        };
+        let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+            return Prepared::Reject(StatusCode::BAD_REQUEST);
+        };
+        let path = target.split('?').next().unwrap_or(target);
+        let kind = RouteKind::classify(&method, path);
+        if matches!(kind, RouteKind::Auth | RouteKind::Attest)
+            || routing.admin_fanout.as_ref().is_some_and(|f| f.matches(&method, path))
+        {
+            return Prepared::Handoff;
+        }
+        let client_close = has_token(&tokens, b"close");
+
+        // Routing, from the borrowed header bytes: the same decision as the hyper path.
+        let stats = &*self.shared.stats;
+        let now = super::unix_now();
+        let cookie = &*routing.cookie;
+        let state = match read_route_cookie(headers, &cookie.name, &cookie.codec, now, cookie.max_age) {
+            CookieState::Valid(pin) if routing.backends.by_id(pin.backend).is_none() => {
+                CookieState::Rejected(Rejection::UnknownBackend)
+            }
+            other => other,
+        };
+        if let CookieState::Rejected(why) = state {
+            stats.count_rejected(why);
+        }
+        let bearer = kind == RouteKind::Resource && bearer_token(headers).is_some();
+        let session_bound = kind.needs_session() && !(bearer && routing.tokens_portable);
+        let learned = match state {
+            CookieState::Valid(_) => None,
+            CookieState::Absent | CookieState::Rejected(_) => self.learned_pin(headers, kind, routing, now),
+        };
+        let (backend, issue_cookie, decision, session_bound) = match decide(
+            session_bound,
+            kind,
+            state,
+            learned,
+            &routing.backends,
+            now,
+            cookie.max_age,
+        ) {
+            Decision::Pinned {
+                backend,
+                refresh,
+                learned,
+            } => {
+                if let Some(l) = learned {
+                    stats.count_learned(l);
+                }
+                let decision = match (learned, refresh) {
+                    (Some(Learned::SessionId(_)), _) => "pinned-session-id",
+                    (Some(Learned::Token(_)), _) => "pinned-token",
+                    (None, true) => "pinned-refreshed",
+                    (None, false) => "pinned",
+                };
+                (Arc::clone(backend), refresh, decision, session_bound)
+            }
+            Decision::Balance { repin } => {
+                if repin {
+                    stats.repinned.fetch_add(1, Ordering::Relaxed);
+                }
+                let Some(backend) = super::balance(routing, &[]) else {
+                    let resp = ProxyError::NoBackend.into_response(kind);
+                    return Prepared::Local {
+                        resp,
+                        head_len,
+                        body_len,
+                        close: client_close,
+                        kind,
+                    };
+                };
+                (backend, true, if repin { "repinned" } else { "balanced" }, false)
+            }
+            Decision::SessionLost(backend) => {
+                backend.stats.pinned_refused.fetch_add(1, Ordering::Relaxed);
+                let resp = ProxyError::SessionLost.into_response(kind);
+                return Prepared::Local {
+                    resp,
+                    head_len,
+                    body_len,
+                    close: client_close,
+                    kind,
+                };
+            }
+        };
+        if backend.scheme != http::uri::Scheme::HTTP {
+            return Prepared::Handoff; // TLS to the backend: hyper's client does it
+        }
+
+        // The head for the backend: request line, end-to-end fields, X-Forwarded-*.
+        let mut out = Vec::with_capacity(head_len + 128);
+        out.extend_from_slice(method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut xff: Option<&[u8]> = None;
+        let mut host: &[u8] = b"";
+        for h in headers {
+            let name = h.name;
+            if is_hop_by_hop(name, &tokens) {
+                continue;
+            }
+            if name.eq_ignore_ascii_case("x-forwarded-for") {
+                xff = Some(h.value); // joined below (several fields: the last one wins, like hyper's map)
+                continue;
+            }
+            if name.eq_ignore_ascii_case("x-forwarded-proto") || name.eq_ignore_ascii_case("x-forwarded-host") {
+                continue;
+            }
+            if name.eq_ignore_ascii_case("host") {
+                host = h.value;
+            }
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if let Some(prev) = xff {
+            out.extend_from_slice(prev);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(conn.peer_ip.as_bytes());
+        out.extend_from_slice(if conn.tls {
+            b"\r\nx-forwarded-proto: https\r\n"
+        } else {
+            b"\r\nx-forwarded-proto: http\r\n"
+        });
+        out.extend_from_slice(b"x-forwarded-host: ");
+        out.extend_from_slice(host);
+        out.extend_from_slice(b"\r\n\r\n");
+
+        let log = routing.access_log.then(|| (method.to_string(), path.to_owned()));
+        Prepared::Forward(Plan {
+            head_len,
+            body_len,
+            out_head: out,
+            backend,
+            issue_cookie,
+            session_bound,
+            kind,
+            is_head: method == Method::HEAD,
+            client_close,
+            decision,
+            log,
+        })
+    }
+
+    /// Reads and drops a request body of `len` bytes following the head.
+    async fn discard_body(
+        &self,
+        stream: &mut TcpStream,
+        buf: &mut Vec<u8>,
+        head_len: usize,
+        len: u64,
+    ) -> Result<(), ()> {
+        let in_buf = (buf.len() - head_len) as u64;
+        if in_buf >= len {
+            buf.drain(..head_len + len as usize);
+            return Ok(());
+        }
+        let mut left = len - in_buf;
+        buf.clear();
+        while left > 0 {
+            let n = stream.read_buf(buf).await.map_err(|_| ())?;
+            if n == 0 {
+                return Err(());
+            }
+            let take = (n as u64).min(left);
+            left -= take;
+            buf.drain(..take as usize);
+        }
+        Ok(())
+    }
+
+    /// Forwards one planned request and streams the response back. `Ok(true)`: the client
+    /// connection can take another request; `Ok(false)`/`Err`: close it.
+    async fn forward(
+        &self,
+        client: &mut TcpStream,
+        buf: &mut Vec<u8>,
+        conn: &ConnInfo,
+        mut plan: Plan,
+    ) -> Result<bool, ()> {
+        let started = Instant::now();
+        let routing = self.shared.routing.load_full();
+        let in_buf = (buf.len() - plan.head_len) as u64;
+        let body_in_buf = in_buf.min(plan.body_len) as usize;
+        let whole_body_here = in_buf >= plan.body_len;
+        let body_start = plan.head_len;
+        let mut out = std::mem::take(&mut plan.out_head);
+        out.extend_from_slice(&buf[body_start..body_start + body_in_buf]);
+        let mut tried: Vec<BackendId> = Vec::new();
+
+        // Connect (pooled, else new), send, and wait for the response head; a stale pooled
+        // connection or a refused connect may be retried when nothing reached a backend.
+        let mut fresh_only = false;
+        let (mut backend_conn, rbuf, in_flight) = loop {
+            let backend = Arc::clone(&plan.backend);
+            let pooled_conn = if fresh_only {
+                None
+            } else {
+                self.fast.take_conn(backend.id)
+            };
+            let (pooled, mut bc) = match pooled_conn {
+                Some(c) => (true, c),
+                None => match self.connect(&backend).await {
+                    Ok(c) => (false, c),
+                    Err(e) => {
+                        backend.record_failure();
+                        let may_retry = !plan.session_bound && whole_body_here;
+                        tried.push(backend.id);
+                        match may_retry.then(|| super::balance(&routing, &tried)).flatten() {
+                            Some(next) => {
+                                plan.backend = next;
+                                plan.issue_cookie = true;
+                                plan.decision = "retried";
+                                fresh_only = false;
+                                continue;
+                            }
+                            None => {
+                                let err = if plan.session_bound {
+                                    backend.stats.pinned_refused.fetch_add(1, Ordering::Relaxed);
+                                    ProxyError::SessionLost
+                                } else {
+                                    ProxyError::Connect {
+                                        backend: backend.name.clone(),
+                                        source: e,
+                                    }
+                                };
+                                return self.fail(client, buf, &plan, err, started).await;
+                            }
+                        }
+                    }
+                },
+            };
+            let in_flight = backend.start_request();
+            let sent = bc.write_all(&out).await;
+            let mut rbuf = self.fast.take_buf();
+            let answered = match sent {
+                Ok(()) => {
+                    let more = plan.body_len - body_in_buf as u64;
+                    if more > 0 && self.stream_request_body(client, &mut bc, more).await.is_err() {
+                        self.fast.put_buf(rbuf);
+                        return Err(());
+                    }
+                    tokio::time::timeout(routing.response_timeout, read_response_head(&mut bc, &mut rbuf)).await
+                }
+                Err(_) => Ok(Err(HeadError::Closed)),
+            };
+            match answered {
+                Ok(Ok(())) => break (bc, rbuf, in_flight),
+                Ok(Err(HeadError::Closed)) if pooled && whole_body_here => {
+                    // The backend had closed the pooled connection: once more, on a new one.
+                    self.fast.put_buf(rbuf);
+                    drop(in_flight);
+                    fresh_only = true;
+                    continue;
+                }
+                Ok(Err(_)) => {
+                    self.fast.put_buf(rbuf);
+                    backend.record_failure();
+                    let err = ProxyError::BadResponse {
+                        backend: backend.name.clone(),
+                    };
+                    return self.fail(client, buf, &plan, err, started).await;
+                }
+                Err(_elapsed) => {
+                    self.fast.put_buf(rbuf);
+                    backend.record_failure();
+                    let err = ProxyError::Timeout {
+                        backend: backend.name.clone(),
+                    };
+                    return self.fail(client, buf, &plan, err, started).await;
+                }
+            }
+        };
+        self.fast.put_buf(out);
+        // The request is consumed from the client buffer; what follows is the next request.
+        let consumed = (plan.head_len + body_in_buf).min(buf.len());
+        buf.drain(..consumed);
+
+        let backend = Arc::clone(&plan.backend);
+        backend.record_success();
+        let result = self
+            .relay_response(client, &mut backend_conn, &rbuf, conn, &plan, in_flight)
+            .await;
+        self.fast.put_buf(rbuf);
+        let elapsed = started.elapsed();
+        self.shared.stats.observe_latency(plan.kind, elapsed.as_secs_f64());
+        match result {
+            Ok((status, reuse_backend, keep_client)) => {
+                if reuse_backend {
+                    self.fast.put_conn(backend.id, backend_conn);
+                }
+                log_access(&plan, status, elapsed);
+                Ok(keep_client)
+            }
+            Err(()) => Err(()),
+        }
+    }
+
+    async fn connect(&self, backend: &Backend) -> io::Result<TcpStream> {
+        let timeout = self.shared.connect_timeout;
+        let addr = backend.authority.as_str();
+        let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        s.set_nodelay(true)?;
+        Ok(s)
+    }
+
+    /// Copies `more` request body bytes from the client to the backend (the buffer held only
+    /// body bytes, all sent already).
+    async fn stream_request_body(
+        &self,
+        client: &mut TcpStream,
+        backend: &mut TcpStream,
+        mut more: u64,
+    ) -> Result<(), ()> {
+        let mut chunk = self.fast.take_buf();
+        let r = async {
+            while more > 0 {
+                chunk.clear();
+                let limit = usize::try_from(more)
+                    .unwrap_or(usize::MAX)
+                    .min(chunk.capacity().max(BUF_SIZE));
+                let n = (&mut *client)
+                    .take(limit as u64)
+                    .read_buf(&mut chunk)
+                    .await
+                    .map_err(|_| ())?;
+                if n == 0 {
+                    return Err(());
+                }
+                backend.write_all(&chunk[..n]).await.map_err(|_| ())?;
+                more -= n as u64;
+            }
+            Ok(())
+        }
+        .await;
+        self.fast.put_buf(chunk);
+        r
+    }
+
+    /// Writes the response head (rewritten) and streams the body. Returns (status, whether the
+    /// backend connection can be reused, whether the client connection can).
+    async fn relay_response(
+        &self,
+        client: &mut TcpStream,
+        backend_conn: &mut TcpStream,
+        rbuf: &[u8],
+        conn: &ConnInfo,
+        plan: &Plan,
+        in_flight: InFlight,
+    ) -> Result<(u16, bool, bool), ()> {
+        let routing = self.shared.routing.load_full();
+        let mut out = self.fast.take_buf();
+        let (status, framing, head_len, backend_close) = {
+            let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut storage);
+            let head_len = match resp.parse(rbuf) {
+                Ok(httparse::Status::Complete(n)) => n,
+                _ => return Err(()),
+            };
+            let status = resp.code.unwrap_or(502);
+            let headers: &[httparse::Header<'_>] = resp.headers;
+            let tokens = connection_tokens(headers);
+            let chunked = headers.values("transfer-encoding").last().is_some_and(|v| {
+                v.rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|l| l.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+            });
+            let te = headers.values("transfer-encoding").next().is_some();
+            let framing = if plan.is_head || status == 204 || status == 304 {
+                Framing::None
+            } else if chunked {
+                Framing::Chunked
+            } else if te {
+                return Err(()); // a transfer coding that does not end in chunked: not framable
+            } else {
+                match content_length(headers) {
+                    Ok(Some(n)) => Framing::Length(n),
+                    Ok(None) => Framing::Close,
+                    Err(()) => return Err(()),
+                }
+            };
+            let backend_close = has_token(&tokens, b"close") || resp.version == Some(0);
+            out.extend_from_slice(b"HTTP/1.1 ");
+            out.extend_from_slice(status.to_string().as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+            out.extend_from_slice(b"\r\n");
+            for h in headers {
+                // Transfer-Encoding stays: a chunked body is passed through as it is; a
+                // Content-Length beside it goes (RFC 9112 §6.3).
+                if framing == Framing::Chunked && h.name.eq_ignore_ascii_case("content-length") {
+                    continue;
+                }
+                if h.name.eq_ignore_ascii_case("transfer-encoding") || !is_hop_by_hop(h.name, &tokens) {
+                    out.extend_from_slice(h.name.as_bytes());
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(h.value);
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+            (status, framing, head_len, backend_close)
+        };
+        let backend = &plan.backend;
+        backend.stats.count_response(plan.kind, status);
+        if plan.issue_cookie {
+            let now = super::unix_now();
+            let value = routing.cookie.set_cookie(backend.id, now, conn.tls);
+            out.extend_from_slice(b"set-cookie: ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+            self.shared.stats.cookies_issued.fetch_add(1, Ordering::Relaxed);
+            backend.stats.sessions_pinned.fetch_add(1, Ordering::Relaxed);
+        }
+        let keep_client = !plan.client_close && framing != Framing::Close;
+        if !keep_client {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+
+        // Body bytes already read come along with the head: one write for small responses.
+        let body_here = &rbuf[head_len..];
+        let result = match framing {
+            Framing::None => {
+                let clean = body_here.is_empty();
+                client.write_all(&out).await.map(|()| (clean, keep_client))
+            }
+            Framing::Length(n) => {
+                let take = (body_here.len() as u64).min(n) as usize;
+                let clean = body_here.len() as u64 <= n;
+                out.extend_from_slice(&body_here[..take]);
+                let sent = client.write_all(&out).await;
+                match sent {
+                    Ok(()) => copy_exact(backend_conn, client, n - take as u64, &mut out)
+                        .await
+                        .map(|()| (clean, keep_client)),
+                    Err(e) => Err(e),
+                }
+            }
+            Framing::Chunked => {
+                let mut scanner = ChunkedScanner::default();
+                match scanner.feed(body_here) {
+                    Ok(Some(end)) => {
+                        out.extend_from_slice(&body_here[..end]);
+                        let clean = end == body_here.len();
+                        client.write_all(&out).await.map(|()| (clean, keep_client))
+                    }
+                    Ok(None) => {
+                        out.extend_from_slice(body_here);
+                        match client.write_all(&out).await {
+                            Ok(()) => copy_chunked(backend_conn, client, &mut scanner, &mut out)
+                                .await
+                                .map(|clean| (clean, keep_client)),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Err(_) => Err(io::Error::new(io::ErrorKind::InvalidData, "bad chunked body")),
+                }
+            }
+            Framing::Close => {
+                out.extend_from_slice(body_here);
+                match client.write_all(&out).await {
+                    Ok(()) => copy_to_eof(backend_conn, client, &mut out)
+                        .await
+                        .map(|()| (false, false)),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        self.fast.put_buf(out);
+        drop(in_flight);
+        match result {
+            Ok((clean, keep)) => Ok((status, clean && !backend_close, keep)),
+            Err(_) => Err(()),
+        }
+    }
+
+    /// Answers an error of our own before any response byte was sent.
+    async fn fail(
+        &self,
+        client: &mut TcpStream,
+        buf: &mut Vec<u8>,
+        plan: &Plan,
+        err: ProxyError,
+        started: Instant,
+    ) -> Result<bool, ()> {
+        tracing::debug!(route = plan.kind.as_str(), error = %err, "answered by the proxy");
+        let resp = err.into_response(plan.kind);
+        let status = resp.status().as_u16();
+        self.shared.stats.count_local(plan.kind, status);
+        self.shared
+            .stats
+            .observe_latency(plan.kind, started.elapsed().as_secs_f64());
+        log_access(plan, status, started.elapsed());
+        // The body may not have been read in full: close after answering.
+        buf.clear();
+        let _ = write_local(client, resp, true).await;
+        Ok(false)
+    }
+}
+
+/// Why no response head was read.
+enum HeadError {
+    /// The backend closed (or reset) before sending anything.
+    Closed,
+    /// Something that is not an HTTP/1.1 response head, or a too large one.
+    Invalid,
+}
+
+/// Reads a response head into `rbuf`, skipping 1xx informational responses.
+async fn read_response_head(bc: &mut TcpStream, rbuf: &mut Vec<u8>) -> Result<(), HeadError> {
+    loop {
+        let status = {
+            let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut storage);
+            match resp.parse(rbuf) {
+                Ok(httparse::Status::Complete(n)) => Some((n, resp.code.unwrap_or(0))),
+                Ok(httparse::Status::Partial) => None,
+                Err(_) => return Err(HeadError::Invalid),
+            }
+        };
+        match status {
+            Some((n, code)) if (100..200).contains(&code) && code != 101 => {
+                rbuf.drain(..n);
+                continue;
+            }
+            Some((_, 101)) => return Err(HeadError::Invalid), // no upgrade was asked for
+            Some(_) => return Ok(()),
+            None => {}
+        }
+        if rbuf.len() >= MAX_RESPONSE_HEAD {
+            return Err(HeadError::Invalid);
+        }
+        let empty = rbuf.is_empty();
+        match bc.read_buf(rbuf).await {
+            Ok(0) if empty => return Err(HeadError::Closed),
+            Ok(0) => return Err(HeadError::Invalid),
+            Ok(_) => {}
+            Err(_) if empty => return Err(HeadError::Closed),
+            Err(_) => return Err(HeadError::Invalid),
+        }
+    }
+}
+
+/// Copies exactly `n` bytes from `from` to `to`.
+async fn copy_exact(from: &mut TcpStream, to: &mut TcpStream, mut n: u64, scratch: &mut Vec<u8>) -> io::Result<()> {
+    while n > 0 {
+        scratch.clear();
+        let got = (&mut *from).take(n.min(BUF_SIZE as u64)).read_buf(scratch).await?;
+        if got == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        to.write_all(scratch).await?;
+        n -= got as u64;
+    }
+    Ok(())
+}
+
+/// Copies a chunked body until its end; `Ok(false)` when the backend sent bytes past it.
+async fn copy_chunked(
+    from: &mut TcpStream,
+    to: &mut TcpStream,
+    scanner: &mut ChunkedScanner,
+    scratch: &mut Vec<u8>,
+) -> io::Result<bool> {
+    loop {
+        scratch.clear();
+        if from.read_buf(scratch).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        match scanner.feed(scratch) {
+            Ok(Some(end)) => {
+                to.write_all(&scratch[..end]).await?;
+                return Ok(end == scratch.len());
+            }
+            Ok(None) => to.write_all(scratch).await?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::InvalidData, "bad chunked body")),
+        }
+    }
+}
+
+/// Copies until `from` closes.
+async fn copy_to_eof(from: &mut TcpStream, to: &mut TcpStream, scratch: &mut Vec<u8>) -> io::Result<()> {
+    loop {
+        scratch.clear();
+        if from.read_buf(scratch).await? == 0 {
+            return Ok(());
+        }
+        to.write_all(scratch).await?;
+    }
+}
+
+/// Writes a response the proxy made (a `Full` body) as HTTP/1.1.
+async fn write_local(client: &mut TcpStream, resp: Response<ProxyBody>, close: bool) -> io::Result<()> {
+    let (parts, body) = resp.into_parts();
+    let body = match body {
+        ProxyBody::Full(Some(b)) => b,
+        ProxyBody::Full(None) | ProxyBody::Empty | ProxyBody::Stream(..) => bytes::Bytes::new(),
+    };
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 {} {}\r\n",
+            parts.status.as_u16(),
+            parts.status.canonical_reason().unwrap_or("")
+        )
+        .as_bytes(),
+    );
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+    client.write_all(&out).await
+}
+
+fn log_access(plan: &Plan, status: u16, elapsed: Duration) {
+    if let Some((method, path)) = &plan.log {
+        tracing::info!(
+            target: "access",
+            method = method.as_str(),
+            path = path.as_str(),
+            status,
+            backend = plan.backend.name.as_str(),
+            route = plan.kind.as_str(),
+            decision = plan.decision,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+}
