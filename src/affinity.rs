@@ -51,10 +51,19 @@ pub fn read_route_cookie(
     now: u64,
     max_age: u64,
 ) -> CookieState {
+    read_route_cookie_with(headers, name, |v| codec.verify(v, now, max_age))
+}
+
+/// The same with the verification given, so a caller may cache verified values.
+pub fn read_route_cookie_with(
+    headers: &(impl HeaderView + ?Sized),
+    name: &str,
+    mut verify: impl FnMut(&[u8]) -> Result<Pin, Rejection>,
+) -> CookieState {
     let mut state = CookieState::Absent;
     for field in headers.values(COOKIE.as_str()) {
         for value in cookie_values(field, name.as_bytes()) {
-            match codec.verify(value, now, max_age) {
+            match verify(value) {
                 Ok(pin) => return CookieState::Valid(pin),
                 Err(why) => state = CookieState::Rejected(why),
             }

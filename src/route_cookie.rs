@@ -178,13 +178,19 @@ impl RouteCookieCodec {
         }
         let backend = BackendId(u64::from_be_bytes(raw[1..9].try_into().expect("8 bytes")));
         let issued_at = u64::from(u32::from_be_bytes(raw[9..13].try_into().expect("4 bytes")));
-        if issued_at > now.saturating_add(MAX_CLOCK_SKEW_SECS) {
+        Self::check_age(Pin { backend, issued_at }, now, max_age)
+    }
+
+    /// The age checks of [`Self::verify`] alone, for a pin whose signature was checked before
+    /// (a keep-alive connection sends the same cookie with every request).
+    pub fn check_age(pin: Pin, now: u64, max_age: u64) -> Result<Pin, Rejection> {
+        if pin.issued_at > now.saturating_add(MAX_CLOCK_SKEW_SECS) {
             return Err(Rejection::FromTheFuture);
         }
-        if now.saturating_sub(issued_at) >= max_age {
+        if now.saturating_sub(pin.issued_at) >= max_age {
             return Err(Rejection::Expired);
         }
-        Ok(Pin { backend, issued_at })
+        Ok(pin)
     }
 }
 

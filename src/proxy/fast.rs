@@ -34,11 +34,11 @@ pub use rewind::Rewind;
 
 use self::chunked::ChunkedScanner;
 use super::{bearer_token, body::ProxyBody, ConnInfo, ProxyError, Worker};
-use crate::affinity::{decide, read_route_cookie, CookieState, Decision, HeaderView, Learned};
+use crate::affinity::{decide, read_route_cookie_with, CookieState, Decision, HeaderView, Learned};
 use crate::backend::{Backend, InFlight};
 use crate::kbs::RouteKind;
-use crate::route_cookie::{BackendId, Rejection};
-use crate::routing::Routing;
+use crate::route_cookie::{BackendId, Pin as RoutePin, Rejection, RouteCookieCodec, ENCODED_LEN};
+use crate::routing::{CookieIssuer, Routing};
 
 /// Header fields per message the fast path parses; more is 431 (as hyper).
 const MAX_HEADERS: usize = 100;
@@ -131,6 +131,8 @@ enum Prepared {
 
 /// A request ready to forward.
 struct Plan {
+    /// The routing table the decision was made with; the whole exchange uses it.
+    routing: Arc<Routing>,
     head_len: usize,
     body_len: u64,
     /// The head for the backend, rewritten (any backend: it names none).
@@ -177,13 +179,73 @@ fn is_hop_by_hop(name: &str, connection_tokens: &[&[u8]]) -> bool {
 }
 
 /// The tokens of every `Connection` field.
-fn connection_tokens<'a>(headers: &'a [httparse::Header<'a>]) -> Vec<&'a [u8]> {
-    headers
+/// The tokens of every `Connection` field, on the stack; `None` beyond [`MAX_TOKENS`] (such a
+/// message goes to hyper, or is refused).
+fn connection_tokens<'a>(headers: &'a [httparse::Header<'a>]) -> Option<Tokens<'a>> {
+    let mut t = Tokens {
+        items: [&[][..]; MAX_TOKENS],
+        len: 0,
+    };
+    for token in headers
         .values("connection")
         .flat_map(|v| v.split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
-        .collect()
+    {
+        *t.items.get_mut(t.len)? = token;
+        t.len += 1;
+    }
+    Some(t)
+}
+
+/// Most `Connection` tokens handled without allocating.
+const MAX_TOKENS: usize = 8;
+
+/// `Connection` tokens of one message.
+struct Tokens<'a> {
+    items: [&'a [u8]; MAX_TOKENS],
+    len: usize,
+}
+
+impl<'a> std::ops::Deref for Tokens<'a> {
+    type Target = [&'a [u8]];
+    fn deref(&self) -> &Self::Target {
+        &self.items[..self.len]
+    }
+}
+
+/// The last route cookie this connection presented and its verified pin: a keep-alive client
+/// sends the same cookie with every request, so the MAC is checked once per connection.
+struct CookieCache {
+    /// The address of the issuer (secrets) that verified it, only compared: a reload installs
+    /// a new issuer and so invalidates the cache.
+    issuer: usize,
+    value: [u8; ENCODED_LEN],
+    pin: RoutePin,
+}
+
+impl CookieCache {
+    /// Verifies `value`, skipping the MAC when it is the value verified last by this issuer.
+    fn verify(
+        cache: &mut Option<Self>,
+        issuer: &Arc<CookieIssuer>,
+        value: &[u8],
+        now: u64,
+    ) -> Result<RoutePin, Rejection> {
+        let id = Arc::as_ptr(issuer) as usize;
+        if let Some(c) = cache.as_ref().filter(|c| c.issuer == id && c.value[..] == *value) {
+            return RouteCookieCodec::check_age(c.pin, now, issuer.max_age);
+        }
+        let pin = issuer.codec.verify(value, now, issuer.max_age)?;
+        if let Ok(v) = value.try_into() {
+            *cache = Some(Self {
+                issuer: id,
+                value: v,
+                pin,
+            });
+        }
+        Ok(pin)
+    }
 }
 
 fn has_token(tokens: &[&[u8]], token: &[u8]) -> bool {
@@ -223,13 +285,18 @@ impl Worker {
     ) {
         let fast = &self.fast;
         let mut buf: Vec<u8> = Vec::new();
+        let mut cookie_cache: Option<CookieCache> = None;
+        // One timer for the connection's idle waits, re-armed rather than re-created.
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
         loop {
             if buf.is_empty() {
                 // Idle between requests: hold no buffer, wake on data, the idle timeout or shutdown.
                 fast.put_buf(std::mem::take(&mut buf));
+                idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                 tokio::select! {
                     r = stream.readable() => if r.is_err() { return },
-                    () = tokio::time::sleep(idle_timeout) => return,
+                    () = idle.as_mut() => return,
                     () = shutdown.cancelled() => return,
                 }
                 buf = fast.take_buf();
@@ -238,7 +305,7 @@ impl Worker {
             // Read until the head is complete.
             let prepared = loop {
                 let routing = self.shared.routing.load_full();
-                match self.prepare(&buf, &conn, &routing, max_head) {
+                match self.prepare(&buf, &conn, &routing, max_head, &mut cookie_cache) {
                     Prepared::Partial => {}
                     other => break other,
                 }
@@ -303,7 +370,14 @@ impl Worker {
     }
 
     /// Parses the head in `buf` and decides; see [`Prepared`].
-    fn prepare(&self, buf: &[u8], conn: &ConnInfo, routing: &Routing, max_head: usize) -> Prepared {
+    fn prepare(
+        &self,
+        buf: &[u8],
+        conn: &ConnInfo,
+        routing: &Arc<Routing>,
+        max_head: usize,
+        cookie_cache: &mut Option<CookieCache>,
+    ) -> Prepared {
         // HTTP/2 with prior knowledge: hyper's.
         const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
         let n = buf.len().min(H2_PREFACE.len());
@@ -331,7 +405,9 @@ impl Worker {
             return Prepared::Handoff; // HTTP/1.0 and oddities: hyper's rules apply
         };
         let headers: &[httparse::Header<'_>] = req.headers;
-        let tokens = connection_tokens(headers);
+        let Some(tokens) = connection_tokens(headers) else {
+            return Prepared::Handoff;
+        };
         let special = ["transfer-encoding", "upgrade", "expect"];
         if !target.starts_with('/')
             || headers.values("host").count() != 1
@@ -359,7 +435,11 @@ impl Worker {
         let stats = &*self.shared.stats;
         let now = super::unix_now();
         let cookie = &*routing.cookie;
-        let state = match read_route_cookie(headers, &cookie.name, &cookie.codec, now, cookie.max_age) {
+        let issuer = &routing.cookie;
+        let verified = read_route_cookie_with(headers, &cookie.name, |v| {
+            CookieCache::verify(cookie_cache, issuer, v, now)
+        });
+        let state = match verified {
             CookieState::Valid(pin) if routing.backends.by_id(pin.backend).is_none() => {
                 CookieState::Rejected(Rejection::UnknownBackend)
             }
@@ -432,7 +512,7 @@ impl Worker {
         }
 
         // The head for the backend: request line, end-to-end fields, X-Forwarded-*.
-        let mut out = Vec::with_capacity(head_len + 128);
+        let mut out = self.fast.take_buf();
         out.extend_from_slice(method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(target.as_bytes());
@@ -476,6 +556,7 @@ impl Worker {
 
         let log = routing.access_log.then(|| (method.to_string(), path.to_owned()));
         Prepared::Forward(Plan {
+            routing: Arc::clone(routing),
             head_len,
             body_len,
             out_head: out,
@@ -527,7 +608,7 @@ impl Worker {
         mut plan: Plan,
     ) -> Result<bool, ()> {
         let started = Instant::now();
-        let routing = self.shared.routing.load_full();
+        let routing = Arc::clone(&plan.routing);
         let in_buf = (buf.len() - plan.head_len) as u64;
         let body_in_buf = in_buf.min(plan.body_len) as usize;
         let whole_body_here = in_buf >= plan.body_len;
@@ -698,7 +779,7 @@ impl Worker {
         plan: &Plan,
         in_flight: InFlight,
     ) -> Result<(u16, bool, bool), ()> {
-        let routing = self.shared.routing.load_full();
+        let routing = &plan.routing;
         let mut out = self.fast.take_buf();
         let (status, framing, head_len, backend_close) = {
             let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -709,7 +790,9 @@ impl Worker {
             };
             let status = resp.code.unwrap_or(502);
             let headers: &[httparse::Header<'_>] = resp.headers;
-            let tokens = connection_tokens(headers);
+            let Some(tokens) = connection_tokens(headers) else {
+                return Err(());
+            };
             let chunked = headers.values("transfer-encoding").last().is_some_and(|v| {
                 v.rsplit(|&b| b == b',')
                     .next()
