@@ -1,0 +1,315 @@
+//! The HTTP/1.1 fast path against the hyper path: the same request must put the same head and
+//! body on the backend and give the client the same response (as HTTP means it: field names
+//! case-insensitive, order kept per name). Property-tested over generated requests, plus hostile
+//! framing that both must refuse alike.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kbs_affinity_proxy::config::Settings;
+use proptest::prelude::*;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A backend that answers each request with the exact request head and body it received as its
+/// response body (keep-alive, Content-Length framed), and a few response headers of its own,
+/// hop-by-hop ones included.
+async fn start_mirror() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let mirrored: Vec<u8> = buf.drain(..head_end + len).collect();
+                    let mut resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Mirror: yes\r\nKeep-Alive: timeout=5\r\nConnection: keep-alive, X-Hop\r\nX-Hop: drop me\r\n\r\n",
+                        mirrored.len()
+                    )
+                    .into_bytes();
+                    resp.extend_from_slice(&mirrored);
+                    if s.write_all(&resp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One request over a new connection; the raw response bytes (the connection is closed after
+/// one response by `Connection: close`, or read until the response is complete).
+async fn exchange(addr: SocketAddr, raw: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(raw).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    out
+}
+
+/// A response as HTTP means it: status, fields (lower-case names, order kept per name, minus
+/// `date`, the cookie value and framing fields that legitimately differ) and body.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    status: u16,
+    fields: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+fn normalize_fields(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    let mut fields: Vec<(String, String)> = headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .filter(|(n, _)| !matches!(n.as_str(), "date" | "connection" | "transfer-encoding"))
+        .map(|(n, v)| {
+            if n == "set-cookie" {
+                (n, v.split(';').skip(1).collect::<Vec<_>>().join(";"))
+            } else {
+                (n, v)
+            }
+        })
+        .collect();
+    fields.sort_by(|a, b| a.0.cmp(&b.0)); // stable: same-name values keep their order
+    fields
+}
+
+fn parse_response(raw: &[u8]) -> Option<Seen> {
+    let mut storage = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut storage);
+    let n = match resp.parse(raw).ok()? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return None,
+    };
+    let len = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok());
+    let body = match len {
+        Some(len) => raw.get(n..n + len)?.to_vec(),
+        None => raw[n..].to_vec(),
+    };
+    Some(Seen {
+        status: resp.code?,
+        fields: normalize_fields(resp.headers),
+        body,
+    })
+}
+
+/// The backend's view (the mirrored request) normalized the same way.
+fn parse_mirrored(body: &[u8]) -> Option<(String, Vec<(String, String)>, Vec<u8>)> {
+    let mut storage = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut storage);
+    let n = match req.parse(body).ok()? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return None,
+    };
+    let line = format!("{} {}", req.method?, req.path?);
+    Some((line, normalize_fields(req.headers), body[n..].to_vec()))
+}
+
+struct Pair {
+    fast: TestProxy,
+    hyper: TestProxy,
+}
+
+async fn pair(mirror: SocketAddr) -> Pair {
+    let s = |fast: &str| Settings {
+        fast_path: Some(fast.into()),
+        ..settings(vec![format!("mirror=http://{mirror}")])
+    };
+    Pair {
+        fast: start_proxy(s("on")).await,
+        hyper: start_proxy(s("off")).await,
+    }
+}
+
+fn route_cookie_for(name: &str) -> String {
+    let codec = kbs_affinity_proxy::route_cookie::RouteCookieCodec::new(
+        &kbs_affinity_proxy::route_cookie::CookieSecret::new(SECRET.as_bytes().to_vec()).unwrap(),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    String::from_utf8(
+        codec
+            .mint(kbs_affinity_proxy::route_cookie::BackendId::from_name(name), now)
+            .to_vec(),
+    )
+    .unwrap()
+}
+
+fn request_strategy() -> impl Strategy<Value = Vec<u8>> {
+    let method = prop_oneof![Just("GET"), Just("POST"), Just("PUT"), Just("DELETE"), Just("OPTIONS")];
+    let path = prop_oneof![
+        Just("/healthz".to_owned()),
+        Just("/kbs/v0/resource/default/key/1".to_owned()),
+        Just("/kbs/v0/reference-value/x?y=1".to_owned()),
+        "/[a-z]{1,8}(/[a-z0-9]{1,6}){0,3}".prop_map(|p| p),
+    ];
+    let extra = prop::collection::vec(
+        prop_oneof![
+            Just("X-Forwarded-For: 203.0.113.9".to_owned()),
+            Just("X-Forwarded-Host: spoof.example".to_owned()),
+            Just("X-Forwarded-Proto: https".to_owned()),
+            Just("Keep-Alive: timeout=3".to_owned()),
+            Just("Connection: keep-alive, X-Secret".to_owned()),
+            Just("X-Secret: hop".to_owned()),
+            Just("Proxy-Authorization: Basic eA==".to_owned()),
+            Just("Authorization: Bearer not-a-real-token".to_owned()),
+            Just("Accept: */*".to_owned()),
+            Just("Cookie: a=b; route=junk".to_owned()),
+            Just("Cookie: kbs-session-id=0123456789abcdef0123456789abcdef".to_owned()),
+            Just(format!("Cookie: route={}", route_cookie_for("mirror"))),
+            "X-[A-Za-z]{1,10}: [ -~]{0,20}".prop_map(|h| h.trim_end().to_owned()),
+        ],
+        0..8,
+    );
+    let body = prop::collection::vec(any::<u8>(), 0..300);
+    (method, path, extra, body).prop_map(|(m, p, extra, body)| {
+        let mut raw = format!("{m} {p} HTTP/1.1\r\nHost: kbs.example:8080\r\nConnection: close\r\n");
+        for h in extra {
+            raw.push_str(&h);
+            raw.push_str("\r\n");
+        }
+        if !body.is_empty() || m == "POST" {
+            raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        raw.push_str("\r\n");
+        let mut raw = raw.into_bytes();
+        raw.extend_from_slice(&body);
+        raw
+    })
+}
+
+#[test]
+fn the_fast_path_forwards_and_answers_exactly_as_the_hyper_path() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mirror, proxies) = rt.block_on(async {
+        let m = start_mirror().await;
+        (m, pair(m).await)
+    });
+    let _ = mirror;
+    let config = ProptestConfig {
+        cases: 96,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(raw in request_strategy())| {
+        let (fast, hyper) = rt.block_on(async {
+            (exchange(proxies.fast.addr, &raw).await, exchange(proxies.hyper.addr, &raw).await)
+        });
+        let fast = parse_response(&fast).expect("fast path answered");
+        let hyper = parse_response(&hyper).expect("hyper path answered");
+        prop_assert_eq!(fast.status, hyper.status);
+        // Same bytes at the backend, as HTTP means them.
+        let f = parse_mirrored(&fast.body);
+        let h = parse_mirrored(&hyper.body);
+        prop_assert!(f.is_some() || fast.status != 200, "a 200 carries the mirrored request");
+        prop_assert_eq!(f, h, "backend views differ");
+        prop_assert_eq!(fast.fields, hyper.fields, "client views differ");
+    });
+}
+
+#[tokio::test]
+async fn both_paths_refuse_bad_framing_alike() {
+    let mirror = start_mirror().await;
+    let p = pair(mirror).await;
+    let cases: [&[u8]; 6] = [
+        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 1x\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n folded\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: h\r\nBad\x01Name: v\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: h\r\nNoColon\r\n\r\n",
+    ];
+    for raw in cases {
+        let fast = exchange(p.fast.addr, raw).await;
+        let hyper = exchange(p.hyper.addr, raw).await;
+        let status = |r: &[u8]| String::from_utf8_lossy(r).split(' ').nth(1).unwrap_or("").to_owned();
+        assert_eq!(status(&fast), status(&hyper), "{:?}", String::from_utf8_lossy(raw));
+        assert_eq!(status(&fast), "400", "{:?}", String::from_utf8_lossy(raw));
+    }
+}
+
+#[tokio::test]
+async fn keep_alive_pipelining_and_large_bodies_on_the_fast_path() {
+    let mirror = start_mirror().await;
+    let p = pair(mirror).await;
+    // Three pipelined requests on one connection, bodies of different sizes.
+    let mut raw = Vec::new();
+    for (i, size) in [0usize, 70_000, 5].iter().enumerate() {
+        raw.extend_from_slice(format!("POST /p{i} HTTP/1.1\r\nHost: h\r\nContent-Length: {size}\r\n\r\n").as_bytes());
+        raw.extend(std::iter::repeat_n(b'a' + i as u8, *size));
+    }
+    let mut s = TcpStream::connect(p.fast.addr).await.unwrap();
+    s.write_all(&raw).await.unwrap();
+    let mut got = Vec::new();
+    let mut seen = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while seen < 3 {
+        let mut chunk = vec![0u8; 65536];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed early");
+        got.extend_from_slice(&chunk[..n]);
+        seen = 0;
+        let mut rest = &got[..];
+        while let Some(r) = parse_response(rest) {
+            let mut storage = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut storage);
+            let httparse::Status::Complete(n) = resp.parse(rest).unwrap() else {
+                break;
+            };
+            if rest.len() < n + r.body.len() {
+                break;
+            }
+            seen += 1;
+            rest = &rest[n + r.body.len()..];
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("POST /p0 ") && text.contains("POST /p1 ") && text.contains("POST /p2 "));
+    assert!(text.contains(&"b".repeat(70_000)));
+}
