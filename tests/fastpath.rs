@@ -132,8 +132,11 @@ fn parse_response(raw: &[u8]) -> Option<Seen> {
     })
 }
 
+/// What the backend saw: request line, normalized fields, body.
+type BackendView = (String, Vec<(String, String)>, Vec<u8>);
+
 /// The backend's view (the mirrored request) normalized the same way.
-fn parse_mirrored(body: &[u8]) -> Option<(String, Vec<(String, String)>, Vec<u8>)> {
+fn parse_mirrored(body: &[u8]) -> Option<BackendView> {
     let mut storage = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut storage);
     let n = match req.parse(body).ok()? {
