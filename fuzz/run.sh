@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs the fuzz targets, each for a bounded time.
+#
+#   fuzz/run.sh [SECONDS] [TARGET...]        SECONDS per target (default 60); all targets by default
+#
+# Environment:
+#   SANITIZER=address|none   (default: address; falls back to none if the address build fails)
+#   FUZZ_ARGS="..."          extra libFuzzer flags, e.g. "-jobs=2 -workers=2"
+#
+# cargo-fuzz wants a nightly compiler for its -Z flags. On a stable toolchain this script sets
+# RUSTC_BOOTSTRAP=1, which makes stable rustc/cargo accept them.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here/.."   # cargo fuzz looks for ./fuzz
+
+secs="${1:-60}"
+shift || true
+targets=("$@")
+if [ ${#targets[@]} -eq 0 ]; then
+    targets=(route_cookie set_cookie)
+fi
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+fi
+
+if ! rustc --version | grep -q nightly; then
+    export RUSTC_BOOTSTRAP=1
+fi
+
+sanitizer="${SANITIZER:-address}"
+if [ "$sanitizer" != none ] && ! cargo fuzz build -s "$sanitizer" "${targets[@]:0:1}"; then
+    echo "run.sh: the $sanitizer sanitizer build failed; falling back to -s none" >&2
+    sanitizer=none
+fi
+
+for t in "${targets[@]}"; do
+    mkdir -p "fuzz/corpus/$t"
+    # The committed seeds; libFuzzer adds what it finds next to them (fuzz/corpus is not committed).
+    cp -n "fuzz/seeds/$t/"* "fuzz/corpus/$t/" 2>/dev/null || true
+    echo "== $t: ${secs}s, sanitizer $sanitizer"
+    # shellcheck disable=SC2086
+    cargo fuzz run -s "$sanitizer" "$t" "fuzz/corpus/$t" -- \
+        -max_total_time="$secs" -timeout=10 -print_final_stats=1 ${FUZZ_ARGS:-}
+done
