@@ -110,7 +110,9 @@ impl AffinityTable {
 
 /// The key of a `kbs-session-id` value: its 32 hex digits as a number, else a hash.
 pub fn session_key(value: &[u8]) -> u128 {
-    if value.len() == 32 {
+    // Exactly 32 lower-case hex digits (what the KBS issues): `from_str_radix` alone would also
+    // take a leading `+` or upper case, giving two spellings one key.
+    if value.len() == 32 && value.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         if let Some(n) = std::str::from_utf8(value)
             .ok()
             .and_then(|s| u128::from_str_radix(s, 16).ok())
@@ -198,6 +200,10 @@ mod tests {
         assert_eq!(exp, Some(2_362_034_977));
         assert_eq!(session_key(v), 0x0123456789abcdef0123456789abcdef);
         assert!(session_from_set_cookie(b"route=x; Path=/").is_none());
+        // Other spellings of the same number are other keys.
+        let canonical = session_key(b"0123456789abcdef0123456789abcdef");
+        assert_ne!(session_key(b"+123456789abcdef0123456789abcdef"), canonical);
+        assert_ne!(session_key(b"0123456789ABCDEF0123456789ABCDEF"), canonical);
     }
 
     #[test]
