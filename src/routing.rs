@@ -120,6 +120,19 @@ pub struct CookieIssuer {
     attrs_plain: String,
     /// The same with `; Secure`, for TLS clients.
     attrs_tls: String,
+    /// Values minted this second, per backend and TLS-ness: the issue time has one-second
+    /// resolution, so every cookie for a backend within a second is the same bytes, and new
+    /// sessions need not pay an HMAC and an allocation each.
+    minted: std::sync::Mutex<Vec<Minted>>,
+}
+
+/// A `Set-Cookie` value minted for `backend` at `second`.
+#[derive(Debug)]
+struct Minted {
+    backend: BackendId,
+    tls: bool,
+    second: u64,
+    value: HeaderValue,
 }
 
 impl CookieIssuer {
@@ -142,11 +155,34 @@ impl CookieIssuer {
             max_age: c.max_age,
             attrs_tls: format!("{attrs}; Secure"),
             attrs_plain: attrs,
+            minted: std::sync::Mutex::new(Vec::new()),
         }
     }
 
-    /// The `Set-Cookie` value pinning `backend`.
+    /// The `Set-Cookie` value pinning `backend`, issued at `now`.
     pub fn set_cookie(&self, backend: BackendId, now: u64, tls: bool) -> HeaderValue {
+        let mut minted = self.minted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = minted.iter_mut().find(|m| m.backend == backend && m.tls == tls) {
+            if m.second != now {
+                m.value = self.mint(backend, now, tls);
+                m.second = now;
+            }
+            return m.value.clone();
+        }
+        let value = self.mint(backend, now, tls);
+        // Bounded by the backends there are (a retired one's entry is harmless and small).
+        if minted.len() < 1024 {
+            minted.push(Minted {
+                backend,
+                tls,
+                second: now,
+                value: value.clone(),
+            });
+        }
+        value
+    }
+
+    fn mint(&self, backend: BackendId, now: u64, tls: bool) -> HeaderValue {
         let attrs = if tls { &self.attrs_tls } else { &self.attrs_plain };
         let value = self.codec.mint(backend, now);
         let mut buf = BytesMut::with_capacity(self.name.len() + 1 + value.len() + attrs.len());

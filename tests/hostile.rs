@@ -424,3 +424,42 @@ async fn an_http2_rapid_reset_flood_is_cut_off_and_others_are_served() {
     let mut c = KbsClient::http2(proxy.url());
     c.get_resource("default/key/demo").await.unwrap();
 }
+
+/// An HTTP/2 frame header: length, type, flags, stream 0.
+fn h2_frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags, 0, 0, 0, 0];
+    f.extend_from_slice(payload);
+    f
+}
+
+#[tokio::test]
+async fn http2_ping_and_settings_floods_stay_bounded() {
+    let (_sims, proxy) = two_replicas().await;
+    let routing = proxy.proxy.routing();
+    let before = routing.backends.list[0].in_flight();
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    flood.extend(h2_frame(0x4, 0, &[])); // SETTINGS
+    for i in 0..20_000u64 {
+        if i % 2 == 0 {
+            flood.extend(h2_frame(0x6, 0, &i.to_be_bytes())); // PING
+        } else {
+            flood.extend(h2_frame(0x4, 0, &[0, 3, 0, 0, 0, 100])); // SETTINGS max streams 100
+        }
+    }
+    // Write the flood without reading the answers: the server must not buffer answers without
+    // bound; it either keeps up, stops reading, or closes the connection.
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.write_all(&flood)).await;
+    drop(s);
+    // Others are served, over HTTP/2 and HTTP/1.1.
+    KbsClient::http2(proxy.url())
+        .get_resource("default/key/demo")
+        .await
+        .unwrap();
+    KbsClient::new(proxy.url())
+        .get_resource("default/key/demo")
+        .await
+        .unwrap();
+    assert_eq!(routing.backends.list[0].in_flight(), before);
+}
