@@ -27,7 +27,7 @@ pub use body::ProxyBody;
 pub use error::ProxyError;
 pub use fast::{Handoff, Rewind};
 
-use crate::affinity::{decide, read_route_cookie, CookieState, Decision, HeaderView, Learned};
+use crate::affinity::{decide, read_route_cookie_with, CookieState, Decision, HeaderView, Learned};
 use crate::backend::Backend;
 use crate::config::{BackendSpec, Config};
 use crate::connector::BackendConnector;
@@ -263,74 +263,19 @@ impl Worker {
         let stats = &*self.shared.stats;
         let now = unix_now();
         let cookie = &*routing.cookie;
-        let state = read_route_cookie(req.headers(), &cookie.name, &cookie.codec, now, cookie.max_age);
-        // A validly signed cookie for a backend not in the set counts as absent.
-        let state = match state {
-            CookieState::Valid(pin) if routing.backends.by_id(pin.backend).is_none() => {
-                CookieState::Rejected(Rejection::UnknownBackend)
+        let verify = |v: &[u8]| cookie.codec.verify(v, now, cookie.max_age);
+        let route = match self.route(req.headers(), kind, routing, now, verify) {
+            Ok(route) => route,
+            Err((err, backend)) => {
+                log.backend = backend;
+                return Err(err);
             }
-            other => other,
         };
-        if let CookieState::Rejected(why) = state {
-            stats.count_rejected(why);
-        }
-        let bearer = kind == RouteKind::Resource && bearer_token(req.headers()).is_some();
-        // A resource call with a token every replica accepts does not need its session's replica.
-        let session_bound = kind.needs_session() && !(bearer && routing.tokens_portable);
-        let learned = match state {
-            CookieState::Valid(_) => None,
-            CookieState::Absent | CookieState::Rejected(_) => self.learned_pin(req.headers(), kind, routing, now),
-        };
-        let mut target = match decide(
-            session_bound,
-            kind,
-            state,
-            learned,
-            &routing.backends,
-            now,
-            cookie.max_age,
-        ) {
-            Decision::Pinned {
-                backend,
-                refresh,
-                learned,
-            } => {
-                log.decision = match (learned, refresh) {
-                    (Some(Learned::SessionId(_)), _) => "pinned-session-id",
-                    (Some(Learned::Token(_)), _) => "pinned-token",
-                    (None, true) => "pinned-refreshed",
-                    (None, false) => "pinned",
-                };
-                if let Some(l) = learned {
-                    stats.count_learned(l);
-                }
-                Target {
-                    backend: Arc::clone(backend),
-                    issue_cookie: refresh,
-                    session_bound,
-                }
-            }
-            Decision::Balance { repin } => {
-                if repin {
-                    stats.repinned.fetch_add(1, Ordering::Relaxed);
-                }
-                log.decision = match (repin, bearer && routing.tokens_portable) {
-                    (true, _) => "repinned",
-                    (false, true) => "balanced-portable-token",
-                    (false, false) => "balanced",
-                };
-                let backend = balance(routing, &[]).ok_or(ProxyError::NoBackend)?;
-                Target {
-                    backend,
-                    issue_cookie: true,
-                    session_bound: false,
-                }
-            }
-            Decision::SessionLost(backend) => {
-                backend.stats.pinned_refused.fetch_add(1, Ordering::Relaxed);
-                log.backend = Some(backend.name.clone());
-                return Err(ProxyError::SessionLost);
-            }
+        log.decision = route.decision;
+        let mut target = Target {
+            backend: route.backend,
+            issue_cookie: route.issue_cookie,
+            session_bound: route.session_bound,
         };
 
         let (parts, body) = req.into_parts();
@@ -489,6 +434,102 @@ impl Worker {
                 .insert(hash_key(token.as_bytes()), backend.id, until, now);
         }
         Ok(ProxyBody::full(bytes))
+    }
+}
+
+/// Where a request goes, with how it was decided: the routing step both paths share.
+struct Route {
+    backend: Arc<Backend>,
+    /// Whether the response gets a new route cookie.
+    issue_cookie: bool,
+    /// Whether the request belongs to the session on this backend, so it must not go elsewhere.
+    session_bound: bool,
+    /// For the access log: `pinned`, `balanced`, `repinned`, `pinned-session-id`, ...
+    decision: &'static str,
+}
+
+impl Worker {
+    /// Reads the route cookie (with `verify`), what was learned, decides and counts. An error is
+    /// what to answer instead (`SessionLost`, `NoBackend`) with the pinned backend's name.
+    fn route(
+        &self,
+        headers: &(impl HeaderView + ?Sized),
+        kind: RouteKind,
+        routing: &Routing,
+        now: u64,
+        verify: impl FnMut(&[u8]) -> Result<crate::route_cookie::Pin, Rejection>,
+    ) -> Result<Route, (ProxyError, Option<String>)> {
+        let stats = &*self.shared.stats;
+        let cookie = &*routing.cookie;
+        // A validly signed cookie for a backend not in the set counts as absent.
+        let state = match read_route_cookie_with(headers, &cookie.name, verify) {
+            CookieState::Valid(pin) if routing.backends.by_id(pin.backend).is_none() => {
+                CookieState::Rejected(Rejection::UnknownBackend)
+            }
+            other => other,
+        };
+        if let CookieState::Rejected(why) = state {
+            stats.count_rejected(why);
+        }
+        let bearer = kind == RouteKind::Resource && bearer_token(headers).is_some();
+        // A resource call with a token every replica accepts does not need its session's replica.
+        let session_bound = kind.needs_session() && !(bearer && routing.tokens_portable);
+        let learned = match state {
+            CookieState::Valid(_) => None,
+            CookieState::Absent | CookieState::Rejected(_) => self.learned_pin(headers, kind, routing, now),
+        };
+        match decide(
+            session_bound,
+            kind,
+            state,
+            learned,
+            &routing.backends,
+            now,
+            cookie.max_age,
+        ) {
+            Decision::Pinned {
+                backend,
+                refresh,
+                learned,
+            } => {
+                if let Some(l) = learned {
+                    stats.count_learned(l);
+                }
+                let decision = match (learned, refresh) {
+                    (Some(Learned::SessionId(_)), _) => "pinned-session-id",
+                    (Some(Learned::Token(_)), _) => "pinned-token",
+                    (None, true) => "pinned-refreshed",
+                    (None, false) => "pinned",
+                };
+                Ok(Route {
+                    backend: Arc::clone(backend),
+                    issue_cookie: refresh,
+                    session_bound,
+                    decision,
+                })
+            }
+            Decision::Balance { repin } => {
+                if repin {
+                    stats.repinned.fetch_add(1, Ordering::Relaxed);
+                }
+                let decision = match (repin, bearer && routing.tokens_portable) {
+                    (true, _) => "repinned",
+                    (false, true) => "balanced-portable-token",
+                    (false, false) => "balanced",
+                };
+                let backend = balance(routing, &[]).ok_or((ProxyError::NoBackend, None))?;
+                Ok(Route {
+                    backend,
+                    issue_cookie: true,
+                    session_bound: false,
+                    decision,
+                })
+            }
+            Decision::SessionLost(backend) => {
+                backend.stats.pinned_refused.fetch_add(1, Ordering::Relaxed);
+                Err((ProxyError::SessionLost, Some(backend.name.clone())))
+            }
+        }
     }
 }
 

@@ -164,19 +164,7 @@ async fn pair(mirror: SocketAddr) -> Pair {
 }
 
 fn route_cookie_for(name: &str) -> String {
-    let codec = kbs_affinity_proxy::route_cookie::RouteCookieCodec::new(
-        &kbs_affinity_proxy::route_cookie::CookieSecret::new(SECRET.as_bytes().to_vec()).unwrap(),
-    );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    String::from_utf8(
-        codec
-            .mint(kbs_affinity_proxy::route_cookie::BackendId::from_name(name), now)
-            .to_vec(),
-    )
-    .unwrap()
+    route_value(kbs_affinity_proxy::route_cookie::BackendId::from_name(name))
 }
 
 fn request_strategy() -> impl Strategy<Value = Vec<u8>> {

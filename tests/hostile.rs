@@ -129,17 +129,9 @@ async fn hostile_route_cookies_are_absent_counted_and_never_panic() {
         );
     }
     // A valid signature for a backend this proxy does not have.
-    let codec = kbs_affinity_proxy::route_cookie::RouteCookieCodec::new(
-        &kbs_affinity_proxy::route_cookie::CookieSecret::new(SECRET.as_bytes().to_vec()).unwrap(),
-    );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let stranger = codec.mint(kbs_affinity_proxy::route_cookie::BackendId::from_name("not-here"), now);
-    let cookie = format!("route={}", std::str::from_utf8(&stranger).unwrap());
+    let stranger = route_value(kbs_affinity_proxy::route_cookie::BackendId::from_name("not-here"));
     let mut c = KbsClient::new(proxy.url());
-    c.set_cookie("route", cookie.trim_start_matches("route="));
+    c.set_cookie("route", &stranger);
     c.get_resource("default/key/demo").await.unwrap();
     let stats = proxy.proxy.stats();
     assert!(stats.rejected(kbs_affinity_proxy::route_cookie::Rejection::UnknownBackend) >= 1);
@@ -299,14 +291,7 @@ async fn broken_backends_get_prompt_kbs_shaped_answers_and_leak_nothing() {
         let broken = routing.backends.by_name("broken").unwrap().clone();
         // Pin a KBS call with a streamed body (so it cannot be re-sent elsewhere) to the broken
         // backend with a cookie for it.
-        let codec = kbs_affinity_proxy::route_cookie::RouteCookieCodec::new(
-            &kbs_affinity_proxy::route_cookie::CookieSecret::new(SECRET.as_bytes().to_vec()).unwrap(),
-        );
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let pin = String::from_utf8(codec.mint(broken.id, now).to_vec()).unwrap();
+        let pin = route_value(broken.id);
         let started = tokio::time::Instant::now();
         // A chunked body of unknown length streams: it cannot be re-sent to another replica.
         let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::io::Error>> =
@@ -328,7 +313,7 @@ async fn broken_backends_get_prompt_kbs_shaped_answers_and_leak_nothing() {
         // The other clients (here: one pinned to the good replica) are unaffected.
         let good = routing.backends.by_name("good").unwrap().id;
         let mut c = KbsClient::new(proxy.url());
-        c.set_cookie("route", std::str::from_utf8(&codec.mint(good, now)).unwrap());
+        c.set_cookie("route", &route_value(good));
         c.get_resource("default/key/demo").await.unwrap();
         assert_eq!(broken.in_flight(), 0, "{what}: no request left in flight");
     }
@@ -346,17 +331,7 @@ async fn a_backend_reset_mid_response_ends_the_client_response_and_a_slow_body_b
     ]))
     .await;
     let routing = proxy.proxy.routing();
-    let codec = kbs_affinity_proxy::route_cookie::RouteCookieCodec::new(
-        &kbs_affinity_proxy::route_cookie::CookieSecret::new(SECRET.as_bytes().to_vec()).unwrap(),
-    );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let cookie_for = |name: &str| {
-        let id = routing.backends.by_name(name).unwrap().id;
-        format!("route={}", String::from_utf8(codec.mint(id, now).to_vec()).unwrap())
-    };
+    let cookie_for = |name: &str| format!("route={}", route_value(routing.backends.by_name(name).unwrap().id));
     let client = client();
     let req = Request::get(format!("{}/x", proxy.url()))
         .header("cookie", cookie_for("partial"))

@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 pub use rewind::Rewind;
 
 use self::chunked::ChunkedScanner;
-use super::{bearer_token, body::ProxyBody, ConnInfo, ProxyError, Worker};
-use crate::affinity::{decide, read_route_cookie_with, CookieState, Decision, HeaderView, Learned};
+use super::{body::ProxyBody, ConnInfo, ProxyError, Worker};
+use crate::affinity::HeaderView;
 use crate::backend::{Backend, InFlight};
 use crate::kbs::RouteKind;
 use crate::route_cookie::{BackendId, Pin as RoutePin, Rejection, RouteCookieCodec, ENCODED_LEN};
@@ -431,73 +431,20 @@ impl Worker {
         }
         let client_close = has_token(&tokens, b"close");
 
-        // Routing, from the borrowed header bytes: the same decision as the hyper path.
-        let stats = &*self.shared.stats;
+        // Routing, from the borrowed header bytes: the same step as the hyper path, with the
+        // connection's cookie cache in front of the MAC.
         let now = super::unix_now();
-        let cookie = &*routing.cookie;
         let issuer = &routing.cookie;
-        let verified = read_route_cookie_with(headers, &cookie.name, |v| {
-            CookieCache::verify(cookie_cache, issuer, v, now)
-        });
-        let state = match verified {
-            CookieState::Valid(pin) if routing.backends.by_id(pin.backend).is_none() => {
-                CookieState::Rejected(Rejection::UnknownBackend)
-            }
-            other => other,
-        };
-        if let CookieState::Rejected(why) = state {
-            stats.count_rejected(why);
-        }
-        let bearer = kind == RouteKind::Resource && bearer_token(headers).is_some();
-        let session_bound = kind.needs_session() && !(bearer && routing.tokens_portable);
-        let learned = match state {
-            CookieState::Valid(_) => None,
-            CookieState::Absent | CookieState::Rejected(_) => self.learned_pin(headers, kind, routing, now),
-        };
-        let (backend, issue_cookie, decision, session_bound) = match decide(
+        let verify = |v: &[u8]| CookieCache::verify(cookie_cache, issuer, v, now);
+        let super::Route {
+            backend,
+            issue_cookie,
             session_bound,
-            kind,
-            state,
-            learned,
-            &routing.backends,
-            now,
-            cookie.max_age,
-        ) {
-            Decision::Pinned {
-                backend,
-                refresh,
-                learned,
-            } => {
-                if let Some(l) = learned {
-                    stats.count_learned(l);
-                }
-                let decision = match (learned, refresh) {
-                    (Some(Learned::SessionId(_)), _) => "pinned-session-id",
-                    (Some(Learned::Token(_)), _) => "pinned-token",
-                    (None, true) => "pinned-refreshed",
-                    (None, false) => "pinned",
-                };
-                (Arc::clone(backend), refresh, decision, session_bound)
-            }
-            Decision::Balance { repin } => {
-                if repin {
-                    stats.repinned.fetch_add(1, Ordering::Relaxed);
-                }
-                let Some(backend) = super::balance(routing, &[]) else {
-                    let resp = ProxyError::NoBackend.into_response(kind);
-                    return Prepared::Local {
-                        resp,
-                        head_len,
-                        body_len,
-                        close: client_close,
-                        kind,
-                    };
-                };
-                (backend, true, if repin { "repinned" } else { "balanced" }, false)
-            }
-            Decision::SessionLost(backend) => {
-                backend.stats.pinned_refused.fetch_add(1, Ordering::Relaxed);
-                let resp = ProxyError::SessionLost.into_response(kind);
+            decision,
+        } = match self.route(headers, kind, routing, now, verify) {
+            Ok(route) => route,
+            Err((err, _)) => {
+                let resp = err.into_response(kind);
                 return Prepared::Local {
                     resp,
                     head_len,

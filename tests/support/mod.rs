@@ -308,3 +308,15 @@ pub async fn start_round_robin(backends: Vec<SocketAddr>) -> SocketAddr {
     })
     .await
 }
+
+/// A route cookie value pinning `backend`, signed with the test secret now.
+pub fn route_value(backend: kbs_affinity_proxy::route_cookie::BackendId) -> String {
+    let codec = kbs_affinity_proxy::route_cookie::RouteCookieCodec::new(
+        &kbs_affinity_proxy::route_cookie::CookieSecret::new(SECRET.as_bytes().to_vec()).unwrap(),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    String::from_utf8(codec.mint(backend, now).to_vec()).unwrap()
+}
