@@ -300,6 +300,20 @@ impl Worker {
                     () = shutdown.cancelled() => return,
                 }
                 buf = fast.take_buf();
+                // The socket is readable: the first read needs no timer (the common case is a
+                // whole head in one read).
+                match stream.try_read_buf(&mut buf) {
+                    Ok(0) => {
+                        fast.put_buf(buf);
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        fast.put_buf(buf);
+                        return;
+                    }
+                }
             }
             let deadline = tokio::time::Instant::now() + idle_timeout;
             // Read until the head is complete.
@@ -356,7 +370,7 @@ impl Worker {
                 }
                 Prepared::Forward(plan) => {
                     let close = plan.client_close;
-                    match self.forward(&mut stream, &mut buf, &conn, plan).await {
+                    match self.forward(&mut stream, &mut buf, &conn, plan, idle.as_mut()).await {
                         Ok(true) if !close && !shutdown.is_cancelled() => {}
                         Ok(_) | Err(()) => {
                             let _ = stream.shutdown().await;
@@ -553,6 +567,7 @@ impl Worker {
         buf: &mut Vec<u8>,
         conn: &ConnInfo,
         mut plan: Plan,
+        mut timer: Pin<&mut tokio::time::Sleep>,
     ) -> Result<bool, ()> {
         let started = Instant::now();
         let routing = Arc::clone(&plan.routing);
@@ -616,7 +631,15 @@ impl Worker {
                         self.fast.put_buf(rbuf);
                         return Err(());
                     }
-                    tokio::time::timeout(routing.response_timeout, read_response_head(&mut bc, &mut rbuf)).await
+                    // The connection's one timer (idle between requests) guards the response head.
+                    timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + routing.response_timeout);
+                    tokio::select! {
+                        biased;
+                        head = read_response_head(&mut bc, &mut rbuf) => Ok(head),
+                        () = timer.as_mut() => Err(()),
+                    }
                 }
                 Err(_) => Ok(Err(HeadError::Closed)),
             };
@@ -761,7 +784,12 @@ impl Worker {
             };
             let backend_close = has_token(&tokens, b"close") || resp.version == Some(0);
             out.extend_from_slice(b"HTTP/1.1 ");
-            out.extend_from_slice(status.to_string().as_bytes());
+            // A status is three digits (httparse checked).
+            out.extend_from_slice(&[
+                b'0' + (status / 100) as u8,
+                b'0' + (status / 10 % 10) as u8,
+                b'0' + (status % 10) as u8,
+            ]);
             out.push(b' ');
             out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
             out.extend_from_slice(b"\r\n");
