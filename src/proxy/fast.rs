@@ -370,7 +370,9 @@ impl Worker {
                 }
                 Prepared::Forward(plan) => {
                     let close = plan.client_close;
-                    match self.forward(&mut stream, &mut buf, &conn, plan, idle.as_mut()).await {
+                    // Boxed: the exchange's state lives only while a request is in flight, so an
+                    // idle connection's task stays small (memory per idle connection).
+                    match Box::pin(self.forward(&mut stream, &mut buf, &conn, plan, idle.as_mut())).await {
                         Ok(true) if !close && !shutdown.is_cancelled() => {}
                         Ok(_) | Err(()) => {
                             let _ = stream.shutdown().await;
