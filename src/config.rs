@@ -683,13 +683,17 @@ impl Settings {
             client_auth,
             insecure_skip_verify: self.backend_insecure_skip_verify.unwrap_or(false),
         };
-        crate::tls::client_config(&backend_tls).map_err(|e| {
-            let (key, value) = match &backend_tls.ca {
-                Some(ca) => ("backend-ca", ca.display().to_string()),
-                None => ("backend-client-cert", "<files>".to_owned()),
-            };
-            invalid(key, value, e.to_string())
-        })?;
+        // Only files need checking: without them the system's roots load when the proxy starts.
+        let has_files = backend_tls.ca.is_some() || backend_tls.client_auth.is_some();
+        if has_files {
+            crate::tls::client_config(&backend_tls).map_err(|e| {
+                let (key, value) = match &backend_tls.ca {
+                    Some(ca) => ("backend-ca", ca.display().to_string()),
+                    None => ("backend-client-cert", "<files>".to_owned()),
+                };
+                invalid(key, value, e.to_string())
+            })?;
+        }
         let health = health_config(
             self.health_check,
             self.health_check_path,

@@ -158,27 +158,14 @@ enum Framing {
     Close,
 }
 
-/// Hop-by-hop fields (RFC 9110 §7.6.1, and the proxy authentication fields), lower case.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-    "trailer",
-    "proxy-authenticate",
-    "proxy-authorization",
-];
-
+/// A hop-by-hop field: the static list (shared with the hyper path) or named in `Connection`.
 fn is_hop_by_hop(name: &str, connection_tokens: &[&[u8]]) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+    super::headers::is_hop_by_hop_name(name)
         || connection_tokens
             .iter()
             .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
 }
 
-/// The tokens of every `Connection` field.
 /// The tokens of every `Connection` field, on the stack; `None` beyond [`MAX_TOKENS`] (such a
 /// message goes to hyper, or is refused).
 fn connection_tokens<'a>(headers: &'a [httparse::Header<'a>]) -> Option<Tokens<'a>> {

@@ -17,6 +17,12 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::PROXY_AUTHORIZATION,
 ];
 
+/// Whether `name` is one of the static hop-by-hop fields (any case): for the fast path, which
+/// checks names as borrowed bytes instead of `HeaderName`s.
+pub fn is_hop_by_hop_name(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_str()))
+}
+
 /// `X-Forwarded-For` (de-facto standard; RFC 7239 is its formal cousin).
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `X-Forwarded-Proto`.
