@@ -14,26 +14,46 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// A backend on 127.0.0.1:0 serving each connection with `serve`.
+async fn start_backend<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    addr
+}
+
+/// Reads from `s` into `buf` until it holds a whole request head; its length, or `None` when
+/// the connection ends first.
+async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(i + 4);
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// A backend that answers each request with the exact request head and body it received as its
 /// response body (keep-alive, Content-Length framed), and a few response headers of its own,
 /// hop-by-hop ones included.
 async fn start_mirror() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
+    start_backend(|mut s| async move {
                 let mut buf = Vec::new();
                 loop {
-                    let head_end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
+                    let Some(head_end) = read_head(&mut s, &mut buf).await else {
+                        return;
                     };
                     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
                     let len: usize = head
@@ -62,10 +82,8 @@ async fn start_mirror() -> SocketAddr {
                         return;
                     }
                 }
-            });
-        }
-    });
-    addr
+    })
+    .await
 }
 
 /// One request over a new connection; the raw response bytes (the connection is closed after
@@ -303,4 +321,164 @@ async fn keep_alive_pipelining_and_large_bodies_on_the_fast_path() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.contains("POST /p0 ") && text.contains("POST /p1 ") && text.contains("POST /p2 "));
     assert!(text.contains(&"b".repeat(70_000)));
+}
+
+/// A backend that reads one request head per exchange and answers `reply` after `delay`, or
+/// never answers (`None`), keeping the connection open.
+async fn start_scripted(reply: Option<&'static [u8]>, delay: Duration) -> SocketAddr {
+    start_backend(move |mut s| async move {
+        let mut buf = Vec::new();
+        loop {
+            if read_head(&mut s, &mut buf).await.is_none() {
+                return;
+            }
+            buf.clear();
+            let Some(reply) = reply else {
+                // Hang: hold the connection until the proxy gives up on it.
+                let _ = s.read_to_end(&mut buf).await;
+                return;
+            };
+            tokio::time::sleep(delay).await;
+            if s.write_all(reply).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// One keep-alive exchange on `s`: the status code and the response head.
+async fn keep_alive_get(s: &mut TcpStream, cookie: &str) -> (u16, String) {
+    s.write_all(format!("GET /kbs/v0/resource/a/b/c HTTP/1.1\r\nHost: h\r\nCookie: route={cookie}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(r) = parse_response(&got) {
+            let head = String::from_utf8_lossy(&got).into_owned();
+            let len = r
+                .fields
+                .iter()
+                .find(|(n, _)| n == "content-length")
+                .map_or(0, |(_, v)| v.parse::<usize>().unwrap());
+            if r.body.len() == len {
+                return (r.status, head);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("answered in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole response: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
+const OK_REPLY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+#[tokio::test]
+async fn the_idle_timeout_counts_from_the_last_response_not_from_the_first() {
+    let backend = start_scripted(Some(OK_REPLY), Duration::ZERO).await;
+    let proxy = start_proxy(Settings {
+        client_idle_timeout: Some("400ms".into()),
+        fast_path: Some("on".into()),
+        ..settings(vec![format!("b=http://{backend}")])
+    })
+    .await;
+    let cookie = route_cookie_for("b");
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let opened = tokio::time::Instant::now();
+    // Busy for longer than the idle timeout, never idle for as long.
+    while opened.elapsed() < Duration::from_millis(1000) {
+        assert_eq!(keep_alive_get(&mut s, &cookie).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Then quiet: closed after about the idle timeout.
+    let quiet = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("an idle connection is closed")
+        .unwrap();
+    assert!(rest.is_empty());
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(250),
+        "closed early: {:?}",
+        quiet.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn response_deadlines_on_the_fast_path_hold_whichever_timeout_is_shorter() {
+    // A response timeout shorter than the idle timeout: a hanging backend gets 504 on time,
+    // though the connection's timer was armed for the (later) idle deadline first.
+    let hang = start_scripted(None, Duration::ZERO).await;
+    let ok = start_scripted(Some(OK_REPLY), Duration::ZERO).await;
+    let proxy = start_proxy(Settings {
+        client_idle_timeout: Some("30s".into()),
+        backend_response_timeout: Some("300ms".into()),
+        fast_path: Some("on".into()),
+        ..settings(vec![format!("hang=http://{hang}"), format!("ok=http://{ok}")])
+    })
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(keep_alive_get(&mut s, &route_cookie_for("ok")).await.0, 200);
+    let asked = tokio::time::Instant::now();
+    let (status, head) = keep_alive_get(&mut s, &route_cookie_for("hang")).await;
+    assert_eq!(status, 504, "{head}");
+    assert!(head.contains("GatewayTimeout"), "KBS-shaped: {head}");
+    assert!(asked.elapsed() < Duration::from_secs(5));
+
+    // A response timeout longer than the idle timeout: a slow answer within it is relayed,
+    // though the idle deadline passes while waiting.
+    let slow = start_scripted(Some(OK_REPLY), Duration::from_millis(600)).await;
+    let proxy = start_proxy(Settings {
+        client_idle_timeout: Some("200ms".into()),
+        backend_response_timeout: Some("5s".into()),
+        fast_path: Some("on".into()),
+        ..settings(vec![format!("slow=http://{slow}")])
+    })
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(keep_alive_get(&mut s, &route_cookie_for("slow")).await.0, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_response_head_the_fast_path_cannot_frame_is_a_kbs_shaped_502() {
+    let cases: [(&str, &'static [u8]); 4] = [
+        ("bad length", b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"),
+        (
+            "conflicting lengths",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        ),
+        (
+            "unframable coding",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ),
+        // Not HTTP at all, and the connection stays open: refused at once, not at a timeout.
+        ("garbage", b"SSH-2.0-OpenSSH_9.2p1 Debian\r\n"),
+    ];
+    for (what, reply) in cases {
+        let backend = start_scripted(Some(reply), Duration::ZERO).await;
+        let proxy = start_proxy(Settings {
+            backend_response_timeout: Some("20s".into()),
+            fast_path: Some("on".into()),
+            ..settings(vec![format!("b=http://{backend}")])
+        })
+        .await;
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        let asked = tokio::time::Instant::now();
+        let (status, head) = keep_alive_get(&mut s, &route_cookie_for("b")).await;
+        assert_eq!(status, 502, "{what}: {head}");
+        assert!(head.contains("BadGateway"), "{what}: KBS-shaped: {head}");
+        assert!(asked.elapsed() < Duration::from_secs(5), "{what}: prompt");
+    }
 }

@@ -14,27 +14,28 @@
 //! backends. Once handed over, the connection stays with hyper. Framing is exactly as strict as
 //! hyper's: conflicting `Content-Length`s, bad chunk sizes, obs-fold, invalid bytes are errors.
 
+mod buf;
 mod chunked;
 mod rewind;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Method, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 pub use rewind::Rewind;
 
+use self::buf::{Buf, BUF_SIZE};
 use self::chunked::ChunkedScanner;
 use super::{body::ProxyBody, ConnInfo, ProxyError, Worker};
-use crate::affinity::HeaderView;
 use crate::backend::{Backend, InFlight};
 use crate::kbs::RouteKind;
 use crate::route_cookie::{BackendId, Pin as RoutePin, Rejection, RouteCookieCodec, ENCODED_LEN};
@@ -44,65 +45,79 @@ use crate::routing::{CookieIssuer, Routing};
 const MAX_HEADERS: usize = 100;
 /// Largest backend response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// Size of the buffers kept on the free list.
-const BUF_SIZE: usize = 16 * 1024;
-/// Buffers kept on a worker's free list.
-const FREE_BUFFERS: usize = 256;
 /// Idle connections kept per backend per worker.
 const IDLE_PER_BACKEND: usize = 512;
 /// How long an idle backend connection is kept.
 const BACKEND_IDLE: Duration = Duration::from_secs(60);
 
-/// The fast path's per-worker state: idle backend connections and spare buffers.
+/// The fast path's per-worker state: idle backend connections, most recently used last.
 #[derive(Debug, Default)]
 pub struct FastState {
-    idle: Mutex<HashMap<BackendId, Vec<(TcpStream, Instant)>>>,
-    buffers: Mutex<Vec<Vec<u8>>>,
+    /// Per backend (a few; searched in order, no hashing): connections and when they went idle.
+    idle: Mutex<Vec<(BackendId, IdleList)>>,
+}
+
+/// Idle connections to one backend and when each went idle.
+type IdleList = Vec<(TcpStream, Instant)>;
+
+/// A backend connection whose response head is in `head`, counted in flight until dropped.
+struct Upstream {
+    conn: TcpStream,
+    head: Buf,
+    _in_flight: InFlight,
 }
 
 impl FastState {
-    fn take_conn(&self, id: BackendId) -> Option<TcpStream> {
+    /// The most recently used idle connection to `id` that has not been idle too long at `now`.
+    fn take_conn(&self, id: BackendId, now: Instant) -> Option<TcpStream> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(&id)?;
-        while let Some((conn, since)) = list.pop() {
-            if since.elapsed() < BACKEND_IDLE {
-                return Some(conn);
+        let at = idle.iter().position(|(b, _)| *b == id)?;
+        let list = &mut idle[at].1;
+        let found = loop {
+            match list.pop() {
+                Some((conn, since)) if now.saturating_duration_since(since) < BACKEND_IDLE => break Some(conn),
+                Some(_stale) => {}
+                None => break None,
             }
+        };
+        if list.is_empty() {
+            idle.swap_remove(at); // gone backends leave nothing behind
         }
-        None
+        found
     }
 
-    fn put_conn(&self, id: BackendId, conn: TcpStream) {
+    fn put_conn(&self, id: BackendId, conn: TcpStream, now: Instant) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(id).or_default();
+        let list = match idle.iter().position(|(b, _)| *b == id) {
+            Some(at) => &mut idle[at].1,
+            None => {
+                idle.push((id, Vec::new()));
+                &mut idle.last_mut().expect("just pushed").1
+            }
+        };
         if list.len() < IDLE_PER_BACKEND {
-            list.push((conn, Instant::now()));
+            list.push((conn, now));
         }
     }
+}
 
-    fn take_buf(&self) -> Vec<u8> {
-        let mut b = self
-            .buffers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default();
-        b.clear();
-        if b.capacity() < BUF_SIZE {
-            b.reserve(BUF_SIZE);
-        }
-        b
+/// Arms `timer` for `deadline` unless it is armed to fire sooner. A timer that fires early is
+/// re-armed by its waiter ([`wait_until`]), so a keep-alive connection re-arms its one timer
+/// about once per timeout rather than twice per request.
+fn arm(timer: Pin<&mut Sleep>, deadline: Instant) {
+    if timer.deadline() > deadline || timer.is_elapsed() {
+        timer.reset(deadline);
     }
+}
 
-    fn put_buf(&self, mut b: Vec<u8>) {
-        if b.capacity() == 0 || b.capacity() > 4 * BUF_SIZE {
-            return; // grown by a huge head: let it go
+/// Waits until `deadline` on a timer [`arm`]ed for it or sooner.
+async fn wait_until(mut timer: Pin<&mut Sleep>, deadline: Instant) {
+    loop {
+        timer.as_mut().await;
+        if Instant::now() >= deadline {
+            return;
         }
-        b.clear();
-        let mut free = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() < FREE_BUFFERS {
-            free.push(b);
-        }
+        timer.as_mut().reset(deadline);
     }
 }
 
@@ -136,7 +151,7 @@ struct Plan {
     head_len: usize,
     body_len: u64,
     /// The head for the backend, rewritten (any backend: it names none).
-    out_head: Vec<u8>,
+    out_head: Buf,
     backend: Arc<Backend>,
     issue_cookie: bool,
     session_bound: bool,
@@ -166,23 +181,79 @@ fn is_hop_by_hop(name: &str, connection_tokens: &[&[u8]]) -> bool {
             .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
 }
 
-/// The tokens of every `Connection` field, on the stack; `None` beyond [`MAX_TOKENS`] (such a
-/// message goes to hyper, or is refused).
-fn connection_tokens<'a>(headers: &'a [httparse::Header<'a>]) -> Option<Tokens<'a>> {
-    let mut t = Tokens {
-        items: [&[][..]; MAX_TOKENS],
-        len: 0,
-    };
-    for token in headers
-        .values("connection")
-        .flat_map(|v| v.split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
-    {
-        *t.items.get_mut(t.len)? = token;
-        t.len += 1;
+/// What the fast path needs to know of a message's fields, found in one pass over them.
+struct Fields<'a> {
+    /// The tokens of every `Connection` field; `None` beyond [`MAX_TOKENS`] (such a message
+    /// goes to hyper, or is refused).
+    tokens: Option<Tokens<'a>>,
+    /// The single Content-Length; `Err` when invalid or conflicting.
+    content_length: Result<Option<u64>, ()>,
+    /// The last `Transfer-Encoding` field, if any.
+    transfer_encoding: Option<&'a [u8]>,
+    /// How many `Host` fields.
+    hosts: usize,
+    /// An `Upgrade` or `Expect` field.
+    upgrade_or_expect: bool,
+}
+
+impl<'a> Fields<'a> {
+    fn scan(headers: &'a [httparse::Header<'a>]) -> Self {
+        let mut f = Fields {
+            tokens: Some(Tokens {
+                items: [&[][..]; MAX_TOKENS],
+                len: 0,
+            }),
+            content_length: Ok(None),
+            transfer_encoding: None,
+            hosts: 0,
+            upgrade_or_expect: false,
+        };
+        for h in headers {
+            let name = h.name;
+            // By length first: most fields are none of these.
+            match name.len() {
+                4 if name.eq_ignore_ascii_case("host") => f.hosts += 1,
+                6 if name.eq_ignore_ascii_case("expect") => f.upgrade_or_expect = true,
+                7 if name.eq_ignore_ascii_case("upgrade") => f.upgrade_or_expect = true,
+                10 if name.eq_ignore_ascii_case("connection") => f.add_tokens(h.value),
+                14 if name.eq_ignore_ascii_case("content-length") => {
+                    if let Ok(len) = f.content_length {
+                        f.content_length = add_content_length(len, h.value);
+                    }
+                }
+                17 if name.eq_ignore_ascii_case("transfer-encoding") => f.transfer_encoding = Some(h.value),
+                _ => {}
+            }
+        }
+        f
     }
-    Some(t)
+
+    fn add_tokens(&mut self, value: &'a [u8]) {
+        let Some(t) = self.tokens.as_mut() else {
+            return;
+        };
+        for token in value
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+        {
+            let Some(slot) = t.items.get_mut(t.len) else {
+                self.tokens = None;
+                return;
+            };
+            *slot = token;
+            t.len += 1;
+        }
+    }
+
+    /// Whether the last transfer coding is `chunked`.
+    fn chunked(&self) -> bool {
+        self.transfer_encoding.is_some_and(|v| {
+            v.rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|l| l.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        })
+    }
 }
 
 /// Most `Connection` tokens handled without allocating.
@@ -239,21 +310,19 @@ fn has_token(tokens: &[&[u8]], token: &[u8]) -> bool {
     tokens.iter().any(|t| t.eq_ignore_ascii_case(token))
 }
 
-/// The single Content-Length, `None` when absent, `Err` when invalid or conflicting.
-fn content_length(headers: &[httparse::Header<'_>]) -> Result<Option<u64>, ()> {
-    let mut len = None;
-    for v in headers.values("content-length") {
-        // Comma-separated repeats are allowed by RFC 9110 §8.6 only when equal.
-        for part in v.split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err(());
-            }
-            let n: u64 = std::str::from_utf8(part).map_err(|_| ())?.parse().map_err(|_| ())?;
-            match len {
-                Some(prev) if prev != n => return Err(()),
-                _ => len = Some(n),
-            }
+/// Adds one `Content-Length` field value to what earlier ones said: `Err` when invalid or
+/// conflicting.
+fn add_content_length(mut len: Option<u64>, value: &[u8]) -> Result<Option<u64>, ()> {
+    // Comma-separated repeats are allowed by RFC 9110 §8.6 only when equal.
+    for part in value.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err(());
+        }
+        let n: u64 = std::str::from_utf8(part).map_err(|_| ())?.parse().map_err(|_| ())?;
+        match len {
+            Some(prev) if prev != n => return Err(()),
+            _ => len = Some(n),
         }
     }
     Ok(len)
@@ -270,61 +339,63 @@ impl Worker {
         shutdown: CancellationToken,
         handoff: Handoff,
     ) {
-        let fast = &self.fast;
-        let mut buf: Vec<u8> = Vec::new();
+        let mut buf = Buf::default();
         let mut cookie_cache: Option<CookieCache> = None;
-        // One timer for the connection's idle waits, re-armed rather than re-created.
-        let idle = tokio::time::sleep(idle_timeout);
-        tokio::pin!(idle);
+        let mut routing_cache = arc_swap::Cache::new(&*self.shared.routing);
+        // One timer for the connection (idle waits and response deadlines), re-armed lazily;
+        // one shutdown waiter, registered once.
+        let timer = tokio::time::sleep(idle_timeout);
+        tokio::pin!(timer);
+        let stopping = shutdown.cancelled();
+        tokio::pin!(stopping);
+        // When the connection last finished something: idle time counts from here.
+        let mut last = Instant::now();
         loop {
             if buf.is_empty() {
                 // Idle between requests: hold no buffer, wake on data, the idle timeout or shutdown.
-                fast.put_buf(std::mem::take(&mut buf));
-                idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                buf.release();
+                let idle_deadline = last + idle_timeout;
+                arm(timer.as_mut(), idle_deadline);
                 tokio::select! {
+                    biased;
+                    () = stopping.as_mut() => return,
                     r = stream.readable() => if r.is_err() { return },
-                    () = idle.as_mut() => return,
-                    () = shutdown.cancelled() => return,
+                    () = wait_until(timer.as_mut(), idle_deadline) => return,
                 }
-                buf = fast.take_buf();
+                buf = Buf::take();
                 // The socket is readable: the first read needs no timer (the common case is a
                 // whole head in one read).
-                match stream.try_read_buf(&mut buf) {
-                    Ok(0) => {
-                        fast.put_buf(buf);
-                        return;
-                    }
+                match stream.try_read_buf(&mut *buf) {
+                    Ok(0) => return,
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => {
-                        fast.put_buf(buf);
-                        return;
-                    }
+                    Err(_) => return,
                 }
+            } else if shutdown.is_cancelled() {
+                return; // pipelined requests are not started once stopping
             }
-            let deadline = tokio::time::Instant::now() + idle_timeout;
+            // The request's one clock reading; its deadlines and timings count from here.
+            let started = Instant::now();
+            let deadline = started + idle_timeout;
             // Read until the head is complete.
             let prepared = loop {
-                let routing = self.shared.routing.load_full();
-                match self.prepare(&buf, &conn, &routing, max_head, &mut cookie_cache) {
+                let routing = routing_cache.load();
+                match self.prepare(&buf, &conn, routing, max_head, &mut cookie_cache) {
                     Prepared::Partial => {}
                     other => break other,
                 }
                 if buf.len() >= max_head {
                     break Prepared::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
                 }
-                match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
-                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
-                        fast.put_buf(buf);
-                        return;
-                    }
+                match tokio::time::timeout_at(deadline, stream.read_buf(&mut *buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
                     Ok(Ok(_)) => {}
                 }
             };
             match prepared {
                 Prepared::Partial => unreachable!("handled in the loop"),
                 Prepared::Handoff => {
-                    handoff(Rewind::new(buf, stream)).await;
+                    handoff(Rewind::new(buf.into_vec(), stream)).await;
                     return;
                 }
                 Prepared::Reject(status) => {
@@ -334,7 +405,6 @@ impl Worker {
                         status.canonical_reason().unwrap_or("")
                     );
                     let _ = stream.write_all(head.as_bytes()).await;
-                    fast.put_buf(buf);
                     return;
                 }
                 Prepared::Local {
@@ -351,19 +421,19 @@ impl Worker {
                     };
                     self.shared.stats.count_local(kind, resp.status().as_u16());
                     if write_local(&mut stream, resp, !keep).await.is_err() || !keep {
-                        fast.put_buf(buf);
                         return;
                     }
+                    last = Instant::now();
                 }
                 Prepared::Forward(plan) => {
                     let close = plan.client_close;
                     // Boxed: the exchange's state lives only while a request is in flight, so an
                     // idle connection's task stays small (memory per idle connection).
-                    match Box::pin(self.forward(&mut stream, &mut buf, &conn, plan, idle.as_mut())).await {
-                        Ok(true) if !close && !shutdown.is_cancelled() => {}
+                    let exchange = self.forward(&mut stream, &mut buf, &conn, plan, started, timer.as_mut());
+                    match Box::pin(exchange).await {
+                        Ok(Some(done)) if !close => last = done,
                         Ok(_) | Err(()) => {
                             let _ = stream.shutdown().await;
-                            fast.put_buf(buf);
                             return;
                         }
                     }
@@ -408,17 +478,18 @@ impl Worker {
             return Prepared::Handoff; // HTTP/1.0 and oddities: hyper's rules apply
         };
         let headers: &[httparse::Header<'_>] = req.headers;
-        let Some(tokens) = connection_tokens(headers) else {
+        let fields = Fields::scan(headers);
+        let Some(tokens) = fields.tokens else {
             return Prepared::Handoff;
         };
-        let special = ["transfer-encoding", "upgrade", "expect"];
         if !target.starts_with('/')
-            || headers.values("host").count() != 1
-            || special.iter().any(|n| headers.values(n).next().is_some())
+            || fields.hosts != 1
+            || fields.transfer_encoding.is_some()
+            || fields.upgrade_or_expect
         {
             return Prepared::Handoff;
         }
-        let body_len = match content_length(headers) {
+        let body_len = match fields.content_length {
             Ok(n) => n.unwrap_or(0),
             Err(()) => return Prepared::Reject(StatusCode::BAD_REQUEST),
         };
@@ -462,7 +533,7 @@ impl Worker {
         }
 
         // The head for the backend: request line, end-to-end fields, X-Forwarded-*.
-        let mut out = self.fast.take_buf();
+        let mut out = Buf::take();
         out.extend_from_slice(method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(target.as_bytes());
@@ -548,22 +619,24 @@ impl Worker {
         Ok(())
     }
 
-    /// Forwards one planned request and streams the response back. `Ok(true)`: the client
-    /// connection can take another request; `Ok(false)`/`Err`: close it.
+    /// Forwards one planned request and streams the response back. `Ok(Some(t))`: done at `t`,
+    /// and the client connection can take another request; `Ok(None)`/`Err`: close it.
     async fn forward(
         &self,
         client: &mut TcpStream,
-        buf: &mut Vec<u8>,
+        buf: &mut Buf,
         conn: &ConnInfo,
         mut plan: Plan,
-        mut timer: Pin<&mut tokio::time::Sleep>,
-    ) -> Result<bool, ()> {
-        let started = Instant::now();
+        started: Instant,
+        mut timer: Pin<&mut Sleep>,
+    ) -> Result<Option<Instant>, ()> {
         let routing = Arc::clone(&plan.routing);
         let in_buf = (buf.len() - plan.head_len) as u64;
         let body_in_buf = in_buf.min(plan.body_len) as usize;
         let whole_body_here = in_buf >= plan.body_len;
         let body_start = plan.head_len;
+        // The head and the body bytes at hand go in one write; the same buffer later carries
+        // the response head.
         let mut out = std::mem::take(&mut plan.out_head);
         out.extend_from_slice(&buf[body_start..body_start + body_in_buf]);
         let mut tried: Vec<BackendId> = Vec::new();
@@ -571,12 +644,12 @@ impl Worker {
         // Connect (pooled, else new), send, and wait for the response head; a stale pooled
         // connection or a refused connect may be retried when nothing reached a backend.
         let mut fresh_only = false;
-        let (mut backend_conn, rbuf, in_flight) = loop {
+        let mut up = loop {
             let backend = Arc::clone(&plan.backend);
             let pooled_conn = if fresh_only {
                 None
             } else {
-                self.fast.take_conn(backend.id)
+                self.fast.take_conn(backend.id, started)
             };
             let (pooled, mut bc) = match pooled_conn {
                 Some(c) => (true, c),
@@ -612,37 +685,43 @@ impl Worker {
             };
             let in_flight = backend.start_request();
             let sent = bc.write_all(&out).await;
-            let mut rbuf = self.fast.take_buf();
+            let mut rbuf = Buf::take();
             let answered = match sent {
                 Ok(()) => {
                     let more = plan.body_len - body_in_buf as u64;
-                    if more > 0 && self.stream_request_body(client, &mut bc, more).await.is_err() {
-                        self.fast.put_buf(rbuf);
-                        return Err(());
+                    let mut sent_at = started;
+                    if more > 0 {
+                        if self.stream_request_body(client, &mut bc, more).await.is_err() {
+                            return Err(());
+                        }
+                        sent_at = Instant::now();
                     }
-                    // The connection's one timer (idle between requests) guards the response head.
-                    timer
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + routing.response_timeout);
+                    // The response head is due within the response timeout of the request sent.
+                    let due = sent_at + routing.response_timeout;
+                    arm(timer.as_mut(), due);
                     tokio::select! {
                         biased;
                         head = read_response_head(&mut bc, &mut rbuf) => Ok(head),
-                        () = timer.as_mut() => Err(()),
+                        () = wait_until(timer.as_mut(), due) => Err(()),
                     }
                 }
                 Err(_) => Ok(Err(HeadError::Closed)),
             };
             match answered {
-                Ok(Ok(())) => break (bc, rbuf, in_flight),
+                Ok(Ok(())) => {
+                    break Upstream {
+                        conn: bc,
+                        head: rbuf,
+                        _in_flight: in_flight,
+                    }
+                }
                 Ok(Err(HeadError::Closed)) if pooled && whole_body_here => {
                     // The backend had closed the pooled connection: once more, on a new one.
-                    self.fast.put_buf(rbuf);
                     drop(in_flight);
                     fresh_only = true;
                     continue;
                 }
                 Ok(Err(_)) => {
-                    self.fast.put_buf(rbuf);
                     backend.record_failure();
                     let err = ProxyError::BadResponse {
                         backend: backend.name.clone(),
@@ -650,7 +729,6 @@ impl Worker {
                     return self.fail(client, buf, &plan, err, started).await;
                 }
                 Err(_elapsed) => {
-                    self.fast.put_buf(rbuf);
                     backend.record_failure();
                     let err = ProxyError::Timeout {
                         backend: backend.name.clone(),
@@ -659,28 +737,33 @@ impl Worker {
                 }
             }
         };
-        self.fast.put_buf(out);
         // The request is consumed from the client buffer; what follows is the next request.
         let consumed = (plan.head_len + body_in_buf).min(buf.len());
         buf.drain(..consumed);
 
         let backend = Arc::clone(&plan.backend);
+        out.clear();
+        let result = self.relay_response(client, &mut up, out, conn, &plan).await;
+        if let Err(Relay::BadHead) = result {
+            backend.record_failure();
+            let err = ProxyError::BadResponse {
+                backend: backend.name.clone(),
+            };
+            return self.fail(client, buf, &plan, err, started).await;
+        }
         backend.record_success();
-        let result = self
-            .relay_response(client, &mut backend_conn, &rbuf, conn, &plan, in_flight)
-            .await;
-        self.fast.put_buf(rbuf);
-        let elapsed = started.elapsed();
+        let done = Instant::now();
+        let elapsed = done.saturating_duration_since(started);
         self.shared.stats.observe_latency(plan.kind, elapsed.as_secs_f64());
         match result {
             Ok((status, reuse_backend, keep_client)) => {
                 if reuse_backend {
-                    self.fast.put_conn(backend.id, backend_conn);
+                    self.fast.put_conn(backend.id, up.conn, done);
                 }
                 log_access(&plan, status, elapsed);
-                Ok(keep_client)
+                Ok(keep_client.then_some(done))
             }
-            Err(()) => Err(()),
+            Err(_) => Err(()),
         }
     }
 
@@ -702,7 +785,7 @@ impl Worker {
         backend: &mut TcpStream,
         mut more: u64,
     ) -> Result<(), ()> {
-        let mut chunk = self.fast.take_buf();
+        let mut chunk = Buf::take();
         let r = async {
             while more > 0 {
                 chunk.clear();
@@ -711,7 +794,7 @@ impl Worker {
                     .min(chunk.capacity().max(BUF_SIZE));
                 let n = (&mut *client)
                     .take(limit as u64)
-                    .read_buf(&mut chunk)
+                    .read_buf(&mut *chunk)
                     .await
                     .map_err(|_| ())?;
                 if n == 0 {
@@ -723,55 +806,49 @@ impl Worker {
             Ok(())
         }
         .await;
-        self.fast.put_buf(chunk);
         r
     }
 
     /// Writes the response head (rewritten) and streams the body. Returns (status, whether the
-    /// backend connection can be reused, whether the client connection can).
+    /// backend connection can be reused, whether the client connection can); nothing is
+    /// written when the head is refused.
     async fn relay_response(
         &self,
         client: &mut TcpStream,
-        backend_conn: &mut TcpStream,
-        rbuf: &[u8],
+        up: &mut Upstream,
+        mut out: Buf,
         conn: &ConnInfo,
         plan: &Plan,
-        in_flight: InFlight,
-    ) -> Result<(u16, bool, bool), ()> {
+    ) -> Result<(u16, bool, bool), Relay> {
+        let (backend_conn, rbuf) = (&mut up.conn, &up.head[..]);
         let routing = &plan.routing;
-        let mut out = self.fast.take_buf();
         let (status, framing, head_len, backend_close) = {
             let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut resp = httparse::Response::new(&mut storage);
             let head_len = match resp.parse(rbuf) {
                 Ok(httparse::Status::Complete(n)) => n,
-                _ => return Err(()),
+                _ => return Err(Relay::BadHead),
             };
             let status = resp.code.unwrap_or(502);
             let headers: &[httparse::Header<'_>] = resp.headers;
-            let Some(tokens) = connection_tokens(headers) else {
-                return Err(());
+            let fields = Fields::scan(headers);
+            let Some(tokens) = &fields.tokens else {
+                return Err(Relay::BadHead);
             };
-            let chunked = headers.values("transfer-encoding").last().is_some_and(|v| {
-                v.rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|l| l.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-            });
-            let te = headers.values("transfer-encoding").next().is_some();
             let framing = if plan.is_head || status == 204 || status == 304 {
                 Framing::None
-            } else if chunked {
+            } else if fields.chunked() {
                 Framing::Chunked
-            } else if te {
-                return Err(()); // a transfer coding that does not end in chunked: not framable
+            } else if fields.transfer_encoding.is_some() {
+                return Err(Relay::BadHead); // a transfer coding that does not end in chunked: not framable
             } else {
-                match content_length(headers) {
+                match fields.content_length {
                     Ok(Some(n)) => Framing::Length(n),
                     Ok(None) => Framing::Close,
-                    Err(()) => return Err(()),
+                    Err(()) => return Err(Relay::BadHead),
                 }
             };
-            let backend_close = has_token(&tokens, b"close") || resp.version == Some(0);
+            let backend_close = has_token(tokens, b"close") || resp.version == Some(0);
             out.extend_from_slice(b"HTTP/1.1 ");
             // A status is three digits (httparse checked).
             out.extend_from_slice(&[
@@ -788,7 +865,7 @@ impl Worker {
                 if framing == Framing::Chunked && h.name.eq_ignore_ascii_case("content-length") {
                     continue;
                 }
-                if h.name.eq_ignore_ascii_case("transfer-encoding") || !is_hop_by_hop(h.name, &tokens) {
+                if h.name.eq_ignore_ascii_case("transfer-encoding") || !is_hop_by_hop(h.name, tokens) {
                     out.extend_from_slice(h.name.as_bytes());
                     out.extend_from_slice(b": ");
                     out.extend_from_slice(h.value);
@@ -863,11 +940,9 @@ impl Worker {
                 }
             }
         };
-        self.fast.put_buf(out);
-        drop(in_flight);
         match result {
             Ok((clean, keep)) => Ok((status, clean && !backend_close, keep)),
-            Err(_) => Err(()),
+            Err(_) => Err(Relay::Broken),
         }
     }
 
@@ -879,7 +954,7 @@ impl Worker {
         plan: &Plan,
         err: ProxyError,
         started: Instant,
-    ) -> Result<bool, ()> {
+    ) -> Result<Option<Instant>, ()> {
         tracing::debug!(route = plan.kind.as_str(), error = %err, "answered by the proxy");
         let resp = err.into_response(plan.kind);
         let status = resp.status().as_u16();
@@ -891,8 +966,16 @@ impl Worker {
         // The body may not have been read in full: close after answering.
         buf.clear();
         let _ = write_local(client, resp, true).await;
-        Ok(false)
+        Ok(None)
     }
+}
+
+/// Why a response was not relayed.
+enum Relay {
+    /// The head is not one the fast path can frame; nothing was sent to the client yet.
+    BadHead,
+    /// A connection failed midway.
+    Broken,
 }
 
 /// Why no response head was read.
@@ -903,28 +986,33 @@ enum HeadError {
     Invalid,
 }
 
-/// Reads a response head into `rbuf`, skipping 1xx informational responses.
+/// Reads a response head into `rbuf`, skipping 1xx informational responses. Only finds where
+/// the head ends: it is parsed (and judged) once, when relayed.
 async fn read_response_head(bc: &mut TcpStream, rbuf: &mut Vec<u8>) -> Result<(), HeadError> {
     loop {
-        let status = {
+        if let Some(end) = head_end(rbuf) {
+            // "HTTP/1.1 1xx": informational, parsed to be sure (rare).
+            if rbuf.get(9) != Some(&b'1') {
+                return Ok(());
+            }
             let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut resp = httparse::Response::new(&mut storage);
-            match resp.parse(rbuf) {
-                Ok(httparse::Status::Complete(n)) => Some((n, resp.code.unwrap_or(0))),
-                Ok(httparse::Status::Partial) => None,
-                Err(_) => return Err(HeadError::Invalid),
+            match resp.parse(&rbuf[..end]) {
+                Ok(httparse::Status::Complete(_)) => {}
+                _ => return Err(HeadError::Invalid),
             }
-        };
-        match status {
-            Some((n, code)) if (100..200).contains(&code) && code != 101 => {
-                rbuf.drain(..n);
-                continue;
+            match resp.code {
+                Some(101) => return Err(HeadError::Invalid), // no upgrade was asked for
+                Some(100..=199) => {
+                    rbuf.drain(..end);
+                    continue;
+                }
+                _ => return Ok(()),
             }
-            Some((_, 101)) => return Err(HeadError::Invalid), // no upgrade was asked for
-            Some(_) => return Ok(()),
-            None => {}
         }
-        if rbuf.len() >= MAX_RESPONSE_HEAD {
+        // Incomplete (rare: a head mostly comes in one read): refuse garbage without waiting.
+        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        if rbuf.len() >= MAX_RESPONSE_HEAD || httparse::Response::new(&mut storage).parse(rbuf).is_err() {
             return Err(HeadError::Invalid);
         }
         let empty = rbuf.is_empty();
@@ -936,6 +1024,16 @@ async fn read_response_head(bc: &mut TcpStream, rbuf: &mut Vec<u8>) -> Result<()
             Err(_) => return Err(HeadError::Invalid),
         }
     }
+}
+
+/// The length of the head at the start of `buf` through its empty line, if it is all there.
+/// Lines end in CRLF or a bare LF, as `httparse` reads them.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', buf).find_map(|i| match buf.get(i + 1..) {
+        Some([b'\n', ..]) => Some(i + 2),
+        Some([b'\r', b'\n', ..]) => Some(i + 3),
+        _ => None,
+    })
 }
 
 /// Copies exactly `n` bytes from `from` to `to`.

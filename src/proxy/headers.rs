@@ -20,7 +20,21 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 /// Whether `name` is one of the static hop-by-hop fields (any case): for the fast path, which
 /// checks names as borrowed bytes instead of `HeaderName`s.
 pub fn is_hop_by_hop_name(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_str()))
+    // By length (and first letter) to the one candidate: this runs for every field of every
+    // message on the fast path, and most fields match no length here.
+    let candidate = match name.len() {
+        2 => "te",
+        7 if name.as_bytes()[0].eq_ignore_ascii_case(&b'u') => "upgrade",
+        7 => "trailer",
+        10 if name.as_bytes()[0].eq_ignore_ascii_case(&b'c') => "connection",
+        10 => "keep-alive",
+        16 => "proxy-connection",
+        17 => "transfer-encoding",
+        18 => "proxy-authenticate",
+        19 => "proxy-authorization",
+        _ => return false,
+    };
+    name.eq_ignore_ascii_case(candidate)
 }
 
 /// `X-Forwarded-For` (de-facto standard; RFC 7239 is its formal cousin).
@@ -92,6 +106,33 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::COOKIE));
+    }
+
+    #[test]
+    fn the_byte_check_knows_exactly_the_static_list() {
+        for h in &HOP_BY_HOP {
+            let name = h.as_str();
+            assert!(is_hop_by_hop_name(name), "{name}");
+            assert!(is_hop_by_hop_name(&name.to_ascii_uppercase()), "{name}");
+            // One letter changed, anywhere: not hop-by-hop.
+            for i in 0..name.len() {
+                let mut other = name.as_bytes().to_vec();
+                other[i] = if other[i] == b'x' { b'y' } else { b'x' };
+                assert!(!is_hop_by_hop_name(std::str::from_utf8(&other).unwrap()), "{other:?}");
+            }
+        }
+        for name in [
+            "",
+            "t",
+            "cookie",
+            "host",
+            "content-length",
+            "x-forwarded-for",
+            "upgradex",
+            "keep_alive",
+        ] {
+            assert!(!is_hop_by_hop_name(name), "{name}");
+        }
     }
 
     #[test]

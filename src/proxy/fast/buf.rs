@@ -1,0 +1,106 @@
+//! The fast path's byte buffers, reused through a free list per thread.
+//!
+//! A worker is one thread with its own runtime, so a thread-local list is a per-worker list
+//! without a lock. A [`Buf`] goes back to the list when dropped, on every path, errors included.
+
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
+
+/// Capacity a buffer starts with.
+pub const BUF_SIZE: usize = 16 * 1024;
+/// Buffers kept on a thread's free list.
+const FREE_BUFFERS: usize = 256;
+/// A buffer grown past this (a huge head) is freed rather than kept.
+const KEEP_AT_MOST: usize = 4 * BUF_SIZE;
+
+thread_local! {
+    static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A byte buffer from the thread's free list; returned to it on drop. An empty `Buf` (no
+/// capacity) holds no memory: an idle connection keeps one of those.
+#[derive(Debug, Default)]
+pub struct Buf(Vec<u8>);
+
+impl Buf {
+    /// A cleared buffer with at least [`BUF_SIZE`] bytes of capacity.
+    pub fn take() -> Self {
+        let mut b = FREE.with_borrow_mut(Vec::pop).unwrap_or_default();
+        b.clear();
+        if b.capacity() < BUF_SIZE {
+            b.reserve(BUF_SIZE);
+        }
+        Buf(b)
+    }
+
+    /// Gives the memory back to the free list, leaving this buffer empty.
+    pub fn release(&mut self) {
+        let b = std::mem::take(&mut self.0);
+        if b.capacity() == 0 || b.capacity() > KEEP_AT_MOST {
+            return;
+        }
+        // `try_with`: a buffer dropped while the thread's locals are torn down is just freed.
+        let _ = FREE.try_with(|free| {
+            if let Ok(mut free) = free.try_borrow_mut() {
+                if free.len() < FREE_BUFFERS {
+                    free.push(b);
+                }
+            }
+        });
+    }
+
+    /// The bytes, leaving nothing to the free list.
+    pub fn into_vec(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Deref for Buf {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_cleared_and_huge_ones_are_freed() {
+        let mut a = Buf::take();
+        a.extend_from_slice(b"secret bytes");
+        let ptr = a.as_ptr();
+        drop(a);
+        let b = Buf::take();
+        assert!(b.is_empty() && b.capacity() >= BUF_SIZE);
+        assert_eq!(b.as_ptr(), ptr, "the same memory, reused");
+        drop(b);
+
+        let pooled = || FREE.with_borrow(Vec::len);
+        let before = pooled();
+        let mut huge = Buf::take();
+        huge.reserve(KEEP_AT_MOST * 2);
+        drop(huge);
+        assert_eq!(pooled(), before - 1, "a huge buffer is freed, not kept");
+        drop(Buf::take());
+        assert_eq!(pooled(), (before - 1).max(1), "a buffer taken and dropped is kept");
+
+        let mut idle = Buf::take();
+        idle.release();
+        assert_eq!(idle.capacity(), 0, "an idle connection holds no memory");
+        assert_eq!(Buf::take().into_vec().len(), 0);
+    }
+}
