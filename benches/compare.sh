@@ -2,8 +2,10 @@
 # Compares kbs-affinity-proxy with HAProxy and nginx doing the same job (sticky-cookie
 # affinity over two HTTP/1.1 backends), and with no proxy at all (the ceiling).
 #
-#   bash benches/compare.sh                 # ~8 minutes on 2 cores; results on stdout
+#   bash benches/compare.sh                 # ~20 minutes on 2 cores; results on stdout
 #   REPS=3 DURATION=10 CONNS=64 IDLE_CONNS=10000 bash benches/compare.sh
+#   THREADS=1 MODES="ka-cookie close" bash benches/compare.sh   # a subset
+#   PROXY_CPUS=0,1 LOAD_CPUS=2,3 bash benches/compare.sh          # on a 4-core machine
 #   SKIP_BUILD=1 CARGO_TARGET_DIR=... bash benches/compare.sh   # reuse binaries built there
 #
 # What it does, in one run:
@@ -12,28 +14,41 @@
 #     backends answering 200 "ok"; examples/idle_conns.rs: the idle-connection opener);
 #  3. starts the backends, HAProxy (benches/compare/haproxy.cfg), nginx
 #     (benches/compare/nginx.conf) and the proxy (--workers 1, --access-log off when the flag
-#     exists), each proxy pinned to core 0 (taskset -c 0), wrk and the backends to core 1;
+#     exists), and for THREADS="1 2" also a second instance of each with two threads (HAProxy
+#     nbthread 2, nginx two worker processes, ours --workers 2: targets named *-2t); every
+#     proxy pinned to PROXY_CPUS (taskset; default core 0), wrk and the backends to LOAD_CPUS
+#     (default core 1). On 2 cores the two-thread variants share the proxies' one core: they
+#     show what each threading model costs, not scaling (give PROXY_CPUS two cores for that);
 #  4. for REPS repetitions, interleaved (every target once per mode per repetition), runs
-#     `wrk -t1 -c$CONNS -d${DURATION}s --latency` in three modes:
+#     `wrk -t1 -c$CONNS -d${DURATION}s --latency` in the MODES (default all four):
 #       ka-cookie    keep-alive, with a valid route cookie got first through that proxy
 #       ka-nocookie  keep-alive, no cookie: the proxy balances and answers Set-Cookie
 #       close        a new connection per request (Connection: close), with the cookie
-#     and reads the proxy's CPU time (utime+stime, /proc/PID/stat) before and after each run;
+#       ka-paced     ka-cookie, but each connection waits PACE_MS (2) ms between requests
+#                    (benches/compare/paced.lua): the same offered load for every proxy,
+#                    below saturation, so the latency columns compare proxies, not queues
+#     and reads the proxy's CPU time (utime+stime of the process and its children,
+#     /proc/PID/stat) before and after each run;
 #  5. prints a Markdown table: medians over the repetitions of req/s, p50 and p99 latency,
-#     CPU microseconds per request of the proxy process, and ratios to HAProxy;
+#     CPU microseconds per request of the proxy process, and ratios to HAProxy with as many
+#     threads;
 #  6. restarts each proxy fresh and measures its RSS with IDLE_CONNS idle keep-alive client
 #     connections (each has made one request), and per connection (HAProxy: at most 9000,
 #     see benches/compare/haproxy.cfg).
 # Every run is bounded (wrk -d, timeouts on every wait); everything it starts is stopped on
-# exit. Ports used: 18080 (proxy), 18081-18082 (backends), 18090 (HAProxy), 18091 (nginx).
+# exit. Ports used: 18080/18083 (proxy), 18081-18082 (backends), 18090/18092 (HAProxy),
+# 18091/18093 (nginx); the second of each pair for the two-thread variant.
 set -euo pipefail
 
 REPS=${REPS:-3}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 IDLE_CONNS=${IDLE_CONNS:-10000}
-PROXY_CPU=0
-LOAD_CPU=1
+THREADS=${THREADS:-1 2}
+MODES=(${MODES:-ka-cookie ka-nocookie close ka-paced})
+export PACE_MS=${PACE_MS:-2}
+PROXY_CPU=${PROXY_CPUS:-0}
+LOAD_CPU=${LOAD_CPUS:-1}
 SECRET=bench-secret-0123456789abcdef0123
 
 cd "$(dirname "$0")/.."
@@ -81,7 +96,7 @@ PROXY_BIN=$CARGO_TARGET_DIR/release/kbs-affinity-proxy
 BACKEND_BIN=$CARGO_TARGET_DIR/release/examples/fast_backend
 IDLE_BIN=$CARGO_TARGET_DIR/release/examples/idle_conns
 
-for port in 18080 18081 18082 18090 18091; do
+for port in 18080 18081 18082 18083 18090 18091 18092 18093; do
     if ss -Htln "sport = :$port" | grep -q .; then
         log "port $port is taken"
         exit 1
@@ -111,33 +126,48 @@ start_backends() {
     wait_port 18082
 }
 
+# start_* THREADS: the one-thread configuration, or its two-thread variant on the next port.
 start_haproxy() {
-    taskset -c "$PROXY_CPU" haproxy -db -f benches/compare/haproxy.cfg 2>"$WORK/haproxy.log" &
+    local cfg=benches/compare/haproxy.cfg port=18090
+    if [[ ${1:-1} == 2 ]]; then
+        cfg=$WORK/haproxy-2t.cfg port=18092
+        sed 's/nbthread 1/nbthread 2/; s/127.0.0.1:18090/127.0.0.1:18092/' \
+            benches/compare/haproxy.cfg >"$cfg"
+    fi
+    taskset -c "$PROXY_CPU" haproxy -db -f "$cfg" 2>"$WORK/haproxy-$1.log" &
     started=$!
     CHILDREN+=("$started")
-    wait_port 18090
+    wait_port "$port"
 }
 
 start_nginx() {
-    mkdir -p "$WORK/nginx"
-    taskset -c "$PROXY_CPU" nginx -p "$WORK/nginx" -e stderr -c "$HERE/benches/compare/nginx.conf" \
-        2>"$WORK/nginx.log" &
+    local cfg=$HERE/benches/compare/nginx.conf port=18091
+    mkdir -p "$WORK/nginx-$1"
+    if [[ ${1:-1} == 2 ]]; then
+        # Two workers need the master process; the CPU count then sums master and workers.
+        cfg=$WORK/nginx-2t.conf port=18093
+        sed 's/^worker_processes 1;/worker_processes 2;/; s/^master_process off;/master_process on;/;
+             s/127.0.0.1:18091/127.0.0.1:18093/' "$HERE/benches/compare/nginx.conf" >"$cfg"
+    fi
+    taskset -c "$PROXY_CPU" nginx -p "$WORK/nginx-$1" -e stderr -c "$cfg" 2>"$WORK/nginx-$1.log" &
     started=$!
     CHILDREN+=("$started")
-    wait_port 18091
+    wait_port "$port"
 }
 
-OURS_FLAGS=(--listen 127.0.0.1:18080 --backend b1=http://127.0.0.1:18081
-    --backend b2=http://127.0.0.1:18082 --workers 1)
+OURS_FLAGS=(--backend b1=http://127.0.0.1:18081 --backend b2=http://127.0.0.1:18082)
 if "$PROXY_BIN" --help | grep -q -- '--access-log'; then
     OURS_FLAGS+=(--access-log off)
 fi
 start_ours() {
+    local port=18080
+    [[ ${1:-1} == 2 ]] && port=18083
     KBS_AFFINITY_PROXY_COOKIE_SECRET=$SECRET RUST_LOG=warn \
-        taskset -c "$PROXY_CPU" "$PROXY_BIN" "${OURS_FLAGS[@]}" 2>"$WORK/ours.log" &
+        taskset -c "$PROXY_CPU" "$PROXY_BIN" "${OURS_FLAGS[@]}" --listen "127.0.0.1:$port" \
+        --workers "${1:-1}" 2>"$WORK/ours-$1.log" &
     started=$!
     CHILDREN+=("$started")
-    wait_port 18080
+    wait_port "$port"
 }
 
 stop() {
@@ -145,10 +175,15 @@ stop() {
     wait "$1" 2>/dev/null || true
 }
 
-# utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat; the comm
-# field may hold spaces, so count from the closing parenthesis).
+# utime + stime of a process and its child processes (nginx's workers), in clock ticks
+# (fields 14 and 15 of /proc/PID/stat, which count every thread; the comm field may hold
+# spaces, so count from the closing parenthesis).
 cpu_ticks() {
-    sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+    local p total=0
+    for p in "$1" $(pgrep -P "$1" || true); do
+        total=$((total + $(sed 's/^.*) //' "/proc/$p/stat" | awk '{ print $12 + $13 }')))
+    done
+    echo "$total"
 }
 
 rss_kb() {
@@ -172,20 +207,22 @@ backends_seen() {
 
 # --- throughput ----------------------------------------------------------------------------
 start_backends
-BACKEND_PID=$started
-start_haproxy
-declare -A PID=([haproxy]=$started)
-start_nginx
-PID[nginx]=$started
-start_ours
-PID[ours]=$started
-PID[direct]=$BACKEND_PID
-declare -A PORT=([direct]=18081 [haproxy]=18090 [nginx]=18091 [ours]=18080)
-TARGETS=(direct haproxy nginx ours)
-MODES=(ka-cookie ka-nocookie close)
+declare -A PID=([direct]=$started)
+declare -A PORT=([direct]=18081 [haproxy]=18090 [nginx]=18091 [ours]=18080
+    [haproxy-2t]=18092 [nginx-2t]=18093 [ours-2t]=18083)
+TARGETS=(direct)
+for n in $THREADS; do
+    for p in haproxy nginx ours; do
+        t=$p
+        [[ $n == 2 ]] && t=$p-2t
+        "start_$p" "$n"
+        PID[$t]=$started
+        TARGETS+=("$t")
+    done
+done
 
 declare -A COOKIE=([direct]="route=none")
-for t in haproxy nginx ours; do
+for t in "${TARGETS[@]:1}"; do
     COOKIE[$t]=$(route_cookie "${PORT[$t]}")
     if [[ -z ${COOKIE[$t]} ]]; then
         log "$t answered no route cookie"
@@ -202,6 +239,11 @@ run_wrk() {
         ka-cookie) hdr=(-H "Cookie: ${COOKIE[$target]}") ;;
         ka-nocookie) hdr=() ;;
         close) hdr=(-H "Cookie: ${COOKIE[$target]}" -H "Connection: close") ;;
+        ka-paced) hdr=(-H "Cookie: ${COOKIE[$target]}" -s "$HERE/benches/compare/paced.lua") ;;
+        *)
+            log "unknown mode $mode"
+            exit 1
+            ;;
     esac
     local pid=${PID[$target]} t0 t1
     t0=$(cpu_ticks "$pid")
@@ -252,9 +294,12 @@ echo
 echo "wrk -t1 -c$CONNS -d${DURATION}s --latency; medians of $REPS interleaved runs (min-max of req/s);"
 echo "CPU = utime+stime of the proxy process per request (for direct: of the backend process)."
 echo
+echo "ka-paced: each connection waits ${PACE_MS} ms between requests. Ratios: to HAProxy with as"
+echo "many threads (*-2t: to haproxy-2t). CPU layout: proxies on CPU $PROXY_CPU, load on CPU $LOAD_CPU."
+echo
 echo "| mode | target | req/s | p50 ms | p99 ms | CPU µs/req | req/s vs HAProxy | CPU vs HAProxy | errors |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
-awk -F'\t' '
+awk -F'\t' -v modes="${MODES[*]}" -v targets="${TARGETS[*]}" '
     function median(s,    a, n, i, j, t) {
         n = split(s, a, " ")
         for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) {
@@ -273,28 +318,28 @@ awk -F'\t' '
         cpu[k] = cpu[k] " " $7; err[k] += $9
     }
     END {
-        split("ka-cookie ka-nocookie close", modes, " ")
-        split("direct haproxy nginx ours", targets, " ")
-        for (m = 1; m <= 3; m++) {
-            h = modes[m] SUBSEP "haproxy"
-            hr = median(rps[h]); hc = median(cpu[h])
-            for (t = 1; t <= 4; t++) {
-                k = modes[m] SUBSEP targets[t]
+        nm = split(modes, mode, " ")
+        nt = split(targets, target, " ")
+        for (m = 1; m <= nm; m++) {
+            for (t = 1; t <= nt; t++) {
+                k = mode[m] SUBSEP target[t]
                 if (!(k in rps)) continue
+                h = mode[m] SUBSEP (target[t] ~ /-2t$/ ? "haproxy-2t" : "haproxy")
+                hr = (h in rps) ? median(rps[h]) : 0; hc = (h in cpu) ? median(cpu[h]) : 0
                 r = median(rps[k]); c = median(cpu[k])
                 rr = (hr > 0) ? r / hr : 0
-                cr = (targets[t] == "direct") ? "-" : sprintf("%.2f", (hc > 0) ? c / hc : 0)
+                cr = (target[t] == "direct") ? "-" : sprintf("%.2f", (hc > 0) ? c / hc : 0)
                 printf "| %s | %s | %d (%s) | %.3f | %.3f | %.1f | %.2f | %s | %d |\n", \
-                    modes[m], targets[t], r, minmax(rps[k]), median(p50[k]) / 1000, \
+                    mode[m], target[t], r, minmax(rps[k]), median(p50[k]) / 1000, \
                     median(p99[k]) / 1000, c, rr, cr, err[k]
             }
         }
     }' "$WORK/runs.tsv"
 
 # --- memory with idle connections ----------------------------------------------------------
-stop "${PID[ours]}"
-stop "${PID[haproxy]}"
-stop "${PID[nginx]}"
+for t in "${TARGETS[@]:1}"; do
+    stop "${PID[$t]}"
+done
 
 echo
 echo "RSS with $IDLE_CONNS idle keep-alive client connections (each made one request first),"
@@ -303,7 +348,7 @@ echo
 echo "| proxy | RSS before | RSS with the idle connections | per connection (connections) |"
 echo "|---|---:|---:|---:|"
 for t in ours haproxy nginx; do
-    "start_$t"
+    "start_$t" 1
     pid=$started
     timeout 20 taskset -c "$LOAD_CPU" wrk -t1 -c8 -d1s "http://127.0.0.1:${PORT[$t]}/" >/dev/null
     sleep 1
