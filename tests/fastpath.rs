@@ -482,3 +482,32 @@ async fn a_response_head_the_fast_path_cannot_frame_is_a_kbs_shaped_502() {
         assert!(asked.elapsed() < Duration::from_secs(5), "{what}: prompt");
     }
 }
+
+#[tokio::test]
+async fn idle_keep_alive_connections_hold_no_buffer() {
+    // The proxy's tasks run on this test's one thread, so the thread's count is theirs.
+    use kbs_affinity_proxy::proxy::fast_buffers_in_use;
+    let backend = start_scripted(Some(OK_REPLY), Duration::ZERO).await;
+    let proxy = start_proxy(Settings {
+        fast_path: Some("on".into()),
+        ..settings(vec![format!("b=http://{backend}")])
+    })
+    .await;
+    let cookie = route_cookie_for("b");
+    let mut conns = Vec::new();
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        assert_eq!(keep_alive_get(&mut s, &cookie).await.0, 200);
+        conns.push(s);
+    }
+    // Every connection answered and idle: once their tasks are back waiting, no buffer is held.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while fast_buffers_in_use() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fast_buffers_in_use(), 0, "buffers held by 40 idle connections");
+    // And they still serve.
+    for s in &mut conns {
+        assert_eq!(keep_alive_get(s, &cookie).await.0, 200);
+    }
+}

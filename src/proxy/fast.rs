@@ -31,9 +31,10 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
+pub use buf::in_use as fast_buffers_in_use;
 pub use rewind::Rewind;
 
-use self::buf::{Buf, BUF_SIZE};
+use self::buf::{Buf, STREAM_CHUNK};
 use self::chunked::ChunkedScanner;
 use super::{body::ProxyBody, ConnInfo, ProxyError, Worker};
 use crate::backend::{Backend, InFlight};
@@ -356,20 +357,23 @@ impl Worker {
                 buf.release();
                 let idle_deadline = last + idle_timeout;
                 arm(timer.as_mut(), idle_deadline);
-                tokio::select! {
-                    biased;
-                    () = stopping.as_mut() => return,
-                    r = stream.readable() => if r.is_err() { return },
-                    () = wait_until(timer.as_mut(), idle_deadline) => return,
-                }
-                buf = Buf::take();
-                // The socket is readable: the first read needs no timer (the common case is a
-                // whole head in one read).
-                match stream.try_read_buf(&mut *buf) {
-                    Ok(0) => return,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return,
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = stopping.as_mut() => return,
+                        r = stream.readable() => if r.is_err() { return },
+                        () = wait_until(timer.as_mut(), idle_deadline) => return,
+                    }
+                    // The first read needs no timer: a head mostly comes whole in one read.
+                    buf = Buf::take();
+                    match stream.try_read_buf(&mut *buf) {
+                        Ok(0) => return,
+                        Ok(_) => break,
+                        // Readiness left over from the last read that emptied the socket: now
+                        // cleared, so wait again, holding no buffer.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.release(),
+                        Err(_) => return,
+                    }
                 }
             } else if shutdown.is_cancelled() {
                 return; // pipelined requests are not started once stopping
@@ -786,12 +790,11 @@ impl Worker {
         mut more: u64,
     ) -> Result<(), ()> {
         let mut chunk = Buf::take();
+        chunk.reserve(STREAM_CHUNK);
         let r = async {
             while more > 0 {
                 chunk.clear();
-                let limit = usize::try_from(more)
-                    .unwrap_or(usize::MAX)
-                    .min(chunk.capacity().max(BUF_SIZE));
+                let limit = usize::try_from(more).unwrap_or(usize::MAX).min(chunk.capacity());
                 let n = (&mut *client)
                     .take(limit as u64)
                     .read_buf(&mut *chunk)
@@ -1038,9 +1041,14 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 
 /// Copies exactly `n` bytes from `from` to `to`.
 async fn copy_exact(from: &mut TcpStream, to: &mut TcpStream, mut n: u64, scratch: &mut Vec<u8>) -> io::Result<()> {
+    if n == 0 {
+        return Ok(()); // the common case: the whole body came with the head
+    }
+    scratch.clear();
+    scratch.reserve(STREAM_CHUNK);
     while n > 0 {
         scratch.clear();
-        let got = (&mut *from).take(n.min(BUF_SIZE as u64)).read_buf(scratch).await?;
+        let got = (&mut *from).take(n.min(STREAM_CHUNK as u64)).read_buf(scratch).await?;
         if got == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -1057,6 +1065,8 @@ async fn copy_chunked(
     scanner: &mut ChunkedScanner,
     scratch: &mut Vec<u8>,
 ) -> io::Result<bool> {
+    scratch.clear();
+    scratch.reserve(STREAM_CHUNK);
     loop {
         scratch.clear();
         if from.read_buf(scratch).await? == 0 {
@@ -1075,6 +1085,8 @@ async fn copy_chunked(
 
 /// Copies until `from` closes.
 async fn copy_to_eof(from: &mut TcpStream, to: &mut TcpStream, scratch: &mut Vec<u8>) -> io::Result<()> {
+    scratch.clear();
+    scratch.reserve(STREAM_CHUNK);
     loop {
         scratch.clear();
         if from.read_buf(scratch).await? == 0 {

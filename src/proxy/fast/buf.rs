@@ -3,18 +3,29 @@
 //! A worker is one thread with its own runtime, so a thread-local list is a per-worker list
 //! without a lock. A [`Buf`] goes back to the list when dropped, on every path, errors included.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ops::{Deref, DerefMut};
 
-/// Capacity a buffer starts with.
-pub const BUF_SIZE: usize = 16 * 1024;
+/// Capacity a buffer starts with: a request or response head and a small body. Every request in
+/// flight holds up to three, so this bounds the memory a burst of requests takes (and glibc
+/// keeps as RSS afterwards).
+pub const BUF_SIZE: usize = 4 * 1024;
+/// What a body copy reads at a time; its buffer grows to this.
+pub const STREAM_CHUNK: usize = 16 * 1024;
 /// Buffers kept on a thread's free list.
 const FREE_BUFFERS: usize = 256;
 /// A buffer grown past this (a huge head) is freed rather than kept.
-const KEEP_AT_MOST: usize = 4 * BUF_SIZE;
+const KEEP_AT_MOST: usize = 4 * STREAM_CHUNK;
 
 thread_local! {
     static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static IN_USE: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Buffers the fast path holds on this thread right now (out of the free list): the requests
+/// in flight hold up to three each, an idle connection none.
+pub fn in_use() -> usize {
+    IN_USE.get()
 }
 
 /// A byte buffer from the thread's free list; returned to it on drop. An empty `Buf` (no
@@ -30,13 +41,18 @@ impl Buf {
         if b.capacity() < BUF_SIZE {
             b.reserve(BUF_SIZE);
         }
+        IN_USE.set(IN_USE.get() + 1);
         Buf(b)
     }
 
     /// Gives the memory back to the free list, leaving this buffer empty.
     pub fn release(&mut self) {
         let b = std::mem::take(&mut self.0);
-        if b.capacity() == 0 || b.capacity() > KEEP_AT_MOST {
+        if b.capacity() == 0 {
+            return;
+        }
+        let _ = IN_USE.try_with(|n| n.set(n.get().saturating_sub(1)));
+        if b.capacity() > KEEP_AT_MOST {
             return;
         }
         // `try_with`: a buffer dropped while the thread's locals are torn down is just freed.
@@ -51,6 +67,9 @@ impl Buf {
 
     /// The bytes, leaving nothing to the free list.
     pub fn into_vec(mut self) -> Vec<u8> {
+        if self.0.capacity() > 0 {
+            IN_USE.set(IN_USE.get().saturating_sub(1));
+        }
         std::mem::take(&mut self.0)
     }
 }
