@@ -511,3 +511,22 @@ async fn idle_keep_alive_connections_hold_no_buffer() {
         assert_eq!(keep_alive_get(s, &cookie).await.0, 200);
     }
 }
+
+#[tokio::test]
+async fn odd_but_valid_framing_is_forwarded_alike() {
+    let mirror = start_mirror().await;
+    let p = pair(mirror).await;
+    let cases: [&[u8]; 2] = [
+        // Leading zeros: a valid Content-Length (RFC 9110 §8.6: 1*DIGIT), hyper reads it.
+        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 00000000000000000005\r\nConnection: close\r\n\r\nhello",
+        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    ];
+    for raw in cases {
+        let fast = parse_response(&exchange(p.fast.addr, raw).await).expect("fast path answered");
+        let hyper = parse_response(&exchange(p.hyper.addr, raw).await).expect("hyper path answered");
+        let what = String::from_utf8_lossy(raw);
+        assert_eq!(fast.status, 200, "{what}");
+        assert_eq!(hyper.status, 200, "{what}");
+        assert_eq!(parse_mirrored(&fast.body), parse_mirrored(&hyper.body), "{what}");
+    }
+}

@@ -317,10 +317,20 @@ fn add_content_length(mut len: Option<u64>, value: &[u8]) -> Result<Option<u64>,
     // Comma-separated repeats are allowed by RFC 9110 §8.6 only when equal.
     for part in value.split(|&b| b == b',') {
         let part = part.trim_ascii();
-        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+        if part.is_empty() {
             return Err(());
         }
-        let n: u64 = std::str::from_utf8(part).map_err(|_| ())?.parse().map_err(|_| ())?;
+        // Digits only, leading zeros allowed, no overflow: as hyper reads it.
+        let mut n: u64 = 0;
+        for &b in part {
+            if !b.is_ascii_digit() {
+                return Err(());
+            }
+            n = n
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u64::from(b - b'0')))
+                .ok_or(())?;
+        }
         match len {
             Some(prev) if prev != n => return Err(()),
             _ => len = Some(n),
@@ -544,10 +554,17 @@ impl Worker {
         out.extend_from_slice(b" HTTP/1.1\r\n");
         let mut xff: Option<&[u8]> = None;
         let mut host: &[u8] = b"";
+        let mut length_sent = false;
         for h in headers {
             let name = h.name;
             if is_hop_by_hop(name, &tokens) {
                 continue;
+            }
+            if name.len() == 14 && name.eq_ignore_ascii_case("content-length") {
+                // Repeats (all equal, checked above) go as one field, as hyper sends them.
+                if std::mem::replace(&mut length_sent, true) {
+                    continue;
+                }
             }
             if name.eq_ignore_ascii_case("x-forwarded-for") {
                 xff = Some(h.value); // joined below (several fields: the last one wins, like hyper's map)
