@@ -138,6 +138,7 @@ enum Prepared {
         body_len: u64,
         close: bool,
         kind: RouteKind,
+        is_head: bool,
     },
     /// Not for the fast path: hyper takes the connection over.
     Handoff,
@@ -257,6 +258,9 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// Most `X-Forwarded-For` fields in one request the fast path joins (more go to hyper).
+const MAX_XFF: usize = 4;
+
 /// Most `Connection` tokens handled without allocating.
 const MAX_TOKENS: usize = 8;
 
@@ -307,36 +311,39 @@ impl CookieCache {
     }
 }
 
+/// A request-target byte the fast path forwards as it is: unreserved, sub-delims, `:@/?%`
+/// (RFC 3986). Anything else (`#`, quotes, brackets, `<>`, backtick, spaces...) goes to hyper.
+fn plain_target_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+}
+
 fn has_token(tokens: &[&[u8]], token: &[u8]) -> bool {
     tokens.iter().any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// Adds one `Content-Length` field value to what earlier ones said: `Err` when invalid or
-/// conflicting.
-fn add_content_length(mut len: Option<u64>, value: &[u8]) -> Result<Option<u64>, ()> {
-    // Comma-separated repeats are allowed by RFC 9110 §8.6 only when equal.
-    for part in value.split(|&b| b == b',') {
-        let part = part.trim_ascii();
-        if part.is_empty() {
+/// conflicting. A list ("5, 5") is refused, as hyper refuses it: forwarding it as it is would be
+/// wrong (RFC 9110 §8.6); equal values in separate fields are allowed.
+fn add_content_length(len: Option<u64>, value: &[u8]) -> Result<Option<u64>, ()> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() {
+        return Err(());
+    }
+    // Digits only, leading zeros allowed, no overflow: as hyper reads it.
+    let mut n: u64 = 0;
+    for &b in digits {
+        if !b.is_ascii_digit() {
             return Err(());
         }
-        // Digits only, leading zeros allowed, no overflow: as hyper reads it.
-        let mut n: u64 = 0;
-        for &b in part {
-            if !b.is_ascii_digit() {
-                return Err(());
-            }
-            n = n
-                .checked_mul(10)
-                .and_then(|n| n.checked_add(u64::from(b - b'0')))
-                .ok_or(())?;
-        }
-        match len {
-            Some(prev) if prev != n => return Err(()),
-            _ => len = Some(n),
-        }
+        n = n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(b - b'0')))
+            .ok_or(())?;
     }
-    Ok(len)
+    match len {
+        Some(prev) if prev != n => Err(()),
+        _ => Ok(Some(n)),
+    }
 }
 
 impl Worker {
@@ -427,6 +434,7 @@ impl Worker {
                     body_len,
                     close,
                     kind,
+                    is_head,
                 } => {
                     // Skip (discard) the request body, then answer.
                     let keep = match self.discard_body(&mut stream, &mut buf, head_len, body_len).await {
@@ -434,7 +442,7 @@ impl Worker {
                         Err(()) => false,
                     };
                     self.shared.stats.count_local(kind, resp.status().as_u16());
-                    if write_local(&mut stream, resp, !keep).await.is_err() || !keep {
+                    if write_local(&mut stream, resp, is_head, !keep).await.is_err() || !keep {
                         return;
                     }
                     last = Instant::now();
@@ -510,6 +518,17 @@ impl Worker {
         let Ok(method) = Method::from_bytes(method.as_bytes()) else {
             return Prepared::Reject(StatusCode::BAD_REQUEST);
         };
+        // hyper's rules for these: CONNECT; a target with a fragment or a byte `http::Uri`
+        // may refuse; `Connection` naming a field that frames or addresses the message (it
+        // must not be dropped, and removing it would let a body be read as a second request).
+        if method == Method::CONNECT
+            || !target.bytes().all(plain_target_byte)
+            || ["content-length", "host"]
+                .iter()
+                .any(|f| has_token(&tokens, f.as_bytes()))
+        {
+            return Prepared::Handoff;
+        }
         let path = target.split('?').next().unwrap_or(target);
         let kind = RouteKind::classify(&method, path);
         if matches!(kind, RouteKind::Auth | RouteKind::Attest)
@@ -539,6 +558,7 @@ impl Worker {
                     body_len,
                     close: client_close,
                     kind,
+                    is_head: method == Method::HEAD,
                 };
             }
         };
@@ -552,7 +572,8 @@ impl Worker {
         out.push(b' ');
         out.extend_from_slice(target.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut xff: Option<&[u8]> = None;
+        let mut xff: [&[u8]; MAX_XFF] = [b""; MAX_XFF];
+        let mut xff_fields = 0;
         let mut host: &[u8] = b"";
         let mut length_sent = false;
         for h in headers {
@@ -567,7 +588,12 @@ impl Worker {
                 }
             }
             if name.eq_ignore_ascii_case("x-forwarded-for") {
-                xff = Some(h.value); // joined below (several fields: the last one wins, like hyper's map)
+                // Joined below, in order, with the client's address last.
+                let Some(slot) = xff.get_mut(xff_fields) else {
+                    return Prepared::Handoff;
+                };
+                *slot = h.value;
+                xff_fields += 1;
                 continue;
             }
             if name.eq_ignore_ascii_case("x-forwarded-proto") || name.eq_ignore_ascii_case("x-forwarded-host") {
@@ -582,7 +608,7 @@ impl Worker {
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"x-forwarded-for: ");
-        if let Some(prev) = xff {
+        for prev in &xff[..xff_fields] {
             out.extend_from_slice(prev);
             out.extend_from_slice(b", ");
         }
@@ -885,7 +911,10 @@ impl Worker {
                 if framing == Framing::Chunked && h.name.eq_ignore_ascii_case("content-length") {
                     continue;
                 }
-                if h.name.eq_ignore_ascii_case("transfer-encoding") || !is_hop_by_hop(h.name, tokens) {
+                // The framing fields stay even when `Connection` names them: the client needs them.
+                let framing_field =
+                    h.name.eq_ignore_ascii_case("transfer-encoding") || h.name.eq_ignore_ascii_case("content-length");
+                if framing_field || !is_hop_by_hop(h.name, tokens) {
                     out.extend_from_slice(h.name.as_bytes());
                     out.extend_from_slice(b": ");
                     out.extend_from_slice(h.value);
@@ -985,7 +1014,7 @@ impl Worker {
         log_access(plan, status, started.elapsed());
         // The body may not have been read in full: close after answering.
         buf.clear();
-        let _ = write_local(client, resp, true).await;
+        let _ = write_local(client, resp, plan.is_head, true).await;
         Ok(None)
     }
 }
@@ -1147,8 +1176,9 @@ async fn copy_to_eof(from: &mut TcpStream, to: &mut TcpStream, scratch: &mut Vec
     }
 }
 
-/// Writes a response the proxy made (a `Full` body) as HTTP/1.1.
-async fn write_local(client: &mut TcpStream, resp: Response<ProxyBody>, close: bool) -> io::Result<()> {
+/// Writes a response the proxy made (a `Full` body) as HTTP/1.1; to a `HEAD` request, without
+/// the body (RFC 9110 §9.3.2).
+async fn write_local(client: &mut TcpStream, resp: Response<ProxyBody>, head: bool, close: bool) -> io::Result<()> {
     let (parts, body) = resp.into_parts();
     let body = match body {
         ProxyBody::Full(Some(b)) => b,
@@ -1174,7 +1204,9 @@ async fn write_local(client: &mut TcpStream, resp: Response<ProxyBody>, close: b
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&body);
+    if !head {
+        out.extend_from_slice(&body);
+    }
     client.write_all(&out).await
 }
 

@@ -68,19 +68,15 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// Sets the `X-Forwarded-*` fields: appends the client's address to `X-Forwarded-For`, and
 /// replaces `-Proto` and `-Host` with what this proxy saw.
 pub fn set_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, tls: bool, host: Option<HeaderValue>) {
-    match headers.get(&X_FORWARDED_FOR) {
-        None => {
-            headers.insert(X_FORWARDED_FOR.clone(), client_ip.clone());
-        }
-        Some(prev) => {
-            let mut joined = Vec::with_capacity(prev.len() + 2 + client_ip.len());
-            joined.extend_from_slice(prev.as_bytes());
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(client_ip.as_bytes());
-            if let Ok(v) = HeaderValue::from_bytes(&joined) {
-                headers.insert(X_FORWARDED_FOR.clone(), v);
-            }
-        }
+    // Every X-Forwarded-For field the client sent, in order, then the client's address.
+    let mut joined = Vec::new();
+    for prev in headers.get_all(&X_FORWARDED_FOR) {
+        joined.extend_from_slice(prev.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(client_ip.as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     let proto = HeaderValue::from_static(if tls { "https" } else { "http" });
     headers.insert(X_FORWARDED_PROTO.clone(), proto);
@@ -145,5 +141,10 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert!(!h.contains_key(&X_FORWARDED_HOST));
+        // Several fields from the client: all kept, in order, as one.
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
+        set_forwarded(&mut h, &ip, false, None);
+        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1, 127.0.0.1, 203.0.113.9, 127.0.0.1");
     }
 }
