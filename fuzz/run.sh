@@ -6,6 +6,8 @@
 # Environment:
 #   SANITIZER=address|none   (default: address; falls back to none if the address build fails)
 #   FUZZ_ARGS="..."          extra libFuzzer flags, e.g. "-jobs=2 -workers=2"
+#   FAST_VS_HYPER_SKIP_KNOWN=1  fast_vs_hyper: do not send inputs that show a divergence already
+#                            reported (fuzz/fuzz_targets/fast_vs_hyper/known.rs), to look past them
 #
 # cargo-fuzz wants a nightly compiler for its -Z flags. On a stable toolchain this script sets
 # RUSTC_BOOTSTRAP=1, which makes stable rustc/cargo accept them.
@@ -18,8 +20,16 @@ secs="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(route_cookie set_cookie)
+    targets=(route_cookie set_cookie fast_vs_hyper)
 fi
+
+# Per-target libFuzzer flags: a dictionary where there is one.
+target_args() {
+    case "$1" in
+        fast_vs_hyper) echo "-dict=fuzz/dict/http.dict" ;;
+        *) ;;
+    esac
+}
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
@@ -40,7 +50,7 @@ for t in "${targets[@]}"; do
     # The committed seeds; libFuzzer adds what it finds next to them (fuzz/corpus is not committed).
     cp -n "fuzz/seeds/$t/"* "fuzz/corpus/$t/" 2>/dev/null || true
     echo "== $t: ${secs}s, sanitizer $sanitizer"
-    # shellcheck disable=SC2086
+    # shellcheck disable=SC2086,SC2046
     cargo fuzz run -s "$sanitizer" "$t" "fuzz/corpus/$t" -- \
-        -max_total_time="$secs" -timeout=10 -print_final_stats=1 ${FUZZ_ARGS:-}
+        -max_total_time="$secs" -timeout=10 -print_final_stats=1 $(target_args "$t") ${FUZZ_ARGS:-}
 done

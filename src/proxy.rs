@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, HOST, SET_COOKIE, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, HOST, SET_COOKIE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Limited};
@@ -312,23 +312,11 @@ impl Worker {
                     target.backend.record_success();
                     let (mut parts, body) = resp.into_parts();
                     target.backend.stats.count_response(kind, parts.status.as_u16());
-                    // hyper's client has undone `chunked`; a Content-Length beside it is not this
-                    // body's length (RFC 9112 §6.3), and any other coding could not be passed on
-                    // (its name is in a hop-by-hop field).
-                    if parts.headers.contains_key(TRANSFER_ENCODING) {
-                        let only_chunked = parts.headers.get_all(TRANSFER_ENCODING).iter().all(|v| {
-                            v.as_bytes()
-                                .split(|&b| b == b',')
-                                .map(<[u8]>::trim_ascii)
-                                .all(|c| c.is_empty() || c.eq_ignore_ascii_case(b"chunked"))
+                    if !headers::settle_decoded_framing(&mut parts.headers) {
+                        target.backend.record_failure();
+                        return Err(ProxyError::BadResponse {
+                            backend: target.backend.name.clone(),
                         });
-                        if !only_chunked {
-                            target.backend.record_failure();
-                            return Err(ProxyError::BadResponse {
-                                backend: target.backend.name.clone(),
-                            });
-                        }
-                        parts.headers.remove(CONTENT_LENGTH);
                     }
                     headers::remove_hop_by_hop(&mut parts.headers);
                     if matches!(kind, RouteKind::Auth | RouteKind::Attest) {

@@ -52,6 +52,11 @@ impl Outcome {
 /// Reads a response whole (admin answers are small; bounded anyway).
 async fn collect(resp: Response<Incoming>) -> Result<Response<Bytes>, String> {
     let (mut parts, body) = resp.into_parts();
+    if !headers::settle_decoded_framing(&mut parts.headers) {
+        return Err("a transfer coding other than chunked".into());
+    }
+    // The body is passed on whole: its own length frames it.
+    parts.headers.remove(http::header::CONTENT_LENGTH);
     headers::remove_hop_by_hop(&mut parts.headers);
     let bytes = Limited::new(body, 1024 * 1024)
         .collect()

@@ -37,6 +37,24 @@ pub fn is_hop_by_hop_name(name: &str) -> bool {
     name.eq_ignore_ascii_case(candidate)
 }
 
+/// For a backend answer whose body hyper's client has read: `chunked` is undone, so a
+/// Content-Length beside `Transfer-Encoding` is not this body's length (RFC 9112 §6.3) and goes.
+/// `false` when a coding other than `chunked` was applied: that body cannot be passed on (the
+/// coding's name is in a hop-by-hop field).
+pub fn settle_decoded_framing(headers: &mut HeaderMap) -> bool {
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        return true;
+    }
+    let only_chunked = headers.get_all(header::TRANSFER_ENCODING).iter().all(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+            .all(|c| c.is_empty() || c.eq_ignore_ascii_case(b"chunked"))
+    });
+    headers.remove(header::CONTENT_LENGTH);
+    only_chunked
+}
+
 /// `X-Forwarded-For` (de-facto standard; RFC 7239 is its formal cousin).
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `X-Forwarded-Proto`.
@@ -129,6 +147,19 @@ mod tests {
         ] {
             assert!(!is_hop_by_hop_name(name), "{name}");
         }
+    }
+
+    #[test]
+    fn a_decoded_chunked_body_loses_its_stray_length_and_other_codings_are_refused() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        assert!(settle_decoded_framing(&mut h), "no coding: as it is");
+        assert!(h.contains_key(header::CONTENT_LENGTH));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        assert!(settle_decoded_framing(&mut h));
+        assert!(!h.contains_key(header::CONTENT_LENGTH), "a length beside chunked goes");
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip, chunked"));
+        assert!(!settle_decoded_framing(&mut h), "gzip cannot be passed on decoded");
     }
 
     #[test]
