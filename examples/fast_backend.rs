@@ -7,20 +7,16 @@
 //!
 //! One thread serves every address given (pin it with `taskset`); each response names the
 //! address that served it in `x-backend`, so a benchmark can check which backend a cookie
-//! routes to.
+//! routes to. It is deliberately not a full HTTP server, to cost as little as possible: it reads
+//! request heads (with `Content-Length` bodies, pipelined or not) and writes a prepared answer
+//! per request; anything it cannot frame closes the connection.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 
-use bytes::Bytes;
-use http::{HeaderValue, Response};
-use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
-const BODY: &[u8] = b"ok\n";
+const BODY: &str = "ok\n";
 
 fn main() -> std::io::Result<()> {
     let addrs: Vec<SocketAddr> = std::env::args()
@@ -48,24 +44,72 @@ fn main() -> std::io::Result<()> {
 }
 
 async fn serve(listener: TcpListener, addr: SocketAddr) {
-    let name = HeaderValue::from_str(&addr.to_string()).expect("an address is a header value");
+    let answer: &'static [u8] = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nx-backend: {addr}\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    )
+    .into_bytes()
+    .leak();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let name = name.clone();
-        tokio::task::spawn_local(async move {
-            let service = service_fn(move |_req| {
-                let mut resp = Response::new(Full::new(Bytes::from_static(BODY)));
-                let h = resp.headers_mut();
-                h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-                h.insert("x-backend", name.clone());
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        tokio::task::spawn_local(connection(stream, answer));
     }
+}
+
+/// Answers each complete request in `buf` with `answer`, all of a read's requests in one write.
+async fn connection(mut stream: TcpStream, answer: &'static [u8]) {
+    let mut buf = Vec::with_capacity(4096);
+    let mut out = Vec::with_capacity(answer.len());
+    loop {
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut used = 0;
+        while let Some(len) = request_len(&buf[used..]) {
+            match len {
+                Some(n) => {
+                    used += n;
+                    out.extend_from_slice(answer);
+                }
+                None => return, // not a request this backend can frame
+            }
+        }
+        buf.drain(..used);
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        if buf.len() > 1 << 20 {
+            return;
+        }
+    }
+}
+
+/// The length of the request at the start of `buf`: `None` when it is not all there yet,
+/// `Some(None)` when it cannot be framed (a chunked body).
+fn request_len(buf: &[u8]) -> Option<Option<usize>> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..head_end]).ok();
+    let mut body = 0usize;
+    for line in head.into_iter().flat_map(str::lines) {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Some(None);
+        }
+        if name.eq_ignore_ascii_case("content-length") {
+            match value.trim().parse() {
+                Ok(n) => body = n,
+                Err(_) => return Some(None),
+            }
+        }
+    }
+    (buf.len() >= head_end + body).then_some(Some(head_end + body))
 }
