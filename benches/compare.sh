@@ -51,23 +51,10 @@ PROXY_CPU=${PROXY_CPUS:-0}
 LOAD_CPU=${LOAD_CPUS:-1}
 SECRET=bench-secret-0123456789abcdef0123
 
-cd "$(dirname "$0")/.."
+BENCH_NAME=compare
+# shellcheck source=benches/common.sh
+source "$(dirname "$0")/common.sh"
 HERE=$PWD
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HERE/target}
-WORK=$(mktemp -d /tmp/kbs-compare.XXXXXX)
-CHILDREN=()
-
-log() { echo "[compare] $*" >&2; }
-
-cleanup() {
-    local p
-    for p in "${CHILDREN[@]}"; do
-        kill "$p" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 # --- tools ---------------------------------------------------------------------------------
 missing=()

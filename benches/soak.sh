@@ -29,22 +29,9 @@ WARMUP=${WARMUP:-5}
 PROFILE=${PROFILE:-release}
 SECRET=soak-secret-0123456789abcdef0123
 
-cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-WORK=$(mktemp -d /tmp/kbs-soak.XXXXXX)
-CHILDREN=()
-
-log() { echo "[soak] $*" >&2; }
-
-cleanup() {
-    local p
-    for p in "${CHILDREN[@]}"; do
-        kill "$p" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+BENCH_NAME=soak
+# shellcheck source=benches/common.sh
+source "$(dirname "$0")/common.sh"
 
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     log "building ($PROFILE)"
