@@ -9,7 +9,8 @@
 //! address that served it in `x-backend`, so a benchmark can check which backend a cookie
 //! routes to. It is deliberately not a full HTTP server, to cost as little as possible: it reads
 //! request heads (with `Content-Length` bodies, pipelined or not) and writes a prepared answer
-//! per request; anything it cannot frame closes the connection.
+//! per request; anything it cannot frame closes the connection, and so does a request with
+//! `Connection: close` (after its answer, which says so), as a real server does.
 
 use std::net::SocketAddr;
 
@@ -50,17 +51,26 @@ async fn serve(listener: TcpListener, addr: SocketAddr) {
     )
     .into_bytes()
     .leak();
+    let closing = answer_closing(answer);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        tokio::task::spawn_local(connection(stream, answer));
+        tokio::task::spawn_local(connection(stream, answer, closing));
     }
 }
 
-/// Answers each complete request in `buf` with `answer`, all of a read's requests in one write.
-async fn connection(mut stream: TcpStream, answer: &'static [u8]) {
+/// `answer` with `connection: close` added to its head.
+fn answer_closing(answer: &[u8]) -> &'static [u8] {
+    let mut closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\n".to_vec();
+    closing.extend_from_slice(&answer[b"HTTP/1.1 200 OK\r\n".len()..]);
+    closing.leak()
+}
+
+/// Answers each complete request in `buf` with `answer`, all of a read's requests in one write;
+/// after a request that asks to close, with `closing`, and closes.
+async fn connection(mut stream: TcpStream, answer: &'static [u8], closing: &'static [u8]) {
     let mut buf = Vec::with_capacity(4096);
     let mut out = Vec::with_capacity(answer.len());
     loop {
@@ -69,10 +79,17 @@ async fn connection(mut stream: TcpStream, answer: &'static [u8]) {
             Ok(_) => {}
         }
         let mut used = 0;
+        let mut close = false;
         while let Some(len) = request_len(&buf[used..]) {
             match len {
-                Some(n) => {
-                    used += n;
+                Some(Request { len, close: true }) => {
+                    out.extend_from_slice(closing);
+                    used += len;
+                    close = true;
+                    break;
+                }
+                Some(Request { len, close: false }) => {
+                    used += len;
                     out.extend_from_slice(answer);
                 }
                 None => return, // not a request this backend can frame
@@ -85,22 +102,38 @@ async fn connection(mut stream: TcpStream, answer: &'static [u8]) {
             }
             out.clear();
         }
+        if close {
+            let _ = stream.shutdown().await;
+            return;
+        }
         if buf.len() > 1 << 20 {
             return;
         }
     }
 }
 
-/// The length of the request at the start of `buf`: `None` when it is not all there yet,
-/// `Some(None)` when it cannot be framed (a chunked body).
-fn request_len(buf: &[u8]) -> Option<Option<usize>> {
+/// A complete request at the start of the buffer.
+struct Request {
+    /// Head and body.
+    len: usize,
+    /// It asked to close the connection (`Connection: close`).
+    close: bool,
+}
+
+/// The request at the start of `buf`: `None` when it is not all there yet, `Some(None)` when it
+/// cannot be framed (a chunked body).
+fn request_len(buf: &[u8]) -> Option<Option<Request>> {
     let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let head = std::str::from_utf8(&buf[..head_end]).ok();
     let mut body = 0usize;
+    let mut close = false;
     for line in head.into_iter().flat_map(str::lines) {
         let Some((name, value)) = line.split_once(':') else {
             continue;
         };
+        if name.eq_ignore_ascii_case("connection") {
+            close |= value.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"));
+        }
         if name.eq_ignore_ascii_case("transfer-encoding") {
             return Some(None);
         }
@@ -111,5 +144,6 @@ fn request_len(buf: &[u8]) -> Option<Option<usize>> {
             }
         }
     }
-    (buf.len() >= head_end + body).then_some(Some(head_end + body))
+    let len = head_end + body;
+    (buf.len() >= len).then_some(Some(Request { len, close }))
 }

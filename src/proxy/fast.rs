@@ -442,7 +442,8 @@ impl Worker {
                         Err(()) => false,
                     };
                     self.shared.stats.count_local(kind, resp.status().as_u16());
-                    if write_local(&mut stream, resp, is_head, !keep).await.is_err() || !keep {
+                    // Boxed: rare, and its state would otherwise enlarge every idle connection's task.
+                    if Box::pin(write_local(&mut stream, resp, is_head, !keep)).await.is_err() || !keep {
                         return;
                     }
                     last = Instant::now();
@@ -995,27 +996,31 @@ impl Worker {
         }
     }
 
-    /// Answers an error of our own before any response byte was sent.
-    async fn fail(
-        &self,
-        client: &mut TcpStream,
-        buf: &mut Vec<u8>,
-        plan: &Plan,
+    /// Answers an error of our own before any response byte was sent. Boxed: rare, and its
+    /// state would otherwise enlarge every exchange's future, which is moved into its box at
+    /// every request.
+    fn fail<'a>(
+        &'a self,
+        client: &'a mut TcpStream,
+        buf: &'a mut Vec<u8>,
+        plan: &'a Plan,
         err: ProxyError,
         started: Instant,
-    ) -> Result<Option<Instant>, ()> {
-        tracing::debug!(route = plan.kind.as_str(), error = %err, "answered by the proxy");
-        let resp = err.into_response(plan.kind);
-        let status = resp.status().as_u16();
-        self.shared.stats.count_local(plan.kind, status);
-        self.shared
-            .stats
-            .observe_latency(plan.kind, started.elapsed().as_secs_f64());
-        log_access(plan, status, started.elapsed());
-        // The body may not have been read in full: close after answering.
-        buf.clear();
-        let _ = write_local(client, resp, plan.is_head, true).await;
-        Ok(None)
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Instant>, ()>> + Send + 'a>> {
+        Box::pin(async move {
+            tracing::debug!(route = plan.kind.as_str(), error = %err, "answered by the proxy");
+            let resp = err.into_response(plan.kind);
+            let status = resp.status().as_u16();
+            self.shared.stats.count_local(plan.kind, status);
+            self.shared
+                .stats
+                .observe_latency(plan.kind, started.elapsed().as_secs_f64());
+            log_access(plan, status, started.elapsed());
+            // The body may not have been read in full: close after answering.
+            buf.clear();
+            let _ = write_local(client, resp, plan.is_head, true).await;
+            Ok(None)
+        })
     }
 }
 
@@ -1044,24 +1049,16 @@ async fn read_response_head(bc: &mut TcpStream, rbuf: &mut Vec<u8>) -> Result<()
             if rbuf.get(9) != Some(&b'1') {
                 return Ok(());
             }
-            let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut storage);
-            match resp.parse(&rbuf[..end]) {
-                Ok(httparse::Status::Complete(_)) => {}
-                _ => return Err(HeadError::Invalid),
-            }
-            match resp.code {
-                Some(101) => return Err(HeadError::Invalid), // no upgrade was asked for
-                Some(100..=199) => {
+            match informational(&rbuf[..end])? {
+                true => {
                     rbuf.drain(..end);
                     continue;
                 }
-                _ => return Ok(()),
+                false => return Ok(()),
             }
         }
         // Incomplete (rare: a head mostly comes in one read): refuse garbage without waiting.
-        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        if rbuf.len() >= MAX_RESPONSE_HEAD || httparse::Response::new(&mut storage).parse(rbuf).is_err() {
+        if rbuf.len() >= MAX_RESPONSE_HEAD || !could_be_response_head(rbuf) {
             return Err(HeadError::Invalid);
         }
         let empty = rbuf.is_empty();
@@ -1081,6 +1078,31 @@ async fn read_response_head(bc: &mut TcpStream, rbuf: &mut Vec<u8>) -> Result<()
             Err(_) => return Err(HeadError::Invalid),
         }
     }
+}
+
+// The two helpers below hold httparse's field array (3.2 KiB) in their own stack frames: in
+// `read_response_head` it would be kept across its await, in every exchange's boxed future,
+// copied into the box at every request.
+
+/// Whether the complete response head `head` is a 1xx to skip (`Ok(false)`: a final answer).
+fn informational(head: &[u8]) -> Result<bool, HeadError> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut storage);
+    match resp.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(HeadError::Invalid),
+    }
+    match resp.code {
+        Some(101) => Err(HeadError::Invalid), // no upgrade was asked for
+        Some(100..=199) => Ok(true),
+        _ => Ok(false),
+    }
+}
+
+/// Whether the incomplete `head` may still become a valid response head.
+fn could_be_response_head(head: &[u8]) -> bool {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    httparse::Response::new(&mut storage).parse(head).is_ok()
 }
 
 /// Reads what `stream` has into `buf`'s spare capacity, without waiting. A short read (less than
