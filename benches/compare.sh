@@ -162,15 +162,17 @@ stop() {
     wait "$1" 2>/dev/null || true
 }
 
-# utime + stime of a process and its child processes (nginx's workers), in clock ticks
-# (fields 14 and 15 of /proc/PID/stat, which count every thread; the comm field may hold
-# spaces, so count from the closing parenthesis).
+# utime and stime of a process and its child processes (nginx's workers), in clock ticks, as
+# "UTIME STIME" (fields 14 and 15 of /proc/PID/stat, which count every thread; the comm field
+# may hold spaces, so count from the closing parenthesis).
 cpu_ticks() {
-    local p total=0
+    local p user=0 sys=0 u s
     for p in "$1" $(pgrep -P "$1" || true); do
-        total=$((total + $(sed 's/^.*) //' "/proc/$p/stat" | awk '{ print $12 + $13 }')))
+        read -r u s < <(sed 's/^.*) //' "/proc/$p/stat" | awk '{ print $12, $13 }')
+        user=$((user + u))
+        sys=$((sys + s))
     done
-    echo "$total"
+    echo "$user $sys"
 }
 
 rss_kb() {
@@ -199,7 +201,8 @@ declare -A PORT=([direct]=18081 [haproxy]=18090 [nginx]=18091 [ours]=18080
     [haproxy-2t]=18092 [nginx-2t]=18093 [ours-2t]=18083)
 TARGETS=(direct)
 for n in $THREADS; do
-    for p in haproxy nginx ours; do
+    # HAProxy and ours one after the other in every repetition: their ratios are paired.
+    for p in haproxy ours nginx; do
         t=$p
         [[ $n == 2 ]] && t=$p-2t
         "start_$p" "$n"
@@ -219,7 +222,7 @@ for t in "${TARGETS[@]:1}"; do
 done
 
 # Runs wrk against target $1 in mode $2; appends one TSV line to $WORK/runs.tsv:
-# rep mode target req/s p50_us p99_us cpu_us_per_req requests errors
+# rep mode target req/s p50_us p99_us cpu_us_per_req requests errors user_us sys_us
 run_wrk() {
     local target=$1 mode=$2 rep=$3 port=${PORT[$1]} hdr=()
     case $mode in
@@ -232,13 +235,13 @@ run_wrk() {
             exit 1
             ;;
     esac
-    local pid=${PID[$target]} t0 t1
-    t0=$(cpu_ticks "$pid")
+    local pid=${PID[$target]} u0 s0 u1 s1
+    read -r u0 s0 < <(cpu_ticks "$pid")
     timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" \
         wrk -t1 -c"$CONNS" -d"${DURATION}s" --timeout 5s --latency "${hdr[@]}" \
         "http://127.0.0.1:$port/" >"$WORK/wrk.out"
-    t1=$(cpu_ticks "$pid")
-    awk -v rep="$rep" -v mode="$mode" -v target="$target" -v ticks=$((t1 - t0)) \
+    read -r u1 s1 < <(cpu_ticks "$pid")
+    awk -v rep="$rep" -v mode="$mode" -v target="$target" -v user=$((u1 - u0)) -v sys=$((s1 - s0)) \
         -v hz="$(getconf CLK_TCK)" '
         function us(v) {
             if (v ~ /us$/) return v + 0
@@ -253,11 +256,12 @@ run_wrk() {
         /Non-2xx or 3xx responses:/ { errors += $NF }
         /Socket errors:/ { gsub(",", ""); errors += $4 + $6 + $8 + $10 }
         END {
-            cpu = requests > 0 ? ticks / hz * 1e6 / requests : 0
-            printf "%s\t%s\t%s\t%.0f\t%.0f\t%.0f\t%.2f\t%d\t%d\n",
-                rep, mode, target, rps, p50, p99, cpu, requests, errors
+            per = requests > 0 ? 1e6 / hz / requests : 0
+            printf "%s\t%s\t%s\t%.0f\t%.0f\t%.0f\t%.2f\t%d\t%d\t%.2f\t%.2f\n",
+                rep, mode, target, rps, p50, p99, (user + sys) * per, requests, errors,
+                user * per, sys * per
         }' "$WORK/wrk.out" >>"$WORK/runs.tsv"
-    tail -1 "$WORK/runs.tsv" | awk -F'\t' '{ printf "[compare] rep %s %-11s %-7s %8s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  errors %s\n", $1, $2, $3, $4, $5, $6, $7, $9 }' >&2
+    tail -1 "$WORK/runs.tsv" | awk -F'\t' '{ printf "[compare] rep %s %-11s %-10s %8s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req (user %s, sys %s)  errors %s\n", $1, $2, $3, $4, $5, $6, $7, $10, $11, $9 }' >&2
 }
 
 log "warm-up"
@@ -279,16 +283,20 @@ cp "$WORK/runs.tsv" "${RUNS_TSV:-/dev/null}" 2>/dev/null || true
 # --- summary -------------------------------------------------------------------------------
 echo
 echo "wrk -t1 -c$CONNS -d${DURATION}s --latency; medians of $REPS interleaved runs (min-max of req/s);"
-echo "CPU = utime+stime of the proxy process per request (for direct: of the backend process)."
+echo "CPU = utime+stime of the proxy process per request (for direct: of the backend process),"
+echo "with its user and system parts. Ratios to HAProxy are paired: the median, over the"
+echo "repetitions, of this target's figure divided by HAProxy's in the same repetition (the two"
+echo "ran one after the other), so a change of the host's speed between repetitions cancels out."
 echo
 echo "ka-paced: each connection waits ${PACE_MS} ms between requests. Ratios: to HAProxy with as"
 echo "many threads (*-2t: to haproxy-2t). CPU layout: proxies on CPU $PROXY_CPU, load on CPU $LOAD_CPU."
 echo
-echo "| mode | target | req/s | p50 ms | p99 ms | CPU µs/req | req/s vs HAProxy | CPU vs HAProxy | errors |"
+echo "| mode | target | req/s | p50 ms | p99 ms | CPU µs/req (user + sys) | req/s vs HAProxy | CPU vs HAProxy | errors |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
-awk -F'\t' -v modes="${MODES[*]}" -v targets="${TARGETS[*]}" '
+SUMMARY_AWK='
     function median(s,    a, n, i, j, t) {
         n = split(s, a, " ")
+        if (n == 0) return 0
         for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) {
             t = a[j]; a[j] = a[j - 1]; a[j - 1] = t
         }
@@ -299,11 +307,22 @@ awk -F'\t' -v modes="${MODES[*]}" -v targets="${TARGETS[*]}" '
         for (i = 2; i <= n; i++) { if (a[i] + 0 < lo + 0) lo = a[i]; if (a[i] + 0 > hi + 0) hi = a[i] }
         return lo "-" hi
     }
+    # The median over repetitions of field f of key k divided by that of key h in the same one.
+    function paired(f, k, h,    r, s) {
+        s = ""
+        for (r = 1; r <= reps; r++)
+            if ((f, k, r) in one && (f, h, r) in one && one[f, h, r] > 0)
+                s = s " " one[f, k, r] / one[f, h, r]
+        return median(s)
+    }
     {
         k = $2 SUBSEP $3
         rps[k] = rps[k] " " $4; p50[k] = p50[k] " " $5; p99[k] = p99[k] " " $6
-        cpu[k] = cpu[k] " " $7; err[k] += $9
-    }
+        cpu[k] = cpu[k] " " $7; usr[k] = usr[k] " " $10; sys[k] = sys[k] " " $11; err[k] += $9
+        one["rps", k, $1] = $4; one["cpu", k, $1] = $7
+        if ($1 > reps) reps = $1
+    }'
+awk -F'\t' -v modes="${MODES[*]}" -v targets="${TARGETS[*]}" "$SUMMARY_AWK"'
     END {
         nm = split(modes, mode, " ")
         nt = split(targets, target, " ")
@@ -312,16 +331,32 @@ awk -F'\t' -v modes="${MODES[*]}" -v targets="${TARGETS[*]}" '
                 k = mode[m] SUBSEP target[t]
                 if (!(k in rps)) continue
                 h = mode[m] SUBSEP (target[t] ~ /-2t$/ ? "haproxy-2t" : "haproxy")
-                hr = (h in rps) ? median(rps[h]) : 0; hc = (h in cpu) ? median(cpu[h]) : 0
-                r = median(rps[k]); c = median(cpu[k])
-                rr = (hr > 0) ? r / hr : 0
-                cr = (target[t] == "direct") ? "-" : sprintf("%.2f", (hc > 0) ? c / hc : 0)
-                printf "| %s | %s | %d (%s) | %.3f | %.3f | %.1f | %.2f | %s | %d |\n", \
-                    mode[m], target[t], r, minmax(rps[k]), median(p50[k]) / 1000, \
-                    median(p99[k]) / 1000, c, rr, cr, err[k]
+                rr = (h in rps) ? paired("rps", k, h) : 0
+                cr = (target[t] == "direct" || !(h in cpu)) ? "-" : sprintf("%.2f", paired("cpu", k, h))
+                printf "| %s | %s | %d (%s) | %.3f | %.3f | %.1f (%.1f + %.1f) | %.2f | %s | %d |\n", \
+                    mode[m], target[t], median(rps[k]), minmax(rps[k]), median(p50[k]) / 1000, \
+                    median(p99[k]) / 1000, median(cpu[k]), median(usr[k]), median(sys[k]), rr, cr, err[k]
             }
         }
     }' "$WORK/runs.tsv"
+
+# The new-session path against the pinned path, per proxy, paired the same way.
+if [[ " ${MODES[*]} " == *" ka-cookie "* && " ${MODES[*]} " == *" ka-nocookie "* ]]; then
+    echo
+    echo "New sessions (ka-nocookie: balance + Set-Cookie) against the pinned path (ka-cookie), per"
+    echo "proxy: the median over repetitions of the ratio in the same repetition."
+    echo
+    echo "| target | CPU per request, no cookie / cookie | req/s, no cookie / cookie |"
+    echo "|---|---:|---:|"
+    awk -F'\t' -v targets="${TARGETS[*]:1}" "$SUMMARY_AWK"'
+        END {
+            nt = split(targets, target, " ")
+            for (t = 1; t <= nt; t++) {
+                k = "ka-nocookie" SUBSEP target[t]; h = "ka-cookie" SUBSEP target[t]
+                printf "| %s | %.3f | %.3f |\n", target[t], paired("cpu", k, h), paired("rps", k, h)
+            }
+        }' "$WORK/runs.tsv"
+fi
 
 # --- memory with idle connections ----------------------------------------------------------
 for t in "${TARGETS[@]:1}"; do
