@@ -614,3 +614,60 @@ async fn an_answer_of_the_proxys_own_to_head_has_no_body() {
     );
     assert_eq!(got.len(), head_end, "no body after the head: {text}");
 }
+
+/// The length of the first HTTP/1.1 response in `raw` (head and Content-Length body).
+fn first_response_len(raw: &[u8]) -> usize {
+    let mut storage = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut storage);
+    let head = match resp.parse(raw) {
+        Ok(httparse::Status::Complete(n)) => n,
+        other => panic!("no complete response in {:?}: {other:?}", String::from_utf8_lossy(raw)),
+    };
+    let body: usize = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+        .unwrap_or(0);
+    head + body
+}
+
+#[tokio::test]
+async fn an_http2_preface_after_http1_requests_is_refused_as_hyper_refuses_it() {
+    // Found by the differential fuzzer: the fast path took the preface for HTTP/2 with prior
+    // knowledge at any request, and answered with an HTTP/2 SETTINGS frame; the preface is only
+    // valid as a connection's first bytes (RFC 9113 §3.3).
+    let mirror = start_mirror().await;
+    let p = pair(mirror).await;
+    let first = b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n".to_vec();
+    // The whole preface: hyper's HTTP/1 server closes without an answer.
+    let whole = [&first[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"].concat();
+    for addr in [p.fast.addr, p.hyper.addr] {
+        let out = exchange(addr, &whole).await;
+        assert!(out.starts_with(b"HTTP/1.1 200 "), "{}", String::from_utf8_lossy(&out));
+        assert_eq!(
+            out.len(),
+            first_response_len(&out),
+            "nothing may follow the first answer: {}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+    // Part of it (the request line with its version): a 400, then the connection closes.
+    let part = [&first[..], b"PRI * HTTP/2.0\r\n\r\n"].concat();
+    for addr in [p.fast.addr, p.hyper.addr] {
+        let out = exchange(addr, &part).await;
+        let rest = &out[first_response_len(&out)..];
+        assert!(rest.starts_with(b"HTTP/1.1 400 "), "{}", String::from_utf8_lossy(&out));
+    }
+    // As a connection's first bytes it is HTTP/2 with prior knowledge, on either path.
+    for addr in [p.fast.addr, p.hyper.addr] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        let mut frame = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut frame))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(frame[3], 0x4, "a SETTINGS frame first: {frame:?}");
+    }
+}

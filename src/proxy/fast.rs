@@ -146,6 +146,8 @@ enum Prepared {
     Handoff,
     /// A head hyper would refuse: answer this status and close.
     Reject(StatusCode),
+    /// Bytes hyper's HTTP/1 server closes on without an answer: close.
+    Close,
 }
 
 /// A request ready to forward.
@@ -370,6 +372,8 @@ impl Worker {
         tokio::pin!(stopping);
         // When the connection last finished something: idle time counts from here.
         let mut last = Instant::now();
+        // No request read yet: the bytes are the connection's first.
+        let mut first = true;
         loop {
             if buf.is_empty() {
                 // Idle between requests: hold no buffer, wake on data, the idle timeout or shutdown.
@@ -409,7 +413,7 @@ impl Worker {
             // Read until the head is complete.
             let prepared = loop {
                 let routing = routing_cache.load();
-                match self.prepare(&buf, &conn, routing, max_head, &mut cookie_cache) {
+                match self.prepare(&buf, &conn, routing, max_head, &mut cookie_cache, first) {
                     Prepared::Partial => {}
                     other => break other,
                 }
@@ -421,8 +425,10 @@ impl Worker {
                     Ok(Ok(_)) => {}
                 }
             };
+            first = false;
             match prepared {
                 Prepared::Partial => unreachable!("handled in the loop"),
+                Prepared::Close => return,
                 Prepared::Handoff => {
                     handoff(Rewind::new(buf.into_vec(), stream)).await;
                     return;
@@ -481,16 +487,20 @@ impl Worker {
         routing: &Arc<Routing>,
         max_head: usize,
         cookie_cache: &mut Option<CookieCache>,
+        first: bool,
     ) -> Prepared {
-        // HTTP/2 with prior knowledge: hyper's.
+        // HTTP/2 with prior knowledge: hyper's, when these are the connection's first bytes
+        // (RFC 9113 §3.3). After HTTP/1.1 requests, hyper's HTTP/1 server closes on the whole
+        // preface without an answer, and refuses a part of it (the version) with a 400: so here.
         const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
         let n = buf.len().min(H2_PREFACE.len());
         if buf[..n] == H2_PREFACE[..n] {
-            return if n == H2_PREFACE.len() {
-                Prepared::Handoff
-            } else {
-                Prepared::Partial
-            };
+            match (first, n == H2_PREFACE.len()) {
+                (true, true) => return Prepared::Handoff,
+                (true, false) => return Prepared::Partial,
+                (false, true) => return Prepared::Close,
+                (false, false) => {} // httparse refuses the version once it is there
+            }
         }
         let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut storage);
