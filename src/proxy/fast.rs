@@ -386,7 +386,7 @@ impl Worker {
                     // instructions); they are registered by the poll that found no data.
                     tokio::select! {
                         biased;
-                        r = stream.readable() => if r.is_err() { return },
+                        r = read_ready(&stream) => if r.is_err() { return },
                         () = wait_until(timer.as_mut(), idle_deadline) => return,
                         () = stopping.as_mut() => return,
                     }
@@ -1070,7 +1070,7 @@ async fn read_response_head(bc: &mut TcpStream, rbuf: &mut Vec<u8>) -> Result<()
         if rbuf.capacity() == rbuf.len() {
             rbuf.reserve(STREAM_CHUNK);
         }
-        let read = match bc.readable().await {
+        let read = match read_ready(bc).await {
             Ok(()) => read_draining(bc, rbuf),
             Err(e) => Err(e),
         };
@@ -1108,6 +1108,13 @@ fn informational(head: &[u8]) -> Result<bool, HeadError> {
 fn could_be_response_head(head: &[u8]) -> bool {
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
     httparse::Response::new(&mut storage).parse(head).is_ok()
+}
+
+/// Waits until `stream` is readable. Cheaper than `TcpStream::readable`, whose future joins a
+/// list of waiters under a lock at every wait: this uses the socket's one reader slot (a
+/// connection has one task, so one reader).
+fn read_ready(stream: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
+    std::future::poll_fn(move |cx| stream.poll_read_ready(cx))
 }
 
 /// Reads what `stream` has into `buf`'s spare capacity, without waiting. A short read (less than
