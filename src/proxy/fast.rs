@@ -56,11 +56,11 @@ const BACKEND_IDLE: Duration = Duration::from_secs(60);
 /// The fast path's per-worker state: idle backend connections, most recently used last.
 #[derive(Debug, Default)]
 pub struct FastState {
-    /// Per backend (a few; searched in order, no hashing): connections and when they went idle.
+    /// Per backend (a few; searched in order, no hashing): connections and reuse deadlines.
     idle: Mutex<Vec<(BackendId, IdleList)>>,
 }
 
-/// Idle connections to one backend and when each went idle.
+/// Idle connections to one backend and until when each may be reused.
 type IdleList = Vec<(TcpStream, Instant)>;
 
 /// A backend connection whose response head is in `head`, counted in flight until dropped.
@@ -78,7 +78,7 @@ impl FastState {
         let list = &mut idle[at].1;
         let found = loop {
             match list.pop() {
-                Some((conn, since)) if now.saturating_duration_since(since) < BACKEND_IDLE => break Some(conn),
+                Some((conn, until)) if now < until => break Some(conn),
                 Some(_stale) => {}
                 None => break None,
             }
@@ -99,7 +99,7 @@ impl FastState {
             }
         };
         if list.len() < IDLE_PER_BACKEND {
-            list.push((conn, now));
+            list.push((conn, now + BACKEND_IDLE));
         }
     }
 }
