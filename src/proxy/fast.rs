@@ -747,7 +747,7 @@ impl Worker {
                 },
             };
             let in_flight = backend.start_request();
-            let sent = bc.write_all(&out).await;
+            let sent = write_now(&mut bc, &out).await;
             let mut rbuf = Buf::take();
             let answered = match sent {
                 Ok(()) => {
@@ -951,13 +951,13 @@ impl Worker {
         let result = match framing {
             Framing::None => {
                 let clean = body_here.is_empty();
-                client.write_all(&out).await.map(|()| (clean, keep_client))
+                write_now(client, &out).await.map(|()| (clean, keep_client))
             }
             Framing::Length(n) => {
                 let take = (body_here.len() as u64).min(n) as usize;
                 let clean = body_here.len() as u64 <= n;
                 out.extend_from_slice(&body_here[..take]);
-                let sent = client.write_all(&out).await;
+                let sent = write_now(client, &out).await;
                 match sent {
                     Ok(()) => copy_exact(backend_conn, client, n - take as u64, &mut out)
                         .await
@@ -971,11 +971,11 @@ impl Worker {
                     Ok(Some(end)) => {
                         out.extend_from_slice(&body_here[..end]);
                         let clean = end == body_here.len();
-                        client.write_all(&out).await.map(|()| (clean, keep_client))
+                        write_now(client, &out).await.map(|()| (clean, keep_client))
                     }
                     Ok(None) => {
                         out.extend_from_slice(body_here);
-                        match client.write_all(&out).await {
+                        match write_now(client, &out).await {
                             Ok(()) => copy_chunked(backend_conn, client, &mut scanner, &mut out)
                                 .await
                                 .map(|clean| (clean, keep_client)),
@@ -987,7 +987,7 @@ impl Worker {
             }
             Framing::Close => {
                 out.extend_from_slice(body_here);
-                match client.write_all(&out).await {
+                match write_now(client, &out).await {
                     Ok(()) => copy_to_eof(backend_conn, client, &mut out)
                         .await
                         .map(|()| (false, false)),
@@ -1108,6 +1108,17 @@ fn informational(head: &[u8]) -> Result<bool, HeadError> {
 fn could_be_response_head(head: &[u8]) -> bool {
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
     httparse::Response::new(&mut storage).parse(head).is_ok()
+}
+
+/// Writes all of `data`: straight away when the socket takes it all (the common case, one
+/// system call and no future to set up), else the rest through `write_all`, waiting as needed.
+async fn write_now(stream: &mut TcpStream, data: &[u8]) -> io::Result<()> {
+    match stream.try_write(data) {
+        Ok(n) if n == data.len() => Ok(()),
+        Ok(n) => stream.write_all(&data[n..]).await,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.write_all(data).await,
+        Err(e) => Err(e),
+    }
 }
 
 /// Waits until `stream` is readable. Cheaper than `TcpStream::readable`, whose future joins a
