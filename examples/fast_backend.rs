@@ -45,13 +45,8 @@ fn main() -> std::io::Result<()> {
 }
 
 async fn serve(listener: TcpListener, addr: SocketAddr) {
-    let answer: &'static [u8] = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nx-backend: {addr}\r\ncontent-length: {}\r\n\r\n{BODY}",
-        BODY.len()
-    )
-    .into_bytes()
-    .leak();
-    let closing = answer_closing(answer);
+    let answer = prepared_answer(addr, "");
+    let closing = prepared_answer(addr, "connection: close\r\n");
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -61,11 +56,14 @@ async fn serve(listener: TcpListener, addr: SocketAddr) {
     }
 }
 
-/// `answer` with `connection: close` added to its head.
-fn answer_closing(answer: &[u8]) -> &'static [u8] {
-    let mut closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\n".to_vec();
-    closing.extend_from_slice(&answer[b"HTTP/1.1 200 OK\r\n".len()..]);
-    closing.leak()
+/// The answer `addr` gives to every request, with `extra` (whole field lines) in its head.
+fn prepared_answer(addr: SocketAddr, extra: &str) -> &'static [u8] {
+    format!(
+        "HTTP/1.1 200 OK\r\n{extra}content-type: text/plain\r\nx-backend: {addr}\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    )
+    .into_bytes()
+    .leak()
 }
 
 /// Answers each complete request in `buf` with `answer`, all of a read's requests in one write;
@@ -80,20 +78,17 @@ async fn connection(mut stream: TcpStream, answer: &'static [u8], closing: &'sta
         }
         let mut used = 0;
         let mut close = false;
-        while let Some(len) = request_len(&buf[used..]) {
-            match len {
-                Some(Request { len, close: true }) => {
-                    out.extend_from_slice(closing);
-                    used += len;
-                    close = true;
-                    break;
-                }
-                Some(Request { len, close: false }) => {
-                    used += len;
-                    out.extend_from_slice(answer);
-                }
-                None => return, // not a request this backend can frame
+        while let Some(framed) = next_request(&buf[used..]) {
+            let Some(request) = framed else {
+                return; // not a request this backend can frame
+            };
+            used += request.len;
+            if request.close {
+                out.extend_from_slice(closing);
+                close = true;
+                break;
             }
+            out.extend_from_slice(answer);
         }
         buf.drain(..used);
         if !out.is_empty() {
@@ -122,7 +117,7 @@ struct Request {
 
 /// The request at the start of `buf`: `None` when it is not all there yet, `Some(None)` when it
 /// cannot be framed (a chunked body).
-fn request_len(buf: &[u8]) -> Option<Option<Request>> {
+fn next_request(buf: &[u8]) -> Option<Option<Request>> {
     let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let head = std::str::from_utf8(&buf[..head_end]).ok();
     let mut body = 0usize;

@@ -456,8 +456,8 @@ impl Worker {
                         Err(()) => false,
                     };
                     self.shared.stats.count_local(kind, resp.status().as_u16());
-                    // Boxed: rare, and its state would otherwise enlarge every idle connection's task.
-                    if Box::pin(write_local(&mut stream, resp, is_head, !keep)).await.is_err() || !keep {
+                    let answer = local_answer(resp, is_head, !keep);
+                    if stream.write_all(&answer).await.is_err() || !keep {
                         return;
                     }
                     last = Instant::now();
@@ -1002,8 +1002,8 @@ impl Worker {
     }
 
     /// Answers an error of our own before any response byte was sent. Boxed: rare, and its
-    /// state would otherwise enlarge every exchange's future, which is moved into its box at
-    /// every request.
+    /// state (the error) would otherwise enlarge every exchange's future, which is moved into
+    /// its box at every request.
     fn fail<'a>(
         &'a self,
         client: &'a mut TcpStream,
@@ -1023,7 +1023,7 @@ impl Worker {
             log_access(plan, status, started.elapsed());
             // The body may not have been read in full: close after answering.
             buf.clear();
-            let _ = write_local(client, resp, plan.is_head, true).await;
+            let _ = client.write_all(&local_answer(resp, plan.is_head, true)).await;
             Ok(None)
         })
     }
@@ -1054,13 +1054,11 @@ async fn read_response_head(bc: &mut TcpStream, rbuf: &mut Vec<u8>) -> Result<()
             if rbuf.get(9) != Some(&b'1') {
                 return Ok(());
             }
-            match informational(&rbuf[..end])? {
-                true => {
-                    rbuf.drain(..end);
-                    continue;
-                }
-                false => return Ok(()),
+            if !informational(&rbuf[..end])? {
+                return Ok(());
             }
+            rbuf.drain(..end);
+            continue;
         }
         // Incomplete (rare: a head mostly comes in one read): refuse garbage without waiting.
         if rbuf.len() >= MAX_RESPONSE_HEAD || !could_be_response_head(rbuf) {
@@ -1221,9 +1219,10 @@ async fn copy_to_eof(from: &mut TcpStream, to: &mut TcpStream, scratch: &mut Vec
     }
 }
 
-/// Writes a response the proxy made (a `Full` body) as HTTP/1.1; to a `HEAD` request, without
-/// the body (RFC 9110 §9.3.2).
-async fn write_local(client: &mut TcpStream, resp: Response<ProxyBody>, head: bool, close: bool) -> io::Result<()> {
+/// A response the proxy made (a `Full` body) as HTTP/1.1 bytes; to a `HEAD` request, without the
+/// body (RFC 9110 §9.3.2). Not async: the response's parts never live across an await, so the
+/// futures that write these bytes (an exchange's, an idle connection's) stay small.
+fn local_answer(resp: Response<ProxyBody>, head: bool, close: bool) -> Vec<u8> {
     let (parts, body) = resp.into_parts();
     let body = match body {
         ProxyBody::Full(Some(b)) => b,
@@ -1252,7 +1251,7 @@ async fn write_local(client: &mut TcpStream, resp: Response<ProxyBody>, head: bo
     if !head {
         out.extend_from_slice(&body);
     }
-    client.write_all(&out).await
+    out
 }
 
 fn log_access(plan: &Plan, status: u16, elapsed: Duration) {
