@@ -181,6 +181,11 @@ pub async fn serve(worker: Worker, listener: TcpListener, options: ServeOptions,
         .keep_alive_timeout(H2_PING_TIMEOUT);
     let builder = Arc::new(builder);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    // The fast path's connection deadlines, kept for as long as this function runs.
+    let _deadlines = fast_path.then(|| {
+        let keeper = Arc::clone(&worker).keep_fast_deadlines(limits.idle_timeout, shutdown.clone());
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keeper))
+    });
     let graceful = GracefulShutdown::new();
     loop {
         // A free connection slot first: at the limit, stop accepting until a connection closes.

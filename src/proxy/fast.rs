@@ -14,6 +14,7 @@
 //! backends. Once handed over, the connection stays with hyper. Framing is exactly as strict as
 //! hyper's: conflicting `Content-Length`s, bad chunk sizes, obs-fold, invalid bytes are errors.
 
+mod alarm;
 mod buf;
 mod chunked;
 mod lines;
@@ -21,6 +22,7 @@ mod rewind;
 
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -29,12 +31,13 @@ use std::time::Duration;
 use http::{Method, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use buf::in_use as fast_buffers_in_use;
 pub use rewind::Rewind;
 
+use self::alarm::{AlarmHandle, Alarms};
 use self::buf::{Buf, STREAM_CHUNK};
 use self::chunked::ChunkedScanner;
 use self::lines::Lines;
@@ -53,11 +56,13 @@ const IDLE_PER_BACKEND: usize = 512;
 /// How long an idle backend connection is kept.
 const BACKEND_IDLE: Duration = Duration::from_secs(60);
 
-/// The fast path's per-worker state: idle backend connections, most recently used last.
+/// The fast path's per-worker state: idle backend connections, most recently used last, and
+/// the client connections' deadlines.
 #[derive(Debug, Default)]
 pub struct FastState {
     /// Per backend (a few; searched in order, no hashing): connections and reuse deadlines.
     idle: Mutex<Vec<(BackendId, IdleList)>>,
+    alarms: Alarms,
 }
 
 /// Idle connections to one backend and until when each may be reused.
@@ -101,26 +106,6 @@ impl FastState {
         if list.len() < IDLE_PER_BACKEND {
             list.push((conn, now + BACKEND_IDLE));
         }
-    }
-}
-
-/// Arms `timer` for `deadline` unless it is armed to fire sooner. A timer that fires early is
-/// re-armed by its waiter ([`wait_until`]), so a keep-alive connection re-arms its one timer
-/// about once per timeout rather than twice per request.
-fn arm(timer: Pin<&mut Sleep>, deadline: Instant) {
-    if timer.deadline() > deadline || timer.is_elapsed() {
-        timer.reset(deadline);
-    }
-}
-
-/// Waits until `deadline` on a timer [`arm`]ed for it or sooner.
-async fn wait_until(mut timer: Pin<&mut Sleep>, deadline: Instant) {
-    loop {
-        timer.as_mut().await;
-        if Instant::now() >= deadline {
-            return;
-        }
-        timer.as_mut().reset(deadline);
     }
 }
 
@@ -203,6 +188,7 @@ struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
+    #[inline]
     fn scan(headers: &'a [httparse::Header<'a>]) -> Self {
         let mut f = Fields {
             tokens: Some(Tokens {
@@ -351,6 +337,13 @@ fn add_content_length(len: Option<u64>, value: &[u8]) -> Result<Option<u64>, ()>
 }
 
 impl Worker {
+    /// Keeps the deadlines of this worker's fast-path connections (see [`alarm`]) until
+    /// dropped; after `shutdown`, wakes the idle ones so they close.
+    pub async fn keep_fast_deadlines(self: Arc<Self>, idle_timeout: Duration, shutdown: CancellationToken) {
+        let period = || alarm::sweep_period(idle_timeout.min(self.shared.routing.load().response_timeout));
+        self.fast.alarms.sweep(shutdown, period).await;
+    }
+
     /// Serves one plain-TCP client connection; see the module docs.
     pub async fn serve_fast(
         self: Arc<Self>,
@@ -364,12 +357,8 @@ impl Worker {
         let mut buf = Buf::default();
         let mut cookie_cache: Option<CookieCache> = None;
         let mut routing_cache = arc_swap::Cache::new(&*self.shared.routing);
-        // One timer for the connection (idle waits and response deadlines), re-armed lazily;
-        // one shutdown waiter, registered once.
-        let timer = tokio::time::sleep(idle_timeout);
-        tokio::pin!(timer);
-        let stopping = shutdown.cancelled();
-        tokio::pin!(stopping);
+        // The connection's deadline (idle waits, heads, response deadlines) and shutdown waiter.
+        let mut alarm = self.fast.alarms.register();
         // When the connection last finished something: idle time counts from here.
         let mut last = Instant::now();
         // No request read yet: the bytes are the connection's first.
@@ -378,17 +367,14 @@ impl Worker {
             if buf.is_empty() {
                 // Idle between requests: hold no buffer, wake on data, the idle timeout or shutdown.
                 buf.release();
-                let idle_deadline = last + idle_timeout;
-                arm(timer.as_mut(), idle_deadline);
+                alarm.set(last + idle_timeout);
                 loop {
                     // Data first: a connection woken by its next request returns here without
-                    // polling the other two (each poll of a waiter costs a few hundred
-                    // instructions); they are registered by the poll that found no data.
+                    // polling its alarm.
                     tokio::select! {
                         biased;
                         r = read_ready(&stream) => if r.is_err() { return },
-                        () = wait_until(timer.as_mut(), idle_deadline) => return,
-                        () = stopping.as_mut() => return,
+                        () = alarm.rung(true) => return,
                     }
                     if shutdown.is_cancelled() {
                         return; // a request arriving with the shutdown is not started
@@ -409,7 +395,7 @@ impl Worker {
             }
             // The request's one clock reading; its deadlines and timings count from here.
             let started = Instant::now();
-            let deadline = started + idle_timeout;
+            let mut head_deadline_set = false;
             // Read until the head is complete.
             let prepared = loop {
                 let routing = routing_cache.load();
@@ -420,9 +406,17 @@ impl Worker {
                 if buf.len() >= max_head {
                     break Prepared::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
                 }
-                match tokio::time::timeout_at(deadline, stream.read_buf(&mut *buf)).await {
-                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-                    Ok(Ok(_)) => {}
+                // The rest of the head is due within the idle timeout of its first bytes.
+                if !std::mem::replace(&mut head_deadline_set, true) {
+                    alarm.set(started + idle_timeout);
+                }
+                tokio::select! {
+                    biased;
+                    r = stream.read_buf(&mut *buf) => match r {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    },
+                    () = alarm.rung(false) => return,
                 }
             };
             first = false;
@@ -466,7 +460,7 @@ impl Worker {
                     let close = plan.client_close;
                     // Boxed: the exchange's state lives only while a request is in flight, so an
                     // idle connection's task stays small (memory per idle connection).
-                    let exchange = self.forward(&mut stream, &mut buf, &conn, plan, started, timer.as_mut());
+                    let exchange = self.forward(&mut stream, &mut buf, &conn, plan, started, &mut alarm);
                     match Box::pin(exchange).await {
                         Ok(Some(done)) if !close => last = done,
                         Ok(_) | Err(()) => {
@@ -502,9 +496,9 @@ impl Worker {
                 (false, false) => {} // httparse refuses the version once it is there
             }
         }
-        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut storage);
-        let head_len = match req.parse(buf) {
+        let mut storage = header_storage();
+        let mut req = httparse::Request::new(&mut []);
+        let head_len = match req.parse_with_uninit_headers(buf, &mut storage) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Prepared::Partial,
             Err(httparse::Error::TooManyHeaders) => {
@@ -691,7 +685,7 @@ impl Worker {
         conn: &ConnInfo,
         mut plan: Plan,
         started: Instant,
-        mut timer: Pin<&mut Sleep>,
+        alarm: &mut AlarmHandle<'_>,
     ) -> Result<Option<Instant>, ()> {
         let routing = Arc::clone(&plan.routing);
         let in_buf = (buf.len() - plan.head_len) as u64;
@@ -760,12 +754,11 @@ impl Worker {
                         sent_at = Instant::now();
                     }
                     // The response head is due within the response timeout of the request sent.
-                    let due = sent_at + routing.response_timeout;
-                    arm(timer.as_mut(), due);
+                    alarm.set(sent_at + routing.response_timeout);
                     tokio::select! {
                         biased;
                         head = read_response_head(&mut bc, &mut rbuf) => Ok(head),
-                        () = wait_until(timer.as_mut(), due) => Err(()),
+                        () = alarm.rung(false) => Err(()),
                     }
                 }
                 Err(_) => Ok(Err(HeadError::Closed)),
@@ -885,9 +878,9 @@ impl Worker {
         let (backend_conn, rbuf) = (&mut up.conn, &up.head[..]);
         let routing = &plan.routing;
         let (status, framing, head_len, backend_close) = {
-            let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut storage);
-            let head_len = match resp.parse(rbuf) {
+            let mut storage = header_storage();
+            let mut resp = httparse::Response::new(&mut []);
+            let head_len = match parse_response(&mut resp, rbuf, &mut storage) {
                 Ok(httparse::Status::Complete(n)) => n,
                 _ => return Err(Relay::BadHead),
             };
@@ -1087,11 +1080,26 @@ async fn read_response_head(bc: &mut TcpStream, rbuf: &mut Vec<u8>) -> Result<()
 // `read_response_head` it would be kept across its await, in every exchange's boxed future,
 // copied into the box at every request.
 
+/// Room for the fields of one head, left uninitialized: httparse writes what it parses (filling
+/// 100 empty fields first costs more than parsing a typical head).
+fn header_storage<'b>() -> [MaybeUninit<httparse::Header<'b>>; MAX_HEADERS] {
+    [const { MaybeUninit::uninit() }; MAX_HEADERS]
+}
+
+/// Parses a response head with httparse's default rules (hyper's client's) into `storage`.
+fn parse_response<'h, 'b>(
+    resp: &mut httparse::Response<'h, 'b>,
+    head: &'b [u8],
+    storage: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> httparse::Result<usize> {
+    httparse::ParserConfig::default().parse_response_with_uninit_headers(resp, head, storage)
+}
+
 /// Whether the complete response head `head` is a 1xx to skip (`Ok(false)`: a final answer).
 fn informational(head: &[u8]) -> Result<bool, HeadError> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut storage);
-    match resp.parse(head) {
+    let mut storage = header_storage();
+    let mut resp = httparse::Response::new(&mut []);
+    match parse_response(&mut resp, head, &mut storage) {
         Ok(httparse::Status::Complete(_)) => {}
         _ => return Err(HeadError::Invalid),
     }
@@ -1104,8 +1112,8 @@ fn informational(head: &[u8]) -> Result<bool, HeadError> {
 
 /// Whether the incomplete `head` may still become a valid response head.
 fn could_be_response_head(head: &[u8]) -> bool {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    httparse::Response::new(&mut storage).parse(head).is_ok()
+    let mut storage = header_storage();
+    parse_response(&mut httparse::Response::new(&mut []), head, &mut storage).is_ok()
 }
 
 /// Writes all of `data`: straight away when the socket takes it all (the common case, one
