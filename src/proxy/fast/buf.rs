@@ -3,7 +3,7 @@
 //! A worker is one thread with its own runtime, so a thread-local list is a per-worker list
 //! without a lock. A [`Buf`] goes back to the list when dropped, on every path, errors included.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
 
 /// Capacity a buffer starts with: a request or response head and a small body. Every request in
@@ -17,15 +17,20 @@ const FREE_BUFFERS: usize = 256;
 /// A buffer grown past this (a huge head) is freed rather than kept.
 const KEEP_AT_MOST: usize = 4 * STREAM_CHUNK;
 
+/// A thread's spare buffers and how many it has handed out (one thread-local: one lookup).
+struct Pool {
+    free: Vec<Vec<u8>>,
+    in_use: usize,
+}
+
 thread_local! {
-    static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-    static IN_USE: Cell<usize> = const { Cell::new(0) };
+    static POOL: RefCell<Pool> = const { RefCell::new(Pool { free: Vec::new(), in_use: 0 }) };
 }
 
 /// Buffers the fast path holds on this thread right now (out of the free list): the requests
 /// in flight hold up to three each, an idle connection none.
 pub fn in_use() -> usize {
-    IN_USE.get()
+    POOL.with_borrow(|p| p.in_use)
 }
 
 /// A byte buffer from the thread's free list; returned to it on drop. An empty `Buf` (no
@@ -36,30 +41,30 @@ pub struct Buf(Vec<u8>);
 impl Buf {
     /// A cleared buffer with at least [`BUF_SIZE`] bytes of capacity.
     pub fn take() -> Self {
-        let mut b = FREE.with_borrow_mut(Vec::pop).unwrap_or_default();
+        let spare = POOL.with_borrow_mut(|p| {
+            p.in_use += 1;
+            p.free.pop()
+        });
+        let mut b = spare.unwrap_or_default();
         b.clear();
         if b.capacity() < BUF_SIZE {
             b.reserve(BUF_SIZE);
         }
-        IN_USE.set(IN_USE.get() + 1);
         Buf(b)
     }
 
     /// Gives the memory back to the free list, leaving this buffer empty.
     pub fn release(&mut self) {
+        if self.0.capacity() == 0 {
+            return;
+        }
         let b = std::mem::take(&mut self.0);
-        if b.capacity() == 0 {
-            return;
-        }
-        let _ = IN_USE.try_with(|n| n.set(n.get().saturating_sub(1)));
-        if b.capacity() > KEEP_AT_MOST {
-            return;
-        }
         // `try_with`: a buffer dropped while the thread's locals are torn down is just freed.
-        let _ = FREE.try_with(|free| {
-            if let Ok(mut free) = free.try_borrow_mut() {
-                if free.len() < FREE_BUFFERS {
-                    free.push(b);
+        let _ = POOL.try_with(|pool| {
+            if let Ok(mut pool) = pool.try_borrow_mut() {
+                pool.in_use = pool.in_use.saturating_sub(1);
+                if b.capacity() <= KEEP_AT_MOST && pool.free.len() < FREE_BUFFERS {
+                    pool.free.push(b);
                 }
             }
         });
@@ -68,7 +73,7 @@ impl Buf {
     /// The bytes, leaving nothing to the free list.
     pub fn into_vec(mut self) -> Vec<u8> {
         if self.0.capacity() > 0 {
-            IN_USE.set(IN_USE.get().saturating_sub(1));
+            POOL.with_borrow_mut(|p| p.in_use = p.in_use.saturating_sub(1));
         }
         std::mem::take(&mut self.0)
     }
@@ -108,7 +113,7 @@ mod tests {
         assert_eq!(b.as_ptr(), ptr, "the same memory, reused");
         drop(b);
 
-        let pooled = || FREE.with_borrow(Vec::len);
+        let pooled = || POOL.with_borrow(|p| p.free.len());
         let before = pooled();
         let mut huge = Buf::take();
         huge.reserve(KEEP_AT_MOST * 2);
