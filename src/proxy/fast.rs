@@ -5,8 +5,9 @@
 //! is rewritten for the backend while copying (hop-by-hop fields dropped, `X-Forwarded-*` set)
 //! and written with the body to a pooled backend connection **in the same task**; the response
 //! head is rewritten the same way and the body streamed back by its framing. No `HeaderMap`, no
-//! channel between tasks, no per-request timer but the response deadline, buffers reused from a
-//! per-worker free list, and an idle client connection holds no buffer at all.
+//! channel between tasks, no timer per connection (deadlines are numbers a sweeper per worker
+//! checks: [`alarm`]), buffers reused from a per-worker free list, and an idle client connection
+//! holds no buffer at all.
 //!
 //! Everything unusual goes to hyper instead, with the bytes already read replayed: HTTP/1.0,
 //! `Transfer-Encoding` or `Upgrade`/`Expect` on the request, absolute-form targets, a missing
@@ -379,7 +380,7 @@ impl Worker {
                     if shutdown.is_cancelled() {
                         return; // a request arriving with the shutdown is not started
                     }
-                    // The first read needs no timer: a head mostly comes whole in one read.
+                    // The first read needs no deadline: a head mostly comes whole in one read.
                     buf = Buf::take();
                     match read_draining(&stream, &mut buf) {
                         Ok(0) => return,
@@ -994,8 +995,8 @@ impl Worker {
     }
 
     /// Answers an error of our own before any response byte was sent. Boxed: rare, and its
-    /// state (the error) would otherwise enlarge every exchange's future, which is moved into
-    /// its box at every request.
+    /// state (the error) would otherwise enlarge the exchange's future, which is part of every
+    /// connection's task.
     fn fail<'a>(
         &'a self,
         client: &'a mut TcpStream,
@@ -1076,8 +1077,8 @@ async fn read_response_head(bc: &mut TcpStream, rbuf: &mut Vec<u8>) -> Result<()
 }
 
 // The two helpers below hold httparse's field array (3.2 KiB) in their own stack frames: in
-// `read_response_head` it would be kept across its await, in every exchange's boxed future,
-// copied into the box at every request.
+// `read_response_head` it would be kept across its await, in the exchange's future, which is
+// part of every connection's task.
 
 /// Room for the fields of one head, left uninitialized: httparse writes what it parses (filling
 /// 100 empty fields first costs more than parsing a typical head).
