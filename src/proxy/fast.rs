@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Method, Response, StatusCode};
+use rustix::net::{RecvFlags, SendFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -1119,12 +1120,21 @@ fn could_be_response_head(head: &[u8]) -> bool {
 /// Writes all of `data`: straight away when the socket takes it all (the common case, one
 /// system call and no future to set up), else the rest through `write_all`, waiting as needed.
 async fn write_now(stream: &mut TcpStream, data: &[u8]) -> io::Result<()> {
-    match stream.try_write(data) {
+    match try_send(stream, data) {
         Ok(n) if n == data.len() => Ok(()),
         Ok(n) => stream.write_all(&data[n..]).await,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.write_all(data).await,
         Err(e) => Err(e),
     }
+}
+
+/// Sends what the socket takes of `data` now, without waiting. The system call is made directly
+/// (rustix), not through libc's `send`, which as a thread-cancellation point wraps every call in
+/// two atomic updates of the thread's state: four calls per request.
+fn try_send(stream: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    stream.try_io(tokio::io::Interest::WRITABLE, || {
+        Ok(rustix::net::send(stream, data, SendFlags::NOSIGNAL)?)
+    })
 }
 
 /// Waits until `stream` is readable. Cheaper than `TcpStream::readable`, whose future joins a
@@ -1139,7 +1149,7 @@ fn read_ready(stream: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
 /// `EAGAIN` would clear it: the next wait then sleeps until new bytes come, instead of starting
 /// with a `recvfrom` that finds nothing (one system call less per request and socket). The
 /// readiness is cleared only if no event came in since it was sampled before the read, so bytes
-/// arriving meanwhile are never missed.
+/// arriving meanwhile are never missed. The system call is made directly, as in [`try_send`].
 fn read_draining(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     if buf.capacity() == buf.len() {
         buf.reserve(STREAM_CHUNK);
@@ -1147,7 +1157,7 @@ fn read_draining(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     let room = buf.capacity() - buf.len();
     let mut got = 0;
     let read = stream.try_io(tokio::io::Interest::READABLE, || {
-        got = stream.try_read_buf(buf)?;
+        (got, _) = rustix::net::recv(stream, rustix::buffer::spare_capacity(buf), RecvFlags::empty())?;
         if got > 0 && got < room {
             Err(io::ErrorKind::WouldBlock.into()) // drained: let tokio clear the readiness
         } else {
