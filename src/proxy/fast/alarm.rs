@@ -57,7 +57,7 @@ impl Slots {
 /// One connection's deadline and the waker of the task that waits for it.
 #[derive(Debug)]
 struct Alarm {
-    /// Milliseconds since the epoch; [`NEVER`] when none.
+    /// Milliseconds since the epoch (rounded up); [`NEVER`] when none, [`RUNG`] once rung.
     deadline: AtomicU64,
     waker: Mutex<Option<Waker>>,
 }
