@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Compares kbs-affinity-proxy with HAProxy and nginx doing the same job (sticky-cookie
-# affinity over two HTTP/1.1 backends), and with no proxy at all (the ceiling).
+# affinity over two HTTP/1.1 backends), with no proxy at all (the ceiling), and with relays that
+# do no HTTP work (the floor under any proxy's CPU time).
 #
 #   bash benches/compare.sh                 # ~20 minutes on 2 cores; results on stdout
 #   REPS=3 DURATION=10 CONNS=64 IDLE_CONNS=10000 bash benches/compare.sh
 #   THREADS=1 MODES="ka-cookie close" bash benches/compare.sh   # a subset
 #   PROXY_CPUS=0,1 LOAD_CPUS=2,3 bash benches/compare.sh          # on a 4-core machine
 #   SKIP_BUILD=1 CARGO_TARGET_DIR=... bash benches/compare.sh   # reuse binaries built there
+#   FLOOR=relay bash benches/compare.sh     # the floor without the io_uring relay (FLOOR= none)
 #
 # What it does, in one run:
 #  1. installs haproxy, nginx and wrk with apt-get when missing (apt-get update first);
-#  2. builds the proxy and two examples in release (examples/fast_backend.rs: two tiny
-#     backends answering 200 "ok"; examples/idle_conns.rs: the idle-connection opener);
+#  2. builds the proxy and three examples in release (examples/fast_backend.rs: two tiny
+#     backends answering 200 "ok"; examples/idle_conns.rs: the idle-connection opener;
+#     examples/relay_floor.rs: the floor relay on tokio/epoll) and benches/compare/relay-uring
+#     (the same relay on io_uring, its own crate);
 #  3. starts the backends, HAProxy (benches/compare/haproxy.cfg), nginx
 #     (benches/compare/nginx.conf) and the proxy (--workers 1, --access-log off when the flag
 #     exists), and for THREADS="1 2" also a second instance of each with two threads (HAProxy
@@ -19,6 +23,11 @@
 #     proxy pinned to PROXY_CPUS (taskset; default core 0), wrk and the backends to LOAD_CPUS
 #     (default core 1). On 2 cores the two-thread variants share the proxies' one core: they
 #     show what each threading model costs, not scaling (give PROXY_CPUS two cores for that);
+#     with them the FLOOR relays (default "relay relay-uring"), pinned like the proxies, each
+#     passing every client connection's bytes to the first backend untouched: their CPU per
+#     request is what the kernel's TCP work, the system calls and the event loop cost by
+#     themselves, the part of a proxy's figure that its HTTP work does not explain
+#     (relay-uring is left out, with a line saying why, where the kernel refuses io_uring);
 #  4. for REPS repetitions, interleaved (every target once per mode per repetition), runs
 #     `wrk -t1 -c$CONNS -d${DURATION}s --latency` in the MODES (default all four):
 #       ka-cookie    keep-alive, with a valid route cookie got first through that proxy
@@ -37,7 +46,8 @@
 #     see benches/compare/haproxy.cfg).
 # Every run is bounded (wrk -d, timeouts on every wait); everything it starts is stopped on
 # exit. Ports used: 18080/18083 (proxy), 18081-18082 (backends), 18090/18092 (HAProxy),
-# 18091/18093 (nginx); the second of each pair for the two-thread variant.
+# 18091/18093 (nginx), the second of each pair for the two-thread variant; 18084 (relay) and
+# 18085 (relay-uring).
 set -euo pipefail
 
 REPS=${REPS:-3}
@@ -46,6 +56,7 @@ CONNS=${CONNS:-64}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 THREADS=${THREADS:-1 2}
 MODES=(${MODES:-ka-cookie ka-nocookie close ka-paced})
+FLOOR=${FLOOR-relay relay-uring}
 export PACE_MS=${PACE_MS:-2}
 PROXY_CPU=${PROXY_CPUS:-0}
 LOAD_CPU=${LOAD_CPUS:-1}
@@ -77,13 +88,19 @@ fi
 
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     log "building (release)"
-    cargo build --release --quiet --bin kbs-affinity-proxy --example fast_backend --example idle_conns
+    cargo build --release --quiet --bin kbs-affinity-proxy --example fast_backend --example idle_conns \
+        --example relay_floor
+    if [[ " $FLOOR " == *" relay-uring "* ]]; then
+        cargo build --release --quiet --manifest-path benches/compare/relay-uring/Cargo.toml
+    fi
 fi
 PROXY_BIN=$CARGO_TARGET_DIR/release/kbs-affinity-proxy
 BACKEND_BIN=$CARGO_TARGET_DIR/release/examples/fast_backend
 IDLE_BIN=$CARGO_TARGET_DIR/release/examples/idle_conns
+RELAY_BIN=$CARGO_TARGET_DIR/release/examples/relay_floor
+RELAY_URING_BIN=$CARGO_TARGET_DIR/release/relay-uring
 
-for port in 18080 18081 18082 18083 18090 18091 18092 18093; do
+for port in 18080 18081 18082 18083 18084 18085 18090 18091 18092 18093; do
     if ss -Htln "sport = :$port" | grep -q .; then
         log "port $port is taken"
         exit 1
@@ -157,6 +174,33 @@ start_ours() {
     wait_port "$port"
 }
 
+start_relay() {
+    taskset -c "$PROXY_CPU" "$RELAY_BIN" 127.0.0.1:18084 127.0.0.1:18081 2>"$WORK/relay.log" &
+    started=$!
+    CHILDREN+=("$started")
+    wait_port 18084
+}
+
+# Sets $started to "" when the relay cannot start (a kernel without io_uring, or refusing it).
+start_relay-uring() {
+    taskset -c "$PROXY_CPU" "$RELAY_URING_BIN" 127.0.0.1:18085 127.0.0.1:18081 \
+        2>"$WORK/relay-uring.log" &
+    started=$!
+    CHILDREN+=("$started")
+    local i
+    for ((i = 0; i < 100; i++)); do
+        (exec 3<>/dev/tcp/127.0.0.1/18085) 2>/dev/null && return 0
+        if ! kill -0 "$started" 2>/dev/null; then
+            log "relay-uring left out: $(tail -1 "$WORK/relay-uring.log")"
+            started=
+            return 0
+        fi
+        sleep 0.1
+    done
+    log "nothing listens on port 18085"
+    exit 1
+}
+
 stop() {
     kill "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
@@ -198,8 +242,18 @@ backends_seen() {
 start_backends
 declare -A PID=([direct]=$started)
 declare -A PORT=([direct]=18081 [haproxy]=18090 [nginx]=18091 [ours]=18080
-    [haproxy-2t]=18092 [nginx-2t]=18093 [ours-2t]=18083)
+    [haproxy-2t]=18092 [nginx-2t]=18093 [ours-2t]=18083 [relay]=18084 [relay-uring]=18085)
+declare -A COOKIE=([direct]="route=none")
 TARGETS=(direct)
+for t in $FLOOR; do
+    "start_$t"
+    if [[ -n $started ]]; then
+        PID[$t]=$started
+        COOKIE[$t]="route=none"
+        TARGETS+=("$t")
+    fi
+done
+FLOORS=$((${#TARGETS[@]} - 1))
 for n in $THREADS; do
     # HAProxy and ours one after the other in every repetition: their ratios are paired.
     for p in haproxy ours nginx; do
@@ -211,8 +265,7 @@ for n in $THREADS; do
     done
 done
 
-declare -A COOKIE=([direct]="route=none")
-for t in "${TARGETS[@]:1}"; do
+for t in "${TARGETS[@]:$((1 + FLOORS))}"; do
     COOKIE[$t]=$(route_cookie "${PORT[$t]}")
     if [[ -z ${COOKIE[$t]} ]]; then
         log "$t answered no route cookie"
@@ -283,7 +336,8 @@ cp "$WORK/runs.tsv" "${RUNS_TSV:-/dev/null}" 2>/dev/null || true
 # --- summary -------------------------------------------------------------------------------
 echo
 echo "wrk -t1 -c$CONNS -d${DURATION}s --latency; medians of $REPS interleaved runs (min-max of req/s);"
-echo "CPU = utime+stime of the proxy process per request (for direct: of the backend process),"
+echo "CPU = utime+stime of the proxy process per request (for direct: of the backend process;"
+echo "relay, relay-uring: the floor relays, which do no HTTP work, on tokio/epoll and io_uring),"
 echo "with its user and system parts. Ratios to HAProxy are paired: the median, over the"
 echo "repetitions, of this target's figure divided by HAProxy's in the same repetition (the two"
 echo "ran one after the other), so a change of the host's speed between repetitions cancels out."
@@ -348,7 +402,7 @@ if [[ " ${MODES[*]} " == *" ka-cookie "* && " ${MODES[*]} " == *" ka-nocookie "*
     echo
     echo "| target | CPU per request, no cookie / cookie | req/s, no cookie / cookie |"
     echo "|---|---:|---:|"
-    awk -F'\t' -v targets="${TARGETS[*]:1}" "$SUMMARY_AWK"'
+    awk -F'\t' -v targets="${TARGETS[*]:$((1 + FLOORS))}" "$SUMMARY_AWK"'
         END {
             nt = split(targets, target, " ")
             for (t = 1; t <= nt; t++) {
