@@ -8,14 +8,14 @@
 #   THREADS=1 MODES="ka-cookie close" bash benches/compare.sh   # a subset
 #   PROXY_CPUS=0,1 LOAD_CPUS=2,3 bash benches/compare.sh          # on a 4-core machine
 #   SKIP_BUILD=1 CARGO_TARGET_DIR=... bash benches/compare.sh   # reuse binaries built there
-#   FLOOR=relay bash benches/compare.sh     # the floor without the io_uring relay (FLOOR= none)
+#   FLOOR=relay bash benches/compare.sh     # only the tokio relay as the floor (FLOOR= none)
 #
 # What it does, in one run:
 #  1. installs haproxy, nginx and wrk with apt-get when missing (apt-get update first);
 #  2. builds the proxy and three examples in release (examples/fast_backend.rs: two tiny
 #     backends answering 200 "ok"; examples/idle_conns.rs: the idle-connection opener;
-#     examples/relay_floor.rs: the floor relay on tokio/epoll) and benches/compare/relay-uring
-#     (the same relay on io_uring, its own crate);
+#     examples/relay_floor.rs: the floor relay on tokio) and benches/compare/relays (its own
+#     crate: the same relay on a bare epoll loop and on io_uring);
 #  3. starts the backends, HAProxy (benches/compare/haproxy.cfg), nginx
 #     (benches/compare/nginx.conf) and the proxy (--workers 1, --access-log off when the flag
 #     exists), and for THREADS="1 2" also a second instance of each with two threads (HAProxy
@@ -23,12 +23,13 @@
 #     proxy pinned to PROXY_CPUS (taskset; default core 0), wrk and the backends to LOAD_CPUS
 #     (default core 1). On 2 cores the two-thread variants share the proxies' one core: they
 #     show what each threading model costs, not scaling (give PROXY_CPUS two cores for that);
-#     with them the FLOOR relays (default "relay relay-uring"), pinned like the proxies, each
-#     passing every client connection's bytes to the first backend untouched: their CPU per
-#     request is what the kernel's TCP work, the system calls and the event loop cost by
-#     themselves, the part of a proxy's figure that its HTTP work does not explain
+#     with them the FLOOR relays (default "relay relay-epoll relay-uring"), pinned like the
+#     proxies, each passing every client connection's bytes to the first backend untouched:
+#     their CPU per request is what the kernel's TCP work, the system calls and the event loop
+#     cost by themselves, the part of a proxy's figure that its HTTP work does not explain
 #     (relay-uring is left out, with a line saying why, where the kernel refuses io_uring;
-#     both sit out the close mode, where a relay would open a backend connection per request);
+#     the relays sit out the close mode, where they would open a backend connection per
+#     request);
 #  4. for REPS repetitions, interleaved (every target once per mode per repetition), runs
 #     `wrk -t1 -c$CONNS -d${DURATION}s --latency` in the MODES (default all four):
 #       ka-cookie    keep-alive, with a valid route cookie got first through that proxy
@@ -48,7 +49,7 @@
 # Every run is bounded (wrk -d, timeouts on every wait); everything it starts is stopped on
 # exit. Ports used: 18080/18083 (proxy), 18081-18082 (backends), 18090/18092 (HAProxy),
 # 18091/18093 (nginx), the second of each pair for the two-thread variant; 18084 (relay) and
-# 18085 (relay-uring).
+# 18085 (relay-uring), 18086 (relay-epoll).
 set -euo pipefail
 
 REPS=${REPS:-3}
@@ -57,7 +58,7 @@ CONNS=${CONNS:-64}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 THREADS=${THREADS:-1 2}
 MODES=(${MODES:-ka-cookie ka-nocookie close ka-paced})
-FLOOR=${FLOOR-relay relay-uring}
+FLOOR=${FLOOR-relay relay-epoll relay-uring}
 export PACE_MS=${PACE_MS:-2}
 PROXY_CPU=${PROXY_CPUS:-0}
 LOAD_CPU=${LOAD_CPUS:-1}
@@ -91,8 +92,8 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     log "building (release)"
     cargo build --release --quiet --bin kbs-affinity-proxy --example fast_backend --example idle_conns \
         --example relay_floor
-    if [[ " $FLOOR " == *" relay-uring "* ]]; then
-        cargo build --release --quiet --manifest-path benches/compare/relay-uring/Cargo.toml
+    if [[ " $FLOOR " == *" relay-uring "* || " $FLOOR " == *" relay-epoll "* ]]; then
+        cargo build --release --quiet --manifest-path benches/compare/relays/Cargo.toml
     fi
 fi
 PROXY_BIN=$CARGO_TARGET_DIR/release/kbs-affinity-proxy
@@ -100,8 +101,9 @@ BACKEND_BIN=$CARGO_TARGET_DIR/release/examples/fast_backend
 IDLE_BIN=$CARGO_TARGET_DIR/release/examples/idle_conns
 RELAY_BIN=$CARGO_TARGET_DIR/release/examples/relay_floor
 RELAY_URING_BIN=$CARGO_TARGET_DIR/release/relay-uring
+RELAY_EPOLL_BIN=$CARGO_TARGET_DIR/release/relay-epoll
 
-for port in 18080 18081 18082 18083 18084 18085 18090 18091 18092 18093; do
+for port in 18080 18081 18082 18083 18084 18085 18086 18090 18091 18092 18093; do
     if ss -Htln "sport = :$port" | grep -q .; then
         log "port $port is taken"
         exit 1
@@ -182,6 +184,14 @@ start_relay() {
     wait_port 18084
 }
 
+start_relay-epoll() {
+    taskset -c "$PROXY_CPU" "$RELAY_EPOLL_BIN" 127.0.0.1:18086 127.0.0.1:18081 \
+        2>"$WORK/relay-epoll.log" &
+    started=$!
+    CHILDREN+=("$started")
+    wait_port 18086
+}
+
 # Sets $started to "" when the relay cannot start (a kernel without io_uring, or refusing it).
 start_relay-uring() {
     taskset -c "$PROXY_CPU" "$RELAY_URING_BIN" 127.0.0.1:18085 127.0.0.1:18081 \
@@ -243,7 +253,8 @@ backends_seen() {
 start_backends
 declare -A PID=([direct]=$started)
 declare -A PORT=([direct]=18081 [haproxy]=18090 [nginx]=18091 [ours]=18080
-    [haproxy-2t]=18092 [nginx-2t]=18093 [ours-2t]=18083 [relay]=18084 [relay-uring]=18085)
+    [haproxy-2t]=18092 [nginx-2t]=18093 [ours-2t]=18083 [relay]=18084 [relay-uring]=18085
+    [relay-epoll]=18086)
 declare -A COOKIE=([direct]="route=none")
 TARGETS=(direct)
 for t in $FLOOR; do
@@ -342,7 +353,8 @@ cp "$WORK/runs.tsv" "${RUNS_TSV:-/dev/null}" 2>/dev/null || true
 echo
 echo "wrk -t1 -c$CONNS -d${DURATION}s --latency; medians of $REPS interleaved runs (min-max of req/s);"
 echo "CPU = utime+stime of the proxy process per request (for direct: of the backend process;"
-echo "relay, relay-uring: the floor relays, which do no HTTP work, on tokio/epoll and io_uring),"
+echo "relay, relay-epoll, relay-uring: the floor relays, which do no HTTP work, on tokio, a bare"
+echo "epoll loop and io_uring),"
 echo "with its user and system parts. Ratios to HAProxy are paired: the median, over the"
 echo "repetitions, of this target's figure divided by HAProxy's in the same repetition (the two"
 echo "ran one after the other), so a change of the host's speed between repetitions cancels out."

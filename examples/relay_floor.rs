@@ -16,8 +16,8 @@
 //!
 //! It is a measuring instrument, not a proxy: it relies on the client waiting for each answer
 //! before it sends the next request (as wrk does) and on each request and each answer arriving in
-//! one read (the benchmark's are ~100 bytes). `benches/compare/relay-uring` is the same relay on
-//! io_uring.
+//! one read (the benchmark's are ~100 bytes). `benches/compare/relays` has the same relay on a
+//! bare epoll loop and on io_uring.
 
 use std::future::poll_fn;
 use std::io;
