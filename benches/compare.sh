@@ -48,8 +48,8 @@
 #     see benches/compare/haproxy.cfg).
 # Every run is bounded (wrk -d, timeouts on every wait); everything it starts is stopped on
 # exit. Ports used: 18080/18083 (proxy), 18081-18082 (backends), 18090/18092 (HAProxy),
-# 18091/18093 (nginx), the second of each pair for the two-thread variant; 18084 (relay) and
-# 18085 (relay-uring), 18086 (relay-epoll).
+# 18091/18093 (nginx), the second of each pair for the two-thread variant; 18084-18086 (relay,
+# relay-uring, relay-epoll).
 set -euo pipefail
 
 REPS=${REPS:-3}
@@ -258,6 +258,10 @@ declare -A PORT=([direct]=18081 [haproxy]=18090 [nginx]=18091 [ours]=18080
 declare -A COOKIE=([direct]="route=none")
 TARGETS=(direct)
 for t in $FLOOR; do
+    if ! declare -F "start_$t" >/dev/null || [[ $t != relay* ]]; then
+        log "FLOOR: no relay named $t (relay, relay-epoll, relay-uring)"
+        exit 1
+    fi
     "start_$t"
     if [[ -n $started ]]; then
         PID[$t]=$started

@@ -10,7 +10,8 @@
 //! scheduler cost per request.
 //!
 //! Like the other relays it expects a client that waits for each answer (wrk) and answers that
-//! fit one read; a send that does not take everything at once closes the pair.
+//! fit one read, and connects to the backend with a blocking `connect` in the loop (over
+//! loopback, at once); a send that does not take everything at once closes the pair.
 
 use std::io;
 use std::net::{TcpListener, TcpStream};

@@ -8,7 +8,8 @@
 //! send of the turn and waits for the next completions. `benches/compare.sh` runs it beside the
 //! epoll relay and the proxies to show what io_uring would change for a proxy on this kernel.
 //!
-//! Like the epoll relay it expects a client that waits for each answer (wrk); it keeps each
+//! Like the other relays it expects a client that waits for each answer (wrk), and connects to
+//! the backend with a blocking `connect` in the loop (over loopback, at once); it keeps each
 //! direction's sends in order all the same (one in flight, the others queued).
 
 use std::collections::VecDeque;
