@@ -34,15 +34,14 @@ fn main() -> io::Result<()> {
     };
     let backend = backend.clone();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
+    rt.block_on(async move {
         let listener = TcpListener::bind(listen).await?;
         eprintln!("relay_floor listening on {listen}, relaying to {backend}");
         loop {
             let Ok((client, _)) = listener.accept().await else {
                 continue;
             };
-            tokio::task::spawn_local(relay(client, backend.clone()));
+            tokio::spawn(relay(client, backend.clone()));
         }
     })
 }
