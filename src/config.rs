@@ -184,6 +184,9 @@ pub struct Settings {
     /// `fast-path`: `on` (plain HTTP/1.1 on the proxy's own fast path) or `off` (hyper for all).
     #[serde(default, deserialize_with = "text_or_bool")]
     pub fast_path: Option<String>,
+    /// `backend-protocol`: `http1` (pooled HTTP/1.1 connections) or `http2` (one multiplexed
+    /// HTTP/2 connection per backend and worker: prior knowledge over TCP, ALPN `h2` over TLS).
+    pub backend_protocol: Option<String>,
 }
 
 /// Durations in the file may be strings (`"5s"`) or numbers of seconds (`5`).
@@ -332,6 +335,8 @@ pub struct HealthConfig {
     pub fall: u32,
     /// Consecutive successes that mark it up.
     pub rise: u32,
+    /// HTTP checks speak HTTP/2 (`backend-protocol = "http2"`).
+    pub http2: bool,
 }
 
 /// Client-facing TLS files.
@@ -463,8 +468,10 @@ pub struct Config {
     pub tokens_portable: bool,
     /// Client limits.
     pub limits: ClientLimits,
-    /// Plain HTTP/1.1 on the fast path.
+    /// Plain HTTP/1.1 on the fast path (off whenever `backend_http2` is on).
     pub fast_path: bool,
+    /// HTTP/2 to the backends instead of pooled HTTP/1.1.
+    pub backend_http2: bool,
 }
 
 /// Limits on what clients may hold or send.
@@ -548,7 +555,8 @@ impl Settings {
             client_idle_timeout,
             max_connections,
             max_header_bytes,
-            fast_path
+            fast_path,
+            backend_protocol
         )
     }
 
@@ -683,10 +691,15 @@ impl Settings {
             client_auth,
             insecure_skip_verify: self.backend_insecure_skip_verify.unwrap_or(false),
         };
+        let backend_http2 = match self.backend_protocol.as_deref().unwrap_or("http1") {
+            "http1" => false,
+            "http2" => true,
+            other => return Err(invalid("backend-protocol", other, "expected http1 or http2")),
+        };
         // Only files need checking: without them the system's roots load when the proxy starts.
         let has_files = backend_tls.ca.is_some() || backend_tls.client_auth.is_some();
         if has_files {
-            crate::tls::client_config(&backend_tls).map_err(|e| {
+            crate::tls::client_config(&backend_tls, backend_http2).map_err(|e| {
                 let (key, value) = match &backend_tls.ca {
                     Some(ca) => ("backend-ca", ca.display().to_string()),
                     None => ("backend-client-cert", "<files>".to_owned()),
@@ -694,14 +707,17 @@ impl Settings {
                 invalid(key, value, e.to_string())
             })?;
         }
-        let health = health_config(
-            self.health_check,
-            self.health_check_path,
-            self.health_check_interval,
-            self.health_check_timeout,
-            self.health_fall,
-            self.health_rise,
-        )?;
+        let health = HealthConfig {
+            http2: backend_http2,
+            ..health_config(
+                self.health_check,
+                self.health_check_path,
+                self.health_check_interval,
+                self.health_check_timeout,
+                self.health_fall,
+                self.health_rise,
+            )?
+        };
         let admin = match self.admin_listen {
             None => None,
             Some(text) => {
@@ -837,6 +853,7 @@ impl Settings {
                 "off" | "false" => false,
                 other => return Err(invalid("fast-path", other, "expected on or off")),
             },
+            backend_http2,
         })
     }
 }
@@ -873,6 +890,7 @@ fn health_config(
         timeout: duration("health-check-timeout", timeout, defaults::HEALTH_TIMEOUT)?,
         fall: count("health-fall", fall, defaults::HEALTH_FALL)?,
         rise: count("health-rise", rise, defaults::HEALTH_RISE)?,
+        http2: false,
     })
 }
 

@@ -1,5 +1,6 @@
-//! Active health checks: a TCP connect, or `GET <path>` answered 2xx, within a timeout. Results
-//! feed each backend's hysteresis ([`crate::backend::Backend::record_check`]).
+//! Active health checks: a TCP connect, or `GET <path>` answered 2xx (over HTTP/1.1, or HTTP/2
+//! when the backends speak it), within a timeout. Results feed each backend's hysteresis
+//! ([`crate::backend::Backend::record_check`]).
 
 use std::time::Duration;
 
@@ -12,8 +13,14 @@ use crate::backend::{Backend, Transition};
 use crate::config::{HealthConfig, HealthMode};
 use crate::connector::BackendConnector;
 
-/// Checks one backend once; true when healthy.
-pub async fn check(backend: &Backend, mode: &HealthMode, timeout: Duration, connector: &BackendConnector) -> bool {
+/// Checks one backend once, speaking HTTP/2 for HTTP checks when `http2`; true when healthy.
+pub async fn check(
+    backend: &Backend,
+    mode: &HealthMode,
+    http2: bool,
+    timeout: Duration,
+    connector: &BackendConnector,
+) -> bool {
     let uri: Uri = match format!("{}://{}/", backend.scheme, backend.authority).parse() {
         Ok(u) => u,
         Err(_) => return false,
@@ -22,6 +29,7 @@ pub async fn check(backend: &Backend, mode: &HealthMode, timeout: Duration, conn
         match mode {
             HealthMode::Off => true,
             HealthMode::Tcp => connector.connect(&uri).await.is_ok(),
+            HealthMode::Http(path) if http2 => http2_check(&uri, path, connector).await,
             HealthMode::Http(path) => http_check(backend, &uri, path, connector).await,
         }
     };
@@ -53,6 +61,33 @@ async fn http_check(backend: &Backend, uri: &Uri, path: &str, connector: &Backen
     ok
 }
 
+/// The HTTP check over HTTP/2 (prior knowledge, or `h2` negotiated by the connector's TLS): the
+/// authority goes in the request's URI, and no `Connection` field (HTTP/2 has none).
+async fn http2_check(uri: &Uri, path: &str, connector: &BackendConnector) -> bool {
+    let Ok(stream) = connector.connect(uri).await else {
+        return false;
+    };
+    let executor = hyper_util::rt::TokioExecutor::new();
+    let Ok((mut sender, conn)) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(executor, stream).await
+    else {
+        return false;
+    };
+    let driver = tokio::spawn(conn);
+    let Some(authority) = uri.authority() else {
+        return false;
+    };
+    let target = format!("{}://{authority}{path}", uri.scheme_str().unwrap_or("http"));
+    let req = Request::get(target)
+        .header(USER_AGENT, "kbs-affinity-proxy-health-check")
+        .body(Empty::new());
+    let ok = match req {
+        Ok(req) => sender.send_request(req).await.is_ok_and(|r| r.status().is_success()),
+        Err(_) => false,
+    };
+    driver.abort();
+    ok
+}
+
 /// Checks every backend of the current table once, concurrently, and applies the hysteresis;
 /// logs each transition.
 pub async fn check_all(routing: &crate::routing::Routing, health: &HealthConfig, connector: &BackendConnector) {
@@ -64,9 +99,9 @@ pub async fn check_all(routing: &crate::routing::Routing, health: &HealthConfig,
         let backend = std::sync::Arc::clone(backend);
         let mode = health.mode.clone();
         let connector = connector.clone();
-        let (timeout, rise, fall) = (health.timeout, health.rise, health.fall);
+        let (timeout, rise, fall, http2) = (health.timeout, health.rise, health.fall, health.http2);
         set.spawn(async move {
-            let ok = check(&backend, &mode, timeout, &connector).await;
+            let ok = check(&backend, &mode, http2, timeout, &connector).await;
             match backend.record_check(ok, rise, fall) {
                 Some(Transition::Up) => tracing::info!(backend = backend.name, "backend is up"),
                 Some(Transition::Down) => tracing::warn!(backend = backend.name, "backend is down"),

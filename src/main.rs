@@ -188,6 +188,11 @@ struct ProxyArgs {
     /// Plain HTTP/1.1 on the proxy's own fast path (on), or hyper for everything (off) [default: on].
     #[arg(long, value_name = "on|off")]
     fast_path: Option<String>,
+    /// HTTP/1.1 to the backends, pooled (http1), or HTTP/2, one multiplexed connection per backend
+    /// and worker, by prior knowledge over TCP and ALPN over TLS; turns the fast path off (http2)
+    /// [default: http1].
+    #[arg(long, value_name = "http1|http2")]
+    backend_protocol: Option<String>,
 }
 
 impl ProxyArgs {
@@ -239,6 +244,7 @@ impl ProxyArgs {
             max_connections: self.max_connections,
             max_header_bytes: self.max_header_bytes,
             fast_path: self.fast_path,
+            backend_protocol: self.backend_protocol,
         };
         (self.config, settings)
     }

@@ -63,6 +63,8 @@ struct Shared {
     connect_timeout: std::time::Duration,
     /// TLS client settings for `https://` backends.
     backend_tls: Arc<rustls::ClientConfig>,
+    /// The backend client speaks HTTP/2 (`backend-protocol = "http2"`).
+    backend_http2: bool,
     /// `kbs-session-id` → backend, learned from `auth` responses.
     sessions: AffinityTable,
     /// Attestation token (hashed) → backend, learned from `attest` responses.
@@ -96,7 +98,8 @@ impl Proxy {
                 routing: Arc::new(ArcSwap::from_pointee(routing)),
                 stats: Arc::new(ProxyStats::default()),
                 connect_timeout: config.connect_timeout,
-                backend_tls: crate::tls::client_config(&config.backend_tls)?,
+                backend_tls: crate::tls::client_config(&config.backend_tls, config.backend_http2)?,
+                backend_http2: config.backend_http2,
                 sessions: AffinityTable::new(config.session_table_size),
                 tokens: AffinityTable::new(config.session_table_size),
                 journal,
@@ -167,6 +170,7 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .http2_only(self.shared.backend_http2)
             .build(connector);
         Worker {
             shared: Arc::clone(&self.shared),

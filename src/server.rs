@@ -80,7 +80,8 @@ impl ServeOptions {
             tls,
             limits: config.limits,
             grace: config.shutdown_grace,
-            fast_path: config.fast_path,
+            // The fast path speaks HTTP/1.1 to the backends: with HTTP/2 to them, hyper does all.
+            fast_path: config.fast_path && !config.backend_http2,
         }
     }
 }

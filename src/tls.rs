@@ -158,8 +158,9 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
 }
 
 /// The configuration for TLS to backends: the given CA (or the system's roots), optional client
-/// certificate, ALPN `http/1.1` (the backend pool speaks HTTP/1.1).
-pub fn client_config(tls: &BackendTls) -> Result<Arc<ClientConfig>, TlsError> {
+/// certificate, ALPN `http/1.1` for the pooled HTTP/1.1 connections, or `h2` alone when the
+/// backends speak HTTP/2 (`backend-protocol = "http2"`).
+pub fn client_config(tls: &BackendTls, http2: bool) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
     let builder = if tls.insecure_skip_verify {
@@ -187,7 +188,7 @@ pub fn client_config(tls: &BackendTls) -> Result<Arc<ClientConfig>, TlsError> {
         Some(files) => builder.with_client_auth_cert(read_certs(&files.cert)?, read_key(&files.key)?)?,
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![if http2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
     Ok(Arc::new(config))
 }
 
