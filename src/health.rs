@@ -2,12 +2,14 @@
 //! when the backends speak it), within a timeout. Results feed each backend's hysteresis
 //! ([`crate::backend::Backend::record_check`]).
 
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONNECTION, HOST, USER_AGENT};
-use http::{HeaderValue, Request, Uri};
+use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::Empty;
+use hyper::body::Incoming;
 
 use crate::backend::{Backend, Transition};
 use crate::config::{HealthConfig, HealthMode};
@@ -29,63 +31,64 @@ pub async fn check(
         match mode {
             HealthMode::Off => true,
             HealthMode::Tcp => connector.connect(&uri).await.is_ok(),
-            HealthMode::Http(path) if http2 => http2_check(&uri, path, connector).await,
-            HealthMode::Http(path) => http_check(backend, &uri, path, connector).await,
+            HealthMode::Http(path) => http_check(backend, &uri, path, http2, connector).await,
         }
     };
     tokio::time::timeout(timeout, work).await.unwrap_or(false)
 }
 
-async fn http_check(backend: &Backend, uri: &Uri, path: &str, connector: &BackendConnector) -> bool {
+/// `GET path` answered 2xx, over HTTP/1.1 or, with `http2`, HTTP/2.
+async fn http_check(backend: &Backend, uri: &Uri, path: &str, http2: bool, connector: &BackendConnector) -> bool {
+    const AGENT: HeaderValue = HeaderValue::from_static("kbs-affinity-proxy-health-check");
     let Ok(stream) = connector.connect(uri).await else {
         return false;
     };
-    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(stream).await else {
-        return false;
-    };
-    // The connection task ends with the check (timeout or answer) or when the backend closes.
-    let driver = tokio::spawn(conn);
-    let Ok(host) = HeaderValue::from_str(backend.authority.as_str()) else {
-        return false;
-    };
-    let req = Request::get(path)
-        .header(HOST, host)
-        .header(CONNECTION, "close")
-        .header(USER_AGENT, "kbs-affinity-proxy-health-check")
-        .body(Empty::new());
-    let ok = match req {
-        Ok(req) => sender.send_request(req).await.is_ok_and(|r| r.status().is_success()),
-        Err(_) => false,
-    };
-    driver.abort();
-    ok
+    if http2 {
+        // Prior knowledge, or `h2` negotiated by the connector's TLS: the authority goes in the
+        // target, and no `Connection` field (HTTP/2 has none).
+        let Some(authority) = uri.authority() else {
+            return false;
+        };
+        let target = format!("{}://{authority}{path}", uri.scheme_str().unwrap_or("http"));
+        let Ok(req) = Request::get(target)
+            .header(USER_AGENT, AGENT)
+            .body(Empty::<Bytes>::new())
+        else {
+            return false;
+        };
+        let executor = hyper_util::rt::TokioExecutor::new();
+        let Ok((mut sender, conn)) = hyper::client::conn::http2::handshake(executor, stream).await else {
+            return false;
+        };
+        answered_2xx(conn, sender.send_request(req)).await
+    } else {
+        let Ok(host) = HeaderValue::from_str(backend.authority.as_str()) else {
+            return false;
+        };
+        let req = Request::get(path)
+            .header(HOST, host)
+            .header(CONNECTION, "close")
+            .header(USER_AGENT, AGENT)
+            .body(Empty::<Bytes>::new());
+        let Ok(req) = req else {
+            return false;
+        };
+        let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(stream).await else {
+            return false;
+        };
+        answered_2xx(conn, sender.send_request(req)).await
+    }
 }
 
-/// The HTTP check over HTTP/2 (prior knowledge, or `h2` negotiated by the connector's TLS): the
-/// authority goes in the request's URI, and no `Connection` field (HTTP/2 has none).
-async fn http2_check(uri: &Uri, path: &str, connector: &BackendConnector) -> bool {
-    let Ok(stream) = connector.connect(uri).await else {
-        return false;
-    };
-    let executor = hyper_util::rt::TokioExecutor::new();
-    let Ok((mut sender, conn)) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(executor, stream).await
-    else {
-        return false;
-    };
-    let driver = tokio::spawn(conn);
-    let Some(authority) = uri.authority() else {
-        return false;
-    };
-    let target = format!("{}://{authority}{path}", uri.scheme_str().unwrap_or("http"));
-    let req = Request::get(target)
-        .header(USER_AGENT, "kbs-affinity-proxy-health-check")
-        .body(Empty::new());
-    let ok = match req {
-        Ok(req) => sender.send_request(req).await.is_ok_and(|r| r.status().is_success()),
-        Err(_) => false,
-    };
-    driver.abort();
-    ok
+/// Awaits `answer` while the connection task `conn` runs; true on a 2xx. The task ends with the
+/// check: on the answer, on the check's timeout (dropped), or when the backend closes.
+async fn answered_2xx<C>(conn: C, answer: impl Future<Output = hyper::Result<Response<Incoming>>>) -> bool
+where
+    C: Future + Send + 'static,
+    C::Output: Send + 'static,
+{
+    let _driver = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
+    answer.await.is_ok_and(|r| r.status().is_success())
 }
 
 /// Checks every backend of the current table once, concurrently, and applies the hysteresis;
