@@ -9,6 +9,7 @@
 #   PROXY_CPUS=0,1 LOAD_CPUS=2,3 bash benches/compare.sh          # on a 4-core machine
 #   SKIP_BUILD=1 CARGO_TARGET_DIR=... bash benches/compare.sh   # reuse binaries built there
 #   FLOOR=relay bash benches/compare.sh     # only the tokio relay as the floor (FLOOR= none)
+#   H2_BACKENDS=1 bash benches/compare.sh   # also HAProxy and ours speaking HTTP/2 to the backends
 #
 # What it does, in one run:
 #  1. installs haproxy, nginx and wrk with apt-get when missing (apt-get update first);
@@ -29,7 +30,9 @@
 #     cost by themselves, the part of a proxy's figure that its HTTP work does not explain
 #     (relay-uring is left out, with a line saying why, where the kernel refuses io_uring;
 #     the relays sit out the close mode, where they would open a backend connection per
-#     request);
+#     request); with H2_BACKENDS=1 also haproxy-h2 (`proto h2` on its servers) and ours-h2
+#     (`--backend-protocol http2`), one thread each, speaking HTTP/2 with prior knowledge to
+#     the same backends (fast_backend serves both protocols);
 #  4. for REPS repetitions, interleaved (every target once per mode per repetition), runs
 #     `wrk -t1 -c$CONNS -d${DURATION}s --latency` in the MODES (default all four):
 #       ka-cookie    keep-alive, with a valid route cookie got first through that proxy
@@ -49,7 +52,7 @@
 # Every run is bounded (wrk -d, timeouts on every wait); everything it starts is stopped on
 # exit. Ports used: 18080/18083 (proxy), 18081-18082 (backends), 18090/18092 (HAProxy),
 # 18091/18093 (nginx), the second of each pair for the two-thread variant; 18084-18086 (relay,
-# relay-uring, relay-epoll).
+# relay-uring, relay-epoll); 18087 (ours-h2), 18094 (haproxy-h2).
 set -euo pipefail
 
 REPS=${REPS:-3}
@@ -59,6 +62,7 @@ IDLE_CONNS=${IDLE_CONNS:-10000}
 THREADS=${THREADS:-1 2}
 MODES=(${MODES:-ka-cookie ka-nocookie close ka-paced})
 FLOOR=${FLOOR-relay relay-epoll relay-uring}
+H2_BACKENDS=${H2_BACKENDS:-0}
 export PACE_MS=${PACE_MS:-2}
 PROXY_CPU=${PROXY_CPUS:-0}
 LOAD_CPU=${LOAD_CPUS:-1}
@@ -103,7 +107,7 @@ RELAY_BIN=$CARGO_TARGET_DIR/release/examples/relay_floor
 RELAY_URING_BIN=$CARGO_TARGET_DIR/release/relay-uring
 RELAY_EPOLL_BIN=$CARGO_TARGET_DIR/release/relay-epoll
 
-for port in 18080 18081 18082 18083 18084 18085 18086 18090 18091 18092 18093; do
+for port in 18080 18081 18082 18083 18084 18085 18086 18087 18090 18091 18092 18093 18094; do
     if ss -Htln "sport = :$port" | grep -q .; then
         log "port $port is taken"
         exit 1
@@ -175,6 +179,25 @@ start_ours() {
     started=$!
     CHILDREN+=("$started")
     wait_port "$port"
+}
+
+# The HTTP/2-to-backends variants (H2_BACKENDS=1): one thread each, on their own ports.
+start_haproxy-h2() {
+    sed 's/127.0.0.1:18090/127.0.0.1:18094/; s/^\( *server .*\)$/\1 proto h2/' \
+        benches/compare/haproxy.cfg >"$WORK/haproxy-h2.cfg"
+    taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy-h2.cfg" 2>"$WORK/haproxy-h2.log" &
+    started=$!
+    CHILDREN+=("$started")
+    wait_port 18094
+}
+
+start_ours-h2() {
+    KBS_AFFINITY_PROXY_COOKIE_SECRET=$SECRET RUST_LOG=warn \
+        taskset -c "$PROXY_CPU" "$PROXY_BIN" "${OURS_FLAGS[@]}" --listen 127.0.0.1:18087 \
+        --workers 1 --backend-protocol http2 2>"$WORK/ours-h2.log" &
+    started=$!
+    CHILDREN+=("$started")
+    wait_port 18087
 }
 
 start_relay() {
@@ -254,7 +277,7 @@ start_backends
 declare -A PID=([direct]=$started)
 declare -A PORT=([direct]=18081 [haproxy]=18090 [nginx]=18091 [ours]=18080
     [haproxy-2t]=18092 [nginx-2t]=18093 [ours-2t]=18083 [relay]=18084 [relay-uring]=18085
-    [relay-epoll]=18086)
+    [relay-epoll]=18086 [ours-h2]=18087 [haproxy-h2]=18094)
 declare -A COOKIE=([direct]="route=none")
 TARGETS=(direct)
 for t in $FLOOR; do
@@ -280,6 +303,13 @@ for n in $THREADS; do
         TARGETS+=("$t")
     done
 done
+if [[ $H2_BACKENDS == 1 ]]; then
+    for t in haproxy-h2 ours-h2; do
+        "start_$t"
+        PID[$t]=$started
+        TARGETS+=("$t")
+    done
+fi
 
 for t in "${TARGETS[@]:$((1 + FLOORS))}"; do
     COOKIE[$t]=$(route_cookie "${PORT[$t]}")

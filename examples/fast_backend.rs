@@ -11,6 +11,10 @@
 //! request heads (with `Content-Length` bodies, pipelined or not) and writes a prepared answer
 //! per request; anything it cannot frame closes the connection, and so does a request with
 //! `Connection: close` (after its answer, which says so), as a real server does.
+//!
+//! A connection that opens with the HTTP/2 preface (prior knowledge, as `--backend-protocol
+//! http2` and HAProxy's `proto h2` speak to plain-TCP servers) is served by hyper's HTTP/2 server
+//! with the same answer, so the benchmark can compare both protocols to the backends.
 
 use std::net::SocketAddr;
 
@@ -52,8 +56,32 @@ async fn serve(listener: TcpListener, addr: SocketAddr) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        tokio::task::spawn_local(connection(stream, answer, closing));
+        tokio::task::spawn_local(async move {
+            let mut first = [0u8; PREFACE.len()];
+            match stream.peek(&mut first).await {
+                // "PRI" is no HTTP/1.1 method here: three bytes decide (a shorter first read
+                // goes to HTTP/1.1; clients send the preface whole).
+                Ok(n) if n >= 3 && first[..n] == PREFACE[..n] => http2(stream, addr).await,
+                _ => connection(stream, answer, closing).await,
+            }
+        });
     }
+}
+
+/// What an HTTP/2 connection with prior knowledge starts with (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves an HTTP/2 connection: every request gets 200 with the same fields and body.
+async fn http2(stream: TcpStream, addr: SocketAddr) {
+    let service = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| async move {
+        hyper::Response::builder()
+            .header("content-type", "text/plain")
+            .header("x-backend", addr.to_string())
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(BODY.as_bytes())))
+    });
+    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await;
 }
 
 /// The answer `addr` gives to every request, with `extra` (whole field lines) in its head.
