@@ -671,3 +671,29 @@ async fn an_http2_preface_after_http1_requests_is_refused_as_hyper_refuses_it() 
         assert_eq!(frame[3], 0x4, "a SETTINGS frame first: {frame:?}");
     }
 }
+
+#[tokio::test]
+async fn an_http2_preface_after_empty_lines_is_answered_as_hyper_answers_it() {
+    // Found by the differential fuzzer: empty lines, then the preface, as a connection's first
+    // bytes. Whether hyper answers 400 or closes without a word depends on how much of the
+    // request line its version sniffing read; the fast path used to answer 400 always. Now a bad
+    // version in a connection's first request goes to hyper, as on the hyper path.
+    let mirror = start_mirror().await;
+    let p = pair(mirror).await;
+    let preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let status = |r: &[u8]| String::from_utf8_lossy(r).split(' ').nth(1).unwrap_or("").to_owned();
+    let mut answers = std::collections::BTreeSet::new();
+    for lines in [&b"\n"[..], b"\r\n"] {
+        for n in [1, 4, 7, 8, 12, 13, 14, 16, 24] {
+            let raw = [lines.repeat(n), preface.to_vec()].concat();
+            let fast = exchange(p.fast.addr, &raw).await;
+            let hyper = exchange(p.hyper.addr, &raw).await;
+            assert_eq!(status(&fast), status(&hyper), "{:?}", String::from_utf8_lossy(&raw));
+            // Refused either way: a 400, or a close; never forwarded.
+            assert!(matches!(status(&fast).as_str(), "400" | ""), "{fast:?}");
+            answers.insert(status(&fast));
+        }
+    }
+    // Both of hyper's answers occur among these inputs, so both were compared.
+    assert_eq!(answers.len(), 2, "{answers:?}");
+}

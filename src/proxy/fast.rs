@@ -504,6 +504,10 @@ impl Worker {
             Err(httparse::Error::TooManyHeaders) => {
                 return Prepared::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
             }
+            // A bad version in the connection's first request (`HTTP/2.0` after empty lines, say):
+            // whether hyper answers 400 or closes depends on how its version sniffing read the
+            // bytes, so hyper gets them, as on the hyper path.
+            Err(httparse::Error::Version) if first => return Prepared::Handoff,
             Err(_) => return Prepared::Reject(StatusCode::BAD_REQUEST),
         };
         if head_len > max_head {
