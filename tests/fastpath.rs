@@ -696,4 +696,25 @@ async fn an_http2_preface_after_empty_lines_is_answered_as_hyper_answers_it() {
     }
     // Both of hyper's answers occur among these inputs, so both were compared.
     assert_eq!(answers.len(), 2, "{answers:?}");
+
+    // After a first request: hyper drops leading CR and LF bytes at a parse error and closes
+    // without an answer when the whole preface follows (found by the fuzzer, mid-connection).
+    let first = b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n";
+    for lines in [&b"\r\n"[..], b"\n", b"\r"] {
+        for n in [1, 3, 20] {
+            for tail in [&b""[..], b"ooo\r\nX: y\r\n\r\n"] {
+                let raw = [&first[..], &lines.repeat(n), preface, tail].concat();
+                let fast = exchange(p.fast.addr, &raw).await;
+                let hyper = exchange(p.hyper.addr, &raw).await;
+                let what = String::from_utf8_lossy(&raw);
+                assert!(fast.starts_with(b"HTTP/1.1 200 "), "{what}");
+                assert_eq!(
+                    fast.len(),
+                    first_response_len(&fast),
+                    "nothing after the first answer: {what}"
+                );
+                assert_eq!(hyper.len(), first_response_len(&hyper), "{what}");
+            }
+        }
+    }
 }

@@ -484,16 +484,23 @@ impl Worker {
         first: bool,
     ) -> Prepared {
         // HTTP/2 with prior knowledge: hyper's, when these are the connection's first bytes
-        // (RFC 9113 §3.3). After HTTP/1.1 requests, hyper's HTTP/1 server closes on the whole
-        // preface without an answer, and refuses a part of it (the version) with a 400: so here.
+        // (RFC 9113 §3.3). After HTTP/1.1 requests, hyper's HTTP/1 server, on the parse error,
+        // drops leading CR and LF bytes and closes without an answer if the whole preface
+        // follows; a part of it fails on the version with a 400, here as there.
         const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-        let n = buf.len().min(H2_PREFACE.len());
-        if buf[..n] == H2_PREFACE[..n] {
-            match (first, n == H2_PREFACE.len()) {
-                (true, true) => return Prepared::Handoff,
-                (true, false) => return Prepared::Partial,
-                (false, true) => return Prepared::Close,
-                (false, false) => {} // httparse refuses the version once it is there
+        if first {
+            let n = buf.len().min(H2_PREFACE.len());
+            if buf[..n] == H2_PREFACE[..n] {
+                return if n == H2_PREFACE.len() {
+                    Prepared::Handoff
+                } else {
+                    Prepared::Partial
+                };
+            }
+        } else {
+            let start = buf.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(buf.len());
+            if buf[start..].starts_with(H2_PREFACE) {
+                return Prepared::Close;
             }
         }
         let mut storage = header_storage();
@@ -504,10 +511,10 @@ impl Worker {
             Err(httparse::Error::TooManyHeaders) => {
                 return Prepared::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
             }
-            // A bad version in the connection's first request (`HTTP/2.0` after empty lines, say):
-            // whether hyper answers 400 or closes depends on how its version sniffing read the
-            // bytes, so hyper gets them, as on the hyper path.
-            Err(httparse::Error::Version) if first => return Prepared::Handoff,
+            // A connection's first request that does not parse (`HTTP/2.0` after empty lines,
+            // say): whether hyper answers 400 or closes depends on how much its version sniffing
+            // had read at the error, so hyper gets the bytes, as on the hyper path.
+            Err(_) if first => return Prepared::Handoff,
             Err(_) => return Prepared::Reject(StatusCode::BAD_REQUEST),
         };
         if head_len > max_head {
