@@ -307,13 +307,20 @@ impl ControlPlane {
         let Some((source, _)) = &self.reload else {
             return Err("reload is not enabled".into());
         };
-        let config = match source() {
+        let mut config = match source() {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "reload refused: the new configuration is invalid; keeping the old one");
                 return Err(e.to_string());
             }
         };
+        // The workers' backend clients are built for one protocol: keep it, health checks too.
+        let running_http2 = self.state().config.backend_http2;
+        if config.backend_http2 != running_http2 {
+            tracing::warn!("changing backend-protocol needs a restart; keeping the current one");
+            config.backend_http2 = running_http2;
+            config.health.http2 = running_http2;
+        }
         // Certificates first: if they do not load, nothing changes.
         let new_tls = match (&config.tls, &self.tls) {
             (Some(_), Some(settings)) => match tls_settings(&config) {

@@ -179,3 +179,35 @@ fn an_unknown_backend_protocol_is_refused_by_its_key() {
     let text = err.to_string();
     assert!(text.contains("backend-protocol") && text.contains("h3"), "{text}");
 }
+
+#[tokio::test]
+async fn a_reload_cannot_switch_the_backend_protocol_of_running_workers() {
+    let (a, checks) = start_h2_backend("a", None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.toml");
+    let write = |protocol: &str| {
+        let text = format!(
+            "backend = [\"a=http://{a}\"]\ncookie-secret = \"{SECRET}\"\nlisten = \"127.0.0.1:0\"\n\
+             health-check = \"http\"\nbackend-protocol = \"{protocol}\"\n"
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    write("http2");
+    let path = file.clone();
+    let source = move || Settings::from_file(&path)?.validate();
+    let proxy = start_proxy_with(Settings::from_file(&file).unwrap(), |c| {
+        c.with_reload(Box::new(source), None)
+    })
+    .await;
+    write("http1");
+    proxy.control.reload().unwrap();
+    // The workers still speak HTTP/2, and so do the health checks: the backend stays up.
+    let before = checks.load(Ordering::Relaxed);
+    for _ in 0..4 {
+        proxy.control.check_health().await;
+    }
+    assert!(checks.load(Ordering::Relaxed) >= before + 4);
+    let (parts, _) = get(format!("{}/x", proxy.url()), None).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(parts.headers["x-version"], "HTTP/2.0");
+}
