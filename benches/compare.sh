@@ -200,27 +200,26 @@ start_ours-h2() {
     wait_port 18087
 }
 
-start_relay() {
-    taskset -c "$PROXY_CPU" "$RELAY_BIN" 127.0.0.1:18084 127.0.0.1:18081 2>"$WORK/relay.log" &
+# Starts the floor relay $1 (binary $2) on port $3, relaying to the first backend.
+start_floor() {
+    taskset -c "$PROXY_CPU" "$2" "127.0.0.1:$3" 127.0.0.1:18081 2>"$WORK/$1.log" &
     started=$!
     CHILDREN+=("$started")
+}
+
+start_relay() {
+    start_floor relay "$RELAY_BIN" 18084
     wait_port 18084
 }
 
 start_relay-epoll() {
-    taskset -c "$PROXY_CPU" "$RELAY_EPOLL_BIN" 127.0.0.1:18086 127.0.0.1:18081 \
-        2>"$WORK/relay-epoll.log" &
-    started=$!
-    CHILDREN+=("$started")
+    start_floor relay-epoll "$RELAY_EPOLL_BIN" 18086
     wait_port 18086
 }
 
 # Sets $started to "" when the relay cannot start (a kernel without io_uring, or refusing it).
 start_relay-uring() {
-    taskset -c "$PROXY_CPU" "$RELAY_URING_BIN" 127.0.0.1:18085 127.0.0.1:18081 \
-        2>"$WORK/relay-uring.log" &
-    started=$!
-    CHILDREN+=("$started")
+    start_floor relay-uring "$RELAY_URING_BIN" 18085
     local i
     for ((i = 0; i < 100; i++)); do
         (exec 3<>/dev/tcp/127.0.0.1/18085) 2>/dev/null && return 0
