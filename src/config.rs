@@ -335,8 +335,6 @@ pub struct HealthConfig {
     pub fall: u32,
     /// Consecutive successes that mark it up.
     pub rise: u32,
-    /// HTTP checks speak HTTP/2 (`backend-protocol = "http2"`).
-    pub http2: bool,
 }
 
 /// Client-facing TLS files.
@@ -707,17 +705,14 @@ impl Settings {
                 invalid(key, value, e.to_string())
             })?;
         }
-        let health = HealthConfig {
-            http2: backend_http2,
-            ..health_config(
-                self.health_check,
-                self.health_check_path,
-                self.health_check_interval,
-                self.health_check_timeout,
-                self.health_fall,
-                self.health_rise,
-            )?
-        };
+        let health = health_config(
+            self.health_check,
+            self.health_check_path,
+            self.health_check_interval,
+            self.health_check_timeout,
+            self.health_fall,
+            self.health_rise,
+        )?;
         let admin = match self.admin_listen {
             None => None,
             Some(text) => {
@@ -890,7 +885,6 @@ fn health_config(
         timeout: duration("health-check-timeout", timeout, defaults::HEALTH_TIMEOUT)?,
         fall: count("health-fall", fall, defaults::HEALTH_FALL)?,
         rise: count("health-rise", rise, defaults::HEALTH_RISE)?,
-        http2: false,
     })
 }
 

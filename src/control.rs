@@ -163,9 +163,12 @@ impl ControlPlane {
 
     /// Checks every backend once, then catches up the healthy ones that missed admin writes.
     pub async fn check_health(&self) {
-        let health = self.state().config.health.clone();
+        let (health, http2) = {
+            let state = self.state();
+            (state.config.health.clone(), state.config.backend_http2)
+        };
         let routing = self.proxy.routing();
-        crate::health::check_all(&routing, &health, &self.connector).await;
+        crate::health::check_all(&routing, &health, http2, &self.connector).await;
         self.catch_up().await;
     }
 
@@ -314,12 +317,11 @@ impl ControlPlane {
                 return Err(e.to_string());
             }
         };
-        // The workers' backend clients are built for one protocol: keep it, health checks too.
+        // The workers' backend clients are built for one protocol: keep it (health checks too).
         let running_http2 = self.state().config.backend_http2;
         if config.backend_http2 != running_http2 {
             tracing::warn!("changing backend-protocol needs a restart; keeping the current one");
             config.backend_http2 = running_http2;
-            config.health.http2 = running_http2;
         }
         // Certificates first: if they do not load, nothing changes.
         let new_tls = match (&config.tls, &self.tls) {

@@ -91,9 +91,14 @@ where
     answer.await.is_ok_and(|r| r.status().is_success())
 }
 
-/// Checks every backend of the current table once, concurrently, and applies the hysteresis;
-/// logs each transition.
-pub async fn check_all(routing: &crate::routing::Routing, health: &HealthConfig, connector: &BackendConnector) {
+/// Checks every backend of the current table once, concurrently (HTTP checks in HTTP/2 when
+/// `http2`), and applies the hysteresis; logs each transition.
+pub async fn check_all(
+    routing: &crate::routing::Routing,
+    health: &HealthConfig,
+    http2: bool,
+    connector: &BackendConnector,
+) {
     if health.mode == HealthMode::Off {
         return;
     }
@@ -102,7 +107,7 @@ pub async fn check_all(routing: &crate::routing::Routing, health: &HealthConfig,
         let backend = std::sync::Arc::clone(backend);
         let mode = health.mode.clone();
         let connector = connector.clone();
-        let (timeout, rise, fall, http2) = (health.timeout, health.rise, health.fall, health.http2);
+        let (timeout, rise, fall) = (health.timeout, health.rise, health.fall);
         set.spawn(async move {
             let ok = check(&backend, &mode, http2, timeout, &connector).await;
             match backend.record_check(ok, rise, fall) {
