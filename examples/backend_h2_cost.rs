@@ -12,16 +12,16 @@
 //! (default 64, as `benches/compare.sh`) send REQUESTS in all (default 200,000) with a route
 //! cookie-sized header, each waiting for its answer; ROUNDS (default 5) alternate the two
 //! protocols (a last argument `h1` or `h2` runs only that one, e.g. under `strace -c -f` to
-//! count system calls). Per round it prints the client thread's and the backend thread's CPU time per
-//! request (`CLOCK_THREAD_CPUTIME_ID`, so other load on the machine does not count), and at the
-//! end the medians and the HTTP/2 ÷ HTTP/1.1 ratios.
+//! count system calls). Per round it prints the client thread's and the backend thread's CPU
+//! time per request (the client's `CLOCK_THREAD_CPUTIME_ID`; the backend's as the process's less
+//! the client's), so other load on the machine does not count, and at the end the medians and
+//! the HTTP/2 ÷ HTTP/1.1 ratios.
 //!
 //! The client side is the proxy's hyper path, not its fast path (which speaks HTTP/1.1 only and
 //! costs less again, see docs/benchmarks.md): HTTP/2 to the backends would move every proxied
 //! request onto the hyper path.
 
 use std::convert::Infallible;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -42,16 +42,12 @@ fn main() {
     let (requests, concurrency, rounds) = (arg(1, 200_000), arg(2, 64).max(1), arg(3, 5).max(1));
     let only = std::env::args().nth(4);
 
-    // The backend, on its own thread; it reports its address, then its CPU time on request.
-    let (addr_tx, addr_rx) = mpsc::channel();
-    let (ask_tx, ask_rx) = mpsc::channel::<mpsc::Sender<Duration>>();
-    std::thread::spawn(move || backend(addr_tx, ask_rx));
-    let addr = addr_rx.recv().expect("the backend starts");
-    let backend_cpu = move || {
-        let (tx, rx) = mpsc::channel();
-        ask_tx.send(tx).expect("the backend runs");
-        rx.recv().expect("the backend answers")
-    };
+    // The backend, on the process's only other thread: its CPU time is the process's less this
+    // thread's.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let addr = listener.local_addr().expect("an address");
+    std::thread::spawn(move || backend(listener));
+    let backend_cpu = || cpu(ClockId::ProcessCPUTime) - thread_cpu();
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -140,7 +136,11 @@ fn per_request(cpu: Duration, requests: usize) -> f64 {
 
 /// This thread's CPU time.
 fn thread_cpu() -> Duration {
-    let t = clock_gettime(ClockId::ThreadCPUTime);
+    cpu(ClockId::ThreadCPUTime)
+}
+
+fn cpu(clock: ClockId) -> Duration {
+    let t = clock_gettime(clock);
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
@@ -173,24 +173,15 @@ async fn load(
     }
 }
 
-/// The backend: HTTP/1.1 and HTTP/2 (prior knowledge) on one port; answers CPU-time questions.
-fn backend(addr_tx: mpsc::Sender<std::net::SocketAddr>, ask: mpsc::Receiver<mpsc::Sender<Duration>>) {
+/// The backend: HTTP/1.1 and HTTP/2 (prior knowledge) on one port.
+fn backend(listener: std::net::TcpListener) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a runtime");
     rt.block_on(async move {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
-        addr_tx.send(listener.local_addr().unwrap()).unwrap();
-        // CPU-time questions come from the other thread; answered between accepts and requests.
-        tokio::spawn(async move {
-            loop {
-                while let Ok(reply) = ask.try_recv() {
-                    let _ = reply.send(thread_cpu());
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        });
+        listener.set_nonblocking(true).expect("a non-blocking listener");
+        let listener = TcpListener::from_std(listener).expect("a tokio listener");
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;

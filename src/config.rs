@@ -843,8 +843,9 @@ impl Settings {
             session_lifetime,
             tokens_portable: self.tokens_portable.unwrap_or(false),
             limits,
+            // The fast path speaks HTTP/1.1 to the backends: with HTTP/2 to them, hyper does all.
             fast_path: match self.fast_path.as_deref().unwrap_or("on") {
-                "on" | "true" => true,
+                "on" | "true" => !backend_http2,
                 "off" | "false" => false,
                 other => return Err(invalid("fast-path", other, "expected on or off")),
             },

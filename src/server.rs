@@ -80,8 +80,7 @@ impl ServeOptions {
             tls,
             limits: config.limits,
             grace: config.shutdown_grace,
-            // The fast path speaks HTTP/1.1 to the backends: with HTTP/2 to them, hyper does all.
-            fast_path: config.fast_path && !config.backend_http2,
+            fast_path: config.fast_path,
         }
     }
 }
