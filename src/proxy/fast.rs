@@ -18,6 +18,7 @@
 mod alarm;
 mod buf;
 mod chunked;
+mod clock;
 mod lines;
 mod rewind;
 
@@ -42,6 +43,7 @@ pub use rewind::Rewind;
 use self::alarm::{AlarmHandle, Alarms};
 use self::buf::{Buf, STREAM_CHUNK};
 use self::chunked::ChunkedScanner;
+use self::clock::WallClock;
 use self::lines::Lines;
 use super::{body::ProxyBody, ConnInfo, ProxyError, Worker};
 use crate::backend::{Backend, InFlight};
@@ -65,6 +67,8 @@ pub struct FastState {
     /// Per backend (a few; searched in order, no hashing): connections and reuse deadlines.
     idle: Mutex<Vec<(BackendId, IdleList)>>,
     alarms: Alarms,
+    /// Unix time for route cookies, from each request's monotonic reading.
+    clock: WallClock,
 }
 
 /// Idle connections to one backend and until when each may be reused.
@@ -152,8 +156,20 @@ struct Plan {
     is_head: bool,
     client_close: bool,
     decision: &'static str,
+    /// Unix seconds when the request was read: the issue time of a Set-Cookie.
+    now: u64,
     /// For the access log only (method, path without query).
     log: Option<(String, String)>,
+}
+
+/// What the fast path knows of a request before its head is parsed.
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    /// No request was read on the connection before it.
+    first: bool,
+    /// Unix seconds when it started (its first bytes were taken up): route cookies are checked
+    /// and issued at this time.
+    unix: u64,
 }
 
 /// How a response body is framed.
@@ -397,11 +413,15 @@ impl Worker {
             }
             // The request's one clock reading; its deadlines and timings count from here.
             let started = Instant::now();
+            let arrival = Arrival {
+                first,
+                unix: self.fast.clock.unix_secs(started),
+            };
             let mut head_deadline_set = false;
             // Read until the head is complete.
             let prepared = loop {
                 let routing = routing_cache.load();
-                match self.prepare(&buf, &conn, routing, max_head, &mut cookie_cache, first) {
+                match self.prepare(&buf, &conn, routing, max_head, &mut cookie_cache, arrival) {
                     Prepared::Partial => {}
                     other => break other,
                 }
@@ -481,8 +501,9 @@ impl Worker {
         routing: &Arc<Routing>,
         max_head: usize,
         cookie_cache: &mut Option<CookieCache>,
-        first: bool,
+        arrival: Arrival,
     ) -> Prepared {
+        let Arrival { first, unix: now } = arrival;
         // HTTP/2 with prior knowledge: hyper's, when these are the connection's first bytes
         // (RFC 9113 §3.3). After HTTP/1.1 requests, hyper's HTTP/1 server, on the parse error,
         // drops leading CR and LF bytes and closes without an answer if the whole preface
@@ -554,7 +575,7 @@ impl Worker {
         {
             return Prepared::Handoff;
         }
-        let path = target.split('?').next().unwrap_or(target);
+        let path = memchr::memchr(b'?', target.as_bytes()).map_or(target, |q| &target[..q]);
         let kind = RouteKind::classify(&method, path);
         if matches!(kind, RouteKind::Auth | RouteKind::Attest)
             || routing.admin_fanout.as_ref().is_some_and(|f| f.matches(&method, path))
@@ -565,7 +586,6 @@ impl Worker {
 
         // Routing, from the borrowed header bytes: the same step as the hyper path, with the
         // connection's cookie cache in front of the MAC.
-        let now = super::unix_now();
         let issuer = &routing.cookie;
         let verify = |v: &[u8]| CookieCache::verify(cookie_cache, issuer, v, now);
         let super::Route {
@@ -656,6 +676,7 @@ impl Worker {
             is_head: method == Method::HEAD,
             client_close,
             decision,
+            now,
             log,
         })
     }
@@ -937,8 +958,7 @@ impl Worker {
         let backend = &plan.backend;
         backend.stats.count_response(plan.kind, status);
         if plan.issue_cookie {
-            let now = super::unix_now();
-            let value = routing.cookie.set_cookie(backend.id, now, conn.tls);
+            let value = routing.cookie.set_cookie(backend.id, plan.now, conn.tls);
             out.extend_from_slice(b"set-cookie: ");
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");

@@ -93,14 +93,34 @@ impl<'s> Lines<'s> {
     }
 
     /// Appends the field line `name: value\r\n` (`name` and `value` slices of the received head).
-    #[inline]
+    /// Inlined into the caller's loop: a line in written form only extends the pending run.
+    #[inline(always)]
     pub(super) fn field(&mut self, out: &mut Vec<u8>, name: &str, value: &[u8]) {
-        if let (Some(n), Some(v)) = (self.offset(name.as_bytes()), self.offset(value)) {
-            let v_end = v + value.len();
-            if n + name.len() + 2 == v && self.holds(v - 2, b": ") && self.holds(v_end, b"\r\n") {
-                return self.copy(out, n..v_end + 2);
-            }
+        match self.written_line(name, value) {
+            Some(line) => self.copy(out, line),
+            None => self.write_field(out, name, value),
         }
+    }
+
+    /// Where the line of `name` and `value` is in `src`, if in written form: `value` starts right
+    /// after `name: ` and `\r\n` follows it (one offset computed, the value's place checked by
+    /// address).
+    #[inline(always)]
+    fn written_line(&self, name: &str, value: &[u8]) -> Option<Range<usize>> {
+        let n = self.offset(name.as_bytes())?;
+        let v = n + name.len() + 2;
+        let end = v + value.len() + 2;
+        if !std::ptr::eq(value.as_ptr(), self.src.as_ptr().wrapping_add(v)) {
+            return None;
+        }
+        let line = self.src.get(n..end)?;
+        (line[name.len()..name.len() + 2] == *b": " && line[line.len() - 2..] == *b"\r\n").then_some(n..end)
+    }
+
+    /// Writes the field line out of its parts (a line in another form, or from elsewhere).
+    #[cold]
+    #[inline(never)]
+    fn write_field(&mut self, out: &mut Vec<u8>, name: &str, value: &[u8]) {
         self.flush(out);
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
