@@ -148,6 +148,12 @@ impl Backend {
         InFlight(Arc::clone(self))
     }
 
+    /// [`start_request`](Self::start_request) with a guard that borrows the backend.
+    pub fn start_request_borrowed(&self) -> InFlight<&Self> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+
     /// Whether checks and traffic say it works: actively healthy and not in passive back-off.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed) && self.passive.is_available()
@@ -275,11 +281,13 @@ impl Backend {
     }
 }
 
-/// Keeps a backend's in-flight count raised while alive.
+/// Keeps a backend's in-flight count raised while alive. Holds the backend as `B`: an `Arc` by
+/// default (a response body outlives the request that started it), a reference where the caller
+/// holds the backend for longer anyway (no reference count to raise and lower per request).
 #[derive(Debug)]
-pub struct InFlight(Arc<Backend>);
+pub struct InFlight<B: std::ops::Deref<Target = Backend> = Arc<Backend>>(B);
 
-impl Drop for InFlight {
+impl<B: std::ops::Deref<Target = Backend>> Drop for InFlight<B> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }

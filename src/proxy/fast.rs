@@ -75,10 +75,10 @@ pub struct FastState {
 type IdleList = Vec<(TcpStream, Instant)>;
 
 /// A backend connection whose response head is in `head`, counted in flight until dropped.
-struct Upstream {
+struct Upstream<'b> {
     conn: TcpStream,
     head: Buf,
-    _in_flight: InFlight,
+    _in_flight: InFlight<&'b Backend>,
 }
 
 impl FastState {
@@ -719,7 +719,6 @@ impl Worker {
         started: Instant,
         alarm: &mut AlarmHandle<'_>,
     ) -> Result<Option<Instant>, ()> {
-        let routing = Arc::clone(&plan.routing);
         let in_buf = (buf.len() - plan.head_len) as u64;
         let body_in_buf = in_buf.min(plan.body_len) as usize;
         let whole_body_here = in_buf >= plan.body_len;
@@ -734,7 +733,7 @@ impl Worker {
         // connection or a refused connect may be retried when nothing reached a backend.
         let mut fresh_only = false;
         let mut up = loop {
-            let backend = Arc::clone(&plan.backend);
+            let backend = &plan.backend;
             let pooled_conn = if fresh_only {
                 None
             } else {
@@ -742,13 +741,13 @@ impl Worker {
             };
             let (pooled, mut bc) = match pooled_conn {
                 Some(c) => (true, c),
-                None => match self.connect(&backend).await {
+                None => match self.connect(backend).await {
                     Ok(c) => (false, c),
                     Err(e) => {
                         backend.record_failure();
                         let may_retry = !plan.session_bound && whole_body_here;
                         tried.push(backend.id);
-                        match may_retry.then(|| super::balance(&routing, &tried)).flatten() {
+                        match may_retry.then(|| super::balance(&plan.routing, &tried)).flatten() {
                             Some(next) => {
                                 plan.backend = next;
                                 plan.issue_cookie = true;
@@ -772,7 +771,7 @@ impl Worker {
                     }
                 },
             };
-            let in_flight = backend.start_request();
+            let in_flight = backend.start_request_borrowed();
             let sent = write_now(&mut bc, &out).await;
             let mut rbuf = Buf::take();
             let answered = match sent {
@@ -786,7 +785,7 @@ impl Worker {
                         sent_at = Instant::now();
                     }
                     // The response head is due within the response timeout of the request sent.
-                    alarm.set(sent_at + routing.response_timeout);
+                    alarm.set(sent_at + plan.routing.response_timeout);
                     tokio::select! {
                         biased;
                         head = read_response_head(&mut bc, &mut rbuf) => Ok(head),
@@ -829,7 +828,7 @@ impl Worker {
         let consumed = (plan.head_len + body_in_buf).min(buf.len());
         buf.drain(..consumed);
 
-        let backend = Arc::clone(&plan.backend);
+        let backend = &plan.backend;
         out.clear();
         let result = self.relay_response(client, &mut up, out, conn, &plan).await;
         if let Err(Relay::BadHead) = result {
@@ -902,7 +901,7 @@ impl Worker {
     async fn relay_response(
         &self,
         client: &mut TcpStream,
-        up: &mut Upstream,
+        up: &mut Upstream<'_>,
         mut out: Buf,
         conn: &ConnInfo,
         plan: &Plan,
