@@ -3,7 +3,7 @@
 //! Route cookies carry their issue time in Unix seconds, so every fast-path request needs the
 //! wall clock (to check a cookie's age, to mint a Set-Cookie) besides the monotonic reading it
 //! takes anyway for its deadlines and latency. A clock read costs ~25 ns on the benchmark machine
-//! (a VM), a fifth of the fast path's whole clock time; here the wall clock is derived from the
+//! (a VM), and this was one of a request's three; here the wall clock is derived from the
 //! request's monotonic reading and an offset between the two clocks taken again once a second.
 //! A step of the wall clock (NTP, an operator) is therefore seen within a second, and in between
 //! the derived time runs with the monotonic clock, never backwards.
