@@ -10,6 +10,7 @@
 #   SKIP_BUILD=1 CARGO_TARGET_DIR=... bash benches/compare.sh   # reuse binaries built there
 #   FLOOR=relay bash benches/compare.sh     # only the tokio relay as the floor (FLOOR= none)
 #   H2_BACKENDS=1 bash benches/compare.sh   # also HAProxy and ours speaking HTTP/2 to the backends
+#   OURS_B=/tmp/old/kbs-affinity-proxy bash benches/compare.sh   # another build beside this one
 #
 # What it does, in one run:
 #  1. installs haproxy, nginx and wrk with apt-get when missing (apt-get update first);
@@ -32,7 +33,9 @@
 #     the relays sit out the close mode, where they would open a backend connection per
 #     request); with H2_BACKENDS=1 also haproxy-h2 (`proto h2` on its servers) and ours-h2
 #     (`--backend-protocol http2`), one thread each, speaking HTTP/2 with prior knowledge to
-#     the same backends (fast_backend serves both protocols);
+#     the same backends (fast_backend serves both protocols); with OURS_B=PATH also ours-b,
+#     that binary (another build of the proxy, e.g. before a change) run like ours with one
+#     thread, right after it in every repetition, so two builds compare side by side;
 #  4. for REPS repetitions, interleaved (every target once per mode per repetition), runs
 #     `wrk -t1 -c$CONNS -d${DURATION}s --latency` in the MODES (default all four):
 #       ka-cookie    keep-alive, with a valid route cookie got first through that proxy
@@ -52,7 +55,7 @@
 # Every run is bounded (wrk -d, timeouts on every wait); everything it starts is stopped on
 # exit. Ports used: 18080/18083 (proxy), 18081-18082 (backends), 18090/18092 (HAProxy),
 # 18091/18093 (nginx), the second of each pair for the two-thread variant; 18084-18086 (relay,
-# relay-uring, relay-epoll); 18087 (ours-h2), 18094 (haproxy-h2).
+# relay-uring, relay-epoll); 18087 (ours-h2), 18094 (haproxy-h2), 18088 (ours-b).
 set -euo pipefail
 
 REPS=${REPS:-3}
@@ -63,6 +66,7 @@ THREADS=${THREADS:-1 2}
 MODES=(${MODES:-ka-cookie ka-nocookie close ka-paced})
 FLOOR=${FLOOR-relay relay-epoll relay-uring}
 H2_BACKENDS=${H2_BACKENDS:-0}
+OURS_B=${OURS_B:-}
 export PACE_MS=${PACE_MS:-2}
 PROXY_CPU=${PROXY_CPUS:-0}
 LOAD_CPU=${LOAD_CPUS:-1}
@@ -101,6 +105,10 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     fi
 fi
 PROXY_BIN=$CARGO_TARGET_DIR/release/kbs-affinity-proxy
+if [[ -n $OURS_B && ! -x $OURS_B ]]; then
+    log "OURS_B: $OURS_B is not an executable"
+    exit 1
+fi
 BACKEND_BIN=$CARGO_TARGET_DIR/release/examples/fast_backend
 IDLE_BIN=$CARGO_TARGET_DIR/release/examples/idle_conns
 RELAY_BIN=$CARGO_TARGET_DIR/release/examples/relay_floor
@@ -200,6 +208,16 @@ start_ours-h2() {
     wait_port 18087
 }
 
+# Another build of the proxy (OURS_B), one thread, on its own port.
+start_ours-b() {
+    KBS_AFFINITY_PROXY_COOKIE_SECRET=$SECRET RUST_LOG=warn \
+        taskset -c "$PROXY_CPU" "$OURS_B" "${OURS_FLAGS[@]}" --listen 127.0.0.1:18088 \
+        --workers 1 2>"$WORK/ours-b.log" &
+    started=$!
+    CHILDREN+=("$started")
+    wait_port 18088
+}
+
 # Starts the floor relay $1 (binary $2) on port $3, relaying to the first backend.
 start_floor() {
     taskset -c "$PROXY_CPU" "$2" "127.0.0.1:$3" 127.0.0.1:18081 2>"$WORK/$1.log" &
@@ -276,7 +294,7 @@ start_backends
 declare -A PID=([direct]=$started)
 declare -A PORT=([direct]=18081 [haproxy]=18090 [nginx]=18091 [ours]=18080
     [haproxy-2t]=18092 [nginx-2t]=18093 [ours-2t]=18083 [relay]=18084 [relay-uring]=18085
-    [relay-epoll]=18086 [ours-h2]=18087 [haproxy-h2]=18094)
+    [relay-epoll]=18086 [ours-h2]=18087 [haproxy-h2]=18094 [ours-b]=18088)
 declare -A COOKIE=([direct]="route=none")
 TARGETS=(direct)
 for t in $FLOOR; do
@@ -300,6 +318,11 @@ for n in $THREADS; do
         "start_$p" "$n"
         PID[$t]=$started
         TARGETS+=("$t")
+        if [[ $t == ours && -n $OURS_B ]]; then
+            start_ours-b
+            PID[ours-b]=$started
+            TARGETS+=(ours-b)
+        fi
     done
 done
 if [[ $H2_BACKENDS == 1 ]]; then
@@ -391,6 +414,9 @@ echo "epoll loop and io_uring),"
 echo "with its user and system parts. Ratios to HAProxy are paired: the median, over the"
 echo "repetitions, of this target's figure divided by HAProxy's in the same repetition (the two"
 echo "ran one after the other), so a change of the host's speed between repetitions cancels out."
+if [[ -n $OURS_B ]]; then
+    echo "ours-b: $OURS_B, run right after ours in every repetition."
+fi
 echo
 echo "ka-paced: each connection waits ${PACE_MS} ms between requests. Ratios: to HAProxy with as"
 echo "many threads (*-2t: to haproxy-2t). CPU layout: proxies on CPU $PROXY_CPU, load on CPU $LOAD_CPU."
