@@ -178,15 +178,25 @@ OURS_FLAGS=(--backend b1=http://127.0.0.1:18081 --backend b2=http://127.0.0.1:18
 if "$PROXY_BIN" --help | grep -q -- '--access-log'; then
     OURS_FLAGS+=(--access-log off)
 fi
-start_ours() {
-    local port=18080
-    [[ ${1:-1} == 2 ]] && port=18083
+# Starts an instance of the proxy, logging to $WORK/$1.log: binary $2 on port $3 with $4
+# workers, and any further flags.
+start_proxy_instance() {
+    local name=$1 bin=$2 port=$3 workers=$4
+    shift 4
     KBS_AFFINITY_PROXY_COOKIE_SECRET=$SECRET RUST_LOG=warn \
-        taskset -c "$PROXY_CPU" "$PROXY_BIN" "${OURS_FLAGS[@]}" --listen "127.0.0.1:$port" \
-        --workers "${1:-1}" 2>"$WORK/ours-$1.log" &
+        taskset -c "$PROXY_CPU" "$bin" "${OURS_FLAGS[@]}" --listen "127.0.0.1:$port" \
+        --workers "$workers" "$@" 2>"$WORK/$name.log" &
     started=$!
     CHILDREN+=("$started")
     wait_port "$port"
+}
+
+start_ours() {
+    if [[ ${1:-1} == 2 ]]; then
+        start_proxy_instance ours-2 "$PROXY_BIN" 18083 2
+    else
+        start_proxy_instance ours-1 "$PROXY_BIN" 18080 1
+    fi
 }
 
 # The HTTP/2-to-backends variants (H2_BACKENDS=1): one thread each, on their own ports.
@@ -200,22 +210,12 @@ start_haproxy-h2() {
 }
 
 start_ours-h2() {
-    KBS_AFFINITY_PROXY_COOKIE_SECRET=$SECRET RUST_LOG=warn \
-        taskset -c "$PROXY_CPU" "$PROXY_BIN" "${OURS_FLAGS[@]}" --listen 127.0.0.1:18087 \
-        --workers 1 --backend-protocol http2 2>"$WORK/ours-h2.log" &
-    started=$!
-    CHILDREN+=("$started")
-    wait_port 18087
+    start_proxy_instance ours-h2 "$PROXY_BIN" 18087 1 --backend-protocol http2
 }
 
 # Another build of the proxy (OURS_B), one thread, on its own port.
 start_ours-b() {
-    KBS_AFFINITY_PROXY_COOKIE_SECRET=$SECRET RUST_LOG=warn \
-        taskset -c "$PROXY_CPU" "$OURS_B" "${OURS_FLAGS[@]}" --listen 127.0.0.1:18088 \
-        --workers 1 2>"$WORK/ours-b.log" &
-    started=$!
-    CHILDREN+=("$started")
-    wait_port 18088
+    start_proxy_instance ours-b "$OURS_B" 18088 1
 }
 
 # Starts the floor relay $1 (binary $2) on port $3, relaying to the first backend.
