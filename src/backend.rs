@@ -144,14 +144,7 @@ impl Backend {
 
     /// Counts a request as in flight until the returned guard drops.
     pub fn start_request(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(self))
-    }
-
-    /// [`start_request`](Self::start_request) with a guard that borrows the backend.
-    pub fn start_request_borrowed(&self) -> InFlight<&Self> {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self)
+        InFlight::new(Arc::clone(self))
     }
 
     /// Whether checks and traffic say it works: actively healthy and not in passive back-off.
@@ -286,6 +279,14 @@ impl Backend {
 /// holds the backend for longer anyway (no reference count to raise and lower per request).
 #[derive(Debug)]
 pub struct InFlight<B: std::ops::Deref<Target = Backend> = Arc<Backend>>(B);
+
+impl<B: std::ops::Deref<Target = Backend>> InFlight<B> {
+    /// Counts a request to `backend` as in flight until the guard drops.
+    pub fn new(backend: B) -> Self {
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(backend)
+    }
+}
 
 impl<B: std::ops::Deref<Target = Backend>> Drop for InFlight<B> {
     fn drop(&mut self) {

@@ -771,7 +771,7 @@ impl Worker {
                     }
                 },
             };
-            let in_flight = backend.start_request_borrowed();
+            let in_flight = InFlight::new(&**backend);
             let sent = write_now(&mut bc, &out).await;
             let mut rbuf = Buf::take();
             let answered = match sent {
