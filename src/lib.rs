@@ -33,6 +33,7 @@ pub mod connector;
 pub mod control;
 pub mod demo;
 pub mod discovery;
+pub mod evloop;
 pub mod health;
 pub mod journal;
 pub mod kbs;

@@ -6,6 +6,7 @@
 //! all stay on one thread.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -22,7 +23,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientLimits, Config};
-use crate::proxy::{ConnInfo, Handoff, Proxy, Rewind, Worker};
+use crate::evloop;
+use crate::proxy::{ConnInfo, Proxy, Rewind, Worker};
 
 /// Streams one HTTP/2 client may have open at once.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
@@ -153,57 +155,17 @@ impl Drop for ConnGuard {
 /// accepting, new connections wait in the kernel's listen backlog (and are refused when it is
 /// full), and memory stays bounded.
 pub async fn serve(worker: Worker, listener: TcpListener, options: ServeOptions, shutdown: CancellationToken) {
-    let ServeOptions {
-        tls,
-        limits,
-        grace,
-        fast_path,
-    } = options;
-    let fast_conns = tokio_util::task::TaskTracker::new();
+    if options.fast_path && options.tls.is_none() {
+        return serve_fast(worker, listener, options, shutdown).await;
+    }
+    let ServeOptions { tls, limits, grace, .. } = options;
     let worker = Arc::new(worker);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper's header read timeout also runs while a keep-alive connection waits for its next
-    // request, so it bounds slow-loris heads and idle keep-alive connections alike.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.idle_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_headers(MAX_HEADERS);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
-        .keep_alive_interval(Some(limits.idle_timeout))
-        .keep_alive_timeout(H2_PING_TIMEOUT);
-    let builder = Arc::new(builder);
+    let builder = Arc::new(hyper_builder(&limits));
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    // The fast path's connection deadlines, kept for as long as this function runs.
-    let _deadlines = fast_path.then(|| {
-        let keeper = Arc::clone(&worker).keep_fast_deadlines(limits.idle_timeout, shutdown.clone());
-        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keeper))
-    });
     let graceful = GracefulShutdown::new();
     loop {
-        // A free connection slot first: at the limit, stop accepting until a connection closes.
-        let slot = tokio::select! {
-            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
-            () = shutdown.cancelled() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => break,
+        let Some((stream, peer, slot)) = next_connection(&slots, &shutdown, || listener.accept()).await else {
+            break;
         };
         // Small request/response exchanges: do not let Nagle hold the last segment back.
         let _ = stream.set_nodelay(true);
@@ -217,35 +179,6 @@ pub async fn serve(worker: Worker, listener: TcpListener, options: ServeOptions,
             async move { Ok::<_, Infallible>(conn.worker.handle(req, &conn.info).await) }
         });
         match &tls {
-            None if fast_path => {
-                // HTTP/1.1 on the fast path; anything else is handed to hyper with what was read.
-                let builder = Arc::clone(&builder);
-                let watcher = graceful.watcher();
-                let handoff: Handoff = Box::new(move |rewound: Rewind<TcpStream>| {
-                    Box::pin(async move {
-                        let connection = builder.serve_connection(TokioIo::new(rewound), service).into_owned();
-                        if let Err(e) = watcher.watch(connection).await {
-                            tracing::debug!(error = %e, "client connection ended with an error");
-                        }
-                    })
-                });
-                let worker = Arc::clone(&worker);
-                let info = Arc::new(ConnInfo::new(peer, false));
-                let shutdown = shutdown.clone();
-                fast_conns.spawn(async move {
-                    worker
-                        .serve_fast(
-                            stream,
-                            info,
-                            limits.idle_timeout,
-                            limits.max_header_bytes,
-                            shutdown,
-                            handoff,
-                        )
-                        .await;
-                    drop(guard);
-                });
-            }
             None => {
                 let watched = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
                 tokio::spawn(async move {
@@ -281,14 +214,211 @@ pub async fn serve(worker: Worker, listener: TcpListener, options: ServeOptions,
         }
     }
     drop(listener);
-    fast_conns.close();
-    // Fast-path connections finish their request in flight and stop (they watch `shutdown`).
+    tokio::select! {
+        () = graceful.shutdown() => tracing::debug!("all connections closed"),
+        () = tokio::time::sleep(grace) => tracing::warn!(?grace, "shutdown grace elapsed; closing open connections"),
+    }
+}
+
+/// The next connection from `accept` and its connection slot, once one is free (at the limit,
+/// accepting stops until a connection closes); `None` once `shutdown` is cancelled.
+async fn next_connection<S, F>(
+    slots: &Arc<tokio::sync::Semaphore>,
+    shutdown: &CancellationToken,
+    mut accept: impl FnMut() -> F,
+) -> Option<(S, SocketAddr, tokio::sync::OwnedSemaphorePermit)>
+where
+    F: Future<Output = io::Result<(S, SocketAddr)>>,
+{
+    let slot = tokio::select! {
+        slot = Arc::clone(slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+        () = shutdown.cancelled() => return None,
+    };
+    loop {
+        let accepted = tokio::select! {
+            accepted = accept() => accepted,
+            () = shutdown.cancelled() => return None,
+        };
+        match accepted {
+            Ok((stream, peer)) => return Some((stream, peer, slot)),
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// hyper's server settings for client connections: HTTP/1.1 and HTTP/2, bounded.
+fn hyper_builder(limits: &ClientLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's header read timeout also runs while a keep-alive connection waits for its next
+    // request, so it bounds slow-loris heads and idle keep-alive connections alike.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.idle_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(MAX_HEADERS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    builder
+}
+
+/// A connection the fast path gave to hyper.
+struct HandedOver {
+    /// Bytes already read from it, to be read again first.
+    read: Vec<u8>,
+    socket: std::net::TcpStream,
+    peer: SocketAddr,
+    guard: ConnGuard,
+}
+
+/// Serves plain-TCP clients with the fast path: an event loop of its own ([`evloop`]), on a
+/// thread of its own, accepts and serves HTTP/1.1; what it hands over, hyper serves here, on
+/// this runtime, whose handle the loop's thread enters (tokio's timers and DNS lookups work
+/// there). Stops as [`serve`] does.
+async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions, shutdown: CancellationToken) {
+    let ServeOptions { limits, grace, .. } = options;
+    let worker = Arc::new(worker);
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot move the listener to the fast path's event loop");
+            return;
+        }
+    };
+    // The fast path's connection deadlines, kept for as long as this function runs.
+    let keeper = Arc::clone(&worker).keep_fast_deadlines(limits.idle_timeout, shutdown.clone());
+    let _deadlines = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keeper));
+    let (to_hyper, mut handed_over) = tokio::sync::mpsc::unbounded_channel();
+    // `stop`: the grace ran out, the loop ends now; `ended`: it has ended.
+    let (stop, ended) = (CancellationToken::new(), CancellationToken::new());
+    let event_loop = {
+        let (worker, shutdown, stop, ended) = (Arc::clone(&worker), shutdown.clone(), stop.clone(), ended.clone());
+        let handle = tokio::runtime::Handle::current();
+        let name = format!("{}-fast", std::thread::current().name().unwrap_or("worker"));
+        std::thread::Builder::new().name(name).spawn(move || {
+            let _ended = ended.drop_guard();
+            let _entered = handle.enter();
+            let served = evloop::Runtime::new()
+                .and_then(|rt| rt.block_on(accept_fast(worker, listener, limits, shutdown, stop, to_hyper)));
+            if let Err(e) = served.and_then(|r| r) {
+                tracing::error!(error = %e, "the fast path's event loop failed");
+            }
+        })
+    };
+    let event_loop = match event_loop {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the fast path's event loop");
+            return;
+        }
+    };
+    let builder = Arc::new(hyper_builder(&limits));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let HandedOver {
+            read,
+            socket,
+            peer,
+            guard,
+        } = tokio::select! {
+            h = handed_over.recv() => match h {
+                Some(h) => h,
+                None => break, // the loop has ended
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let Ok(stream) = TcpStream::from_std(socket) else {
+            continue;
+        };
+        let conn = Arc::new(Conn {
+            worker: Arc::clone(&worker),
+            info: ConnInfo::new(peer, false),
+        });
+        let service = service_fn(move |req| {
+            let conn = Arc::clone(&conn);
+            async move { Ok::<_, Infallible>(conn.worker.handle(req, &conn.info).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(Rewind::new(read, stream)), service)
+            .into_owned();
+        let watched = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = watched.await {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+            drop(guard);
+        });
+    }
+    // Connections handed over with the shutdown are not started.
+    drop(handed_over);
     let all_done = async {
         graceful.shutdown().await;
-        fast_conns.wait().await;
+        ended.cancelled().await;
     };
     tokio::select! {
         () = all_done => tracing::debug!("all connections closed"),
-        () = tokio::time::sleep(grace) => tracing::warn!(?grace, "shutdown grace elapsed; closing open connections"),
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, "shutdown grace elapsed; closing open connections");
+            stop.cancel();
+        }
     }
+    // The loop has ended or is ending now: its thread exits without waiting on anything.
+    let _ = tokio::task::spawn_blocking(move || event_loop.join()).await;
+}
+
+/// The fast path's accept loop, on its event loop: serves each connection as a task of the loop
+/// until `shutdown`, then waits for them to finish the request in flight (or for `stop`).
+async fn accept_fast(
+    worker: Arc<Worker>,
+    listener: std::net::TcpListener,
+    limits: ClientLimits,
+    shutdown: CancellationToken,
+    stop: CancellationToken,
+    to_hyper: tokio::sync::mpsc::UnboundedSender<HandedOver>,
+) -> io::Result<()> {
+    let listener = evloop::TcpListener::from_std(listener)?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let Some((stream, peer, slot)) = next_connection(&slots, &shutdown, || listener.accept()).await else {
+            break;
+        };
+        // Small request/response exchanges: do not let Nagle hold the last segment back.
+        let _ = stream.set_nodelay(true);
+        let guard = ConnGuard::new(&worker, slot);
+        let info = Arc::new(ConnInfo::new(peer, false));
+        let (worker, shutdown, to_hyper) = (Arc::clone(&worker), shutdown.clone(), to_hyper.clone());
+        let served = async move {
+            let handoff = move |read, socket| {
+                let _ = to_hyper.send(HandedOver {
+                    read,
+                    socket,
+                    peer,
+                    guard,
+                });
+            };
+            let (idle, max_head) = (limits.idle_timeout, limits.max_header_bytes);
+            worker.serve_fast(stream, info, idle, max_head, shutdown, handoff).await;
+        };
+        evloop::spawn(served);
+    }
+    drop(listener);
+    // Connections finish their request in flight and stop (they watch `shutdown`); each holds a
+    // slot until it closes (handed over to hyper too), so all slots back means all closed.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    tokio::select! {
+        _ = slots.acquire_many(all) => {}
+        () = stop.cancelled() => {}
+    }
+    Ok(())
 }

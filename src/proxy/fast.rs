@@ -25,15 +25,13 @@ mod rewind;
 use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Method, Response, StatusCode};
-use rustix::net::{RecvFlags, SendFlags};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +45,7 @@ use self::clock::WallClock;
 use self::lines::Lines;
 use super::{body::ProxyBody, ConnInfo, ProxyError, Worker};
 use crate::backend::{Backend, InFlight};
+use crate::evloop::TcpStream;
 use crate::kbs::RouteKind;
 use crate::route_cookie::{BackendId, Pin as RoutePin, Rejection, RouteCookieCodec, ENCODED_LEN};
 use crate::routing::{CookieIssuer, Routing};
@@ -114,9 +113,6 @@ impl FastState {
         }
     }
 }
-
-/// Serves the rest of a connection with hyper (the bytes already read come first).
-pub type Handoff = Box<dyn FnOnce(Rewind<TcpStream>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 /// What to do with a parsed request.
 enum Prepared {
@@ -362,7 +358,9 @@ impl Worker {
         self.fast.alarms.sweep(shutdown, period).await;
     }
 
-    /// Serves one plain-TCP client connection; see the module docs.
+    /// Serves one plain-TCP client connection on the fast path's event loop; see the module docs.
+    /// A connection the fast path does not serve goes to `handoff`: the bytes read so far (to be
+    /// read again first) and the socket, out of the loop.
     pub async fn serve_fast(
         self: Arc<Self>,
         mut stream: TcpStream,
@@ -370,7 +368,7 @@ impl Worker {
         idle_timeout: Duration,
         max_head: usize,
         shutdown: CancellationToken,
-        handoff: Handoff,
+        handoff: impl FnOnce(Vec<u8>, std::net::TcpStream),
     ) {
         let mut buf = Buf::default();
         let mut cookie_cache: Option<CookieCache> = None;
@@ -391,7 +389,7 @@ impl Worker {
                     // polling its alarm.
                     tokio::select! {
                         biased;
-                        r = read_ready(&stream) => if r.is_err() { return },
+                        r = stream.readable() => if r.is_err() { return },
                         () = alarm.rung(true) => return,
                     }
                     if shutdown.is_cancelled() {
@@ -399,7 +397,7 @@ impl Worker {
                     }
                     // The first read needs no deadline: a head mostly comes whole in one read.
                     buf = Buf::take();
-                    match read_draining(&stream, &mut buf) {
+                    match stream.try_read_vec(&mut buf) {
                         Ok(0) => return,
                         Ok(_) => break,
                         // Readiness left over from the last read that emptied the socket: now
@@ -434,7 +432,7 @@ impl Worker {
                 }
                 tokio::select! {
                     biased;
-                    r = stream.read_buf(&mut *buf) => match r {
+                    r = stream.read_vec(&mut buf) => match r {
                         Ok(0) | Err(_) => return,
                         Ok(_) => {}
                     },
@@ -446,7 +444,9 @@ impl Worker {
                 Prepared::Partial => unreachable!("handled in the loop"),
                 Prepared::Close => return,
                 Prepared::Handoff => {
-                    handoff(Rewind::new(buf.into_vec(), stream)).await;
+                    if let Ok(socket) = stream.into_std() {
+                        handoff(buf.into_vec(), socket);
+                    }
                     return;
                 }
                 Prepared::Reject(status) => {
@@ -484,7 +484,7 @@ impl Worker {
                     match exchange.await {
                         Ok(Some(done)) if !close => last = done,
                         Ok(_) | Err(()) => {
-                            let _ = stream.shutdown().await;
+                            let _ = stream.shutdown_write();
                             return;
                         }
                     }
@@ -697,7 +697,7 @@ impl Worker {
         let mut left = len - in_buf;
         buf.clear();
         while left > 0 {
-            let n = stream.read_buf(buf).await.map_err(|_| ())?;
+            let n = stream.read_vec(buf).await.map_err(|_| ())?;
             if n == 0 {
                 return Err(());
             }
@@ -772,7 +772,7 @@ impl Worker {
                 },
             };
             let in_flight = InFlight::new(&**backend);
-            let sent = write_now(&mut bc, &out).await;
+            let sent = bc.write_all(&out).await;
             let mut rbuf = Buf::take();
             let answered = match sent {
                 Ok(()) => {
@@ -856,8 +856,7 @@ impl Worker {
 
     async fn connect(&self, backend: &Backend) -> io::Result<TcpStream> {
         let timeout = self.shared.connect_timeout;
-        let addr = backend.authority.as_str();
-        let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        let s = tokio::time::timeout(timeout, connect_authority(backend.authority.as_str()))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         s.set_nodelay(true)?;
@@ -873,26 +872,17 @@ impl Worker {
         mut more: u64,
     ) -> Result<(), ()> {
         let mut chunk = Buf::take();
-        chunk.reserve(STREAM_CHUNK);
-        let r = async {
-            while more > 0 {
-                chunk.clear();
-                let limit = usize::try_from(more).unwrap_or(usize::MAX).min(chunk.capacity());
-                let n = (&mut *client)
-                    .take(limit as u64)
-                    .read_buf(&mut *chunk)
-                    .await
-                    .map_err(|_| ())?;
-                if n == 0 {
-                    return Err(());
-                }
-                backend.write_all(&chunk[..n]).await.map_err(|_| ())?;
-                more -= n as u64;
+        chunk.resize(STREAM_CHUNK, 0);
+        while more > 0 {
+            let limit = usize::try_from(more).unwrap_or(usize::MAX).min(STREAM_CHUNK);
+            let n = client.read(&mut chunk[..limit]).await.map_err(|_| ())?;
+            if n == 0 {
+                return Err(());
             }
-            Ok(())
+            backend.write_all(&chunk[..n]).await.map_err(|_| ())?;
+            more -= n as u64;
         }
-        .await;
-        r
+        Ok(())
     }
 
     /// Writes the response head (rewritten) and streams the body. Returns (status, whether the
@@ -975,13 +965,13 @@ impl Worker {
         let result = match framing {
             Framing::None => {
                 let clean = body_here.is_empty();
-                write_now(client, &out).await.map(|()| (clean, keep_client))
+                client.write_all(&out).await.map(|()| (clean, keep_client))
             }
             Framing::Length(n) => {
                 let take = (body_here.len() as u64).min(n) as usize;
                 let clean = body_here.len() as u64 <= n;
                 out.extend_from_slice(&body_here[..take]);
-                let sent = write_now(client, &out).await;
+                let sent = client.write_all(&out).await;
                 match sent {
                     Ok(()) => copy_exact(backend_conn, client, n - take as u64, &mut out)
                         .await
@@ -995,11 +985,11 @@ impl Worker {
                     Ok(Some(end)) => {
                         out.extend_from_slice(&body_here[..end]);
                         let clean = end == body_here.len();
-                        write_now(client, &out).await.map(|()| (clean, keep_client))
+                        client.write_all(&out).await.map(|()| (clean, keep_client))
                     }
                     Ok(None) => {
                         out.extend_from_slice(body_here);
-                        match write_now(client, &out).await {
+                        match client.write_all(&out).await {
                             Ok(()) => copy_chunked(backend_conn, client, &mut scanner, &mut out)
                                 .await
                                 .map(|clean| (clean, keep_client)),
@@ -1011,7 +1001,7 @@ impl Worker {
             }
             Framing::Close => {
                 out.extend_from_slice(body_here);
-                match write_now(client, &out).await {
+                match client.write_all(&out).await {
                     Ok(()) => copy_to_eof(backend_conn, client, &mut out)
                         .await
                         .map(|()| (false, false)),
@@ -1092,11 +1082,7 @@ async fn read_response_head(bc: &mut TcpStream, rbuf: &mut Vec<u8>) -> Result<()
         if rbuf.capacity() == rbuf.len() {
             rbuf.reserve(STREAM_CHUNK);
         }
-        let read = match read_ready(bc).await {
-            Ok(()) => read_draining(bc, rbuf),
-            Err(e) => Err(e),
-        };
-        match read {
+        match bc.read_vec(rbuf).await {
             Ok(0) if empty => return Err(HeadError::Closed),
             Ok(0) => return Err(HeadError::Invalid),
             Ok(_) => {}
@@ -1147,57 +1133,21 @@ fn could_be_response_head(head: &[u8]) -> bool {
     parse_response(&mut httparse::Response::new(&mut []), head, &mut storage).is_ok()
 }
 
-/// Writes all of `data`: straight away when the socket takes it all (the common case, one
-/// system call and no future to set up), else the rest through `write_all`, waiting as needed.
-async fn write_now(stream: &mut TcpStream, data: &[u8]) -> io::Result<()> {
-    match try_send(stream, data) {
-        Ok(n) if n == data.len() => Ok(()),
-        Ok(n) => stream.write_all(&data[n..]).await,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.write_all(data).await,
-        Err(e) => Err(e),
+/// Connects to a backend's `host:port`: an address as written straight away, a name through a
+/// lookup (tokio's, on the runtime whose handle the loop's thread entered), each address it
+/// gives in turn until one connects.
+async fn connect_authority(authority: &str) -> io::Result<TcpStream> {
+    if let Ok(addr) = authority.parse::<SocketAddr>() {
+        return TcpStream::connect(addr).await;
     }
-}
-
-/// Sends what the socket takes of `data` now, without waiting. The system call is made directly
-/// (rustix), not through libc's `send`, which as a thread-cancellation point wraps every call in
-/// two atomic updates of the thread's state: four calls per request.
-fn try_send(stream: &TcpStream, data: &[u8]) -> io::Result<usize> {
-    stream.try_io(tokio::io::Interest::WRITABLE, || {
-        Ok(rustix::net::send(stream, data, SendFlags::NOSIGNAL)?)
-    })
-}
-
-/// Waits until `stream` is readable. Cheaper than `TcpStream::readable`, whose future joins a
-/// list of waiters under a lock at every wait: this uses the socket's one reader slot (a
-/// connection has one task, so one reader).
-fn read_ready(stream: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
-    std::future::poll_fn(move |cx| stream.poll_read_ready(cx))
-}
-
-/// Reads what `stream` has into `buf`'s spare capacity, without waiting. A short read (less than
-/// the room there was) drained the socket, so tokio's readiness is cleared on the spot, as an
-/// `EAGAIN` would clear it: the next wait then sleeps until new bytes come, instead of starting
-/// with a `recvfrom` that finds nothing (one system call less per request and socket). The
-/// readiness is cleared only if no event came in since it was sampled before the read, so bytes
-/// arriving meanwhile are never missed. The system call is made directly, as in [`try_send`].
-fn read_draining(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    if buf.capacity() == buf.len() {
-        buf.reserve(STREAM_CHUNK);
-    }
-    let room = buf.capacity() - buf.len();
-    let mut got = 0;
-    let read = stream.try_io(tokio::io::Interest::READABLE, || {
-        (got, _) = rustix::net::recv(stream, rustix::buffer::spare_capacity(buf), RecvFlags::empty())?;
-        if got > 0 && got < room {
-            Err(io::ErrorKind::WouldBlock.into()) // drained: let tokio clear the readiness
-        } else {
-            Ok(got)
+    let mut last = None;
+    for addr in tokio::net::lookup_host(authority).await? {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
         }
-    });
-    match read {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
-        other => other,
     }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the name has no address")))
 }
 
 /// The length of the head at the start of `buf` through its empty line, if it is all there.
@@ -1211,19 +1161,18 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// Copies exactly `n` bytes from `from` to `to`.
-async fn copy_exact(from: &mut TcpStream, to: &mut TcpStream, mut n: u64, scratch: &mut Vec<u8>) -> io::Result<()> {
+async fn copy_exact(from: &TcpStream, to: &TcpStream, mut n: u64, scratch: &mut Vec<u8>) -> io::Result<()> {
     if n == 0 {
         return Ok(()); // the common case: the whole body came with the head
     }
-    scratch.clear();
-    scratch.reserve(STREAM_CHUNK);
+    init_scratch(scratch);
     while n > 0 {
-        scratch.clear();
-        let got = (&mut *from).take(n.min(STREAM_CHUNK as u64)).read_buf(scratch).await?;
+        let want = usize::try_from(n).unwrap_or(usize::MAX).min(STREAM_CHUNK);
+        let got = from.read(&mut scratch[..want]).await?;
         if got == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        to.write_all(scratch).await?;
+        to.write_all(&scratch[..got]).await?;
         n -= got as u64;
     }
     Ok(())
@@ -1231,40 +1180,45 @@ async fn copy_exact(from: &mut TcpStream, to: &mut TcpStream, mut n: u64, scratc
 
 /// Copies a chunked body until its end; `Ok(false)` when the backend sent bytes past it.
 async fn copy_chunked(
-    from: &mut TcpStream,
-    to: &mut TcpStream,
+    from: &TcpStream,
+    to: &TcpStream,
     scanner: &mut ChunkedScanner,
     scratch: &mut Vec<u8>,
 ) -> io::Result<bool> {
-    scratch.clear();
-    scratch.reserve(STREAM_CHUNK);
+    init_scratch(scratch);
     loop {
-        scratch.clear();
-        if from.read_buf(scratch).await? == 0 {
+        let got = from.read(scratch).await?;
+        if got == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        match scanner.feed(scratch) {
+        let read = &scratch[..got];
+        match scanner.feed(read) {
             Ok(Some(end)) => {
-                to.write_all(&scratch[..end]).await?;
-                return Ok(end == scratch.len());
+                to.write_all(&read[..end]).await?;
+                return Ok(end == got);
             }
-            Ok(None) => to.write_all(scratch).await?,
+            Ok(None) => to.write_all(read).await?,
             Err(_) => return Err(io::Error::new(io::ErrorKind::InvalidData, "bad chunked body")),
         }
     }
 }
 
 /// Copies until `from` closes.
-async fn copy_to_eof(from: &mut TcpStream, to: &mut TcpStream, scratch: &mut Vec<u8>) -> io::Result<()> {
-    scratch.clear();
-    scratch.reserve(STREAM_CHUNK);
+async fn copy_to_eof(from: &TcpStream, to: &TcpStream, scratch: &mut Vec<u8>) -> io::Result<()> {
+    init_scratch(scratch);
     loop {
-        scratch.clear();
-        if from.read_buf(scratch).await? == 0 {
+        let got = from.read(scratch).await?;
+        if got == 0 {
             return Ok(());
         }
-        to.write_all(scratch).await?;
+        to.write_all(&scratch[..got]).await?;
     }
+}
+
+/// Makes `scratch` [`STREAM_CHUNK`] initialized bytes to read into (once per body, not per read).
+fn init_scratch(scratch: &mut Vec<u8>) {
+    scratch.clear();
+    scratch.resize(STREAM_CHUNK, 0);
 }
 
 /// A response the proxy made (a `Full` body) as HTTP/1.1 bytes; to a `HEAD` request, without the
@@ -1315,63 +1269,5 @@ fn log_access(plan: &Plan, status: u16, elapsed: Duration) {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::net::TcpListener;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        (client, server)
-    }
-
-    /// Waits (bounded) until `s` is readable; false when it is not within `within`.
-    async fn readable_within(s: &TcpStream, within: Duration) -> bool {
-        tokio::time::timeout(within, s.readable()).await.is_ok()
-    }
-
-    #[tokio::test]
-    async fn a_draining_read_clears_readiness_and_loses_no_later_bytes() {
-        let (mut client, server) = pair().await;
-        client.write_all(b"abc").await.unwrap();
-        assert!(readable_within(&server, Duration::from_secs(5)).await);
-        let mut buf = Vec::with_capacity(64);
-        assert_eq!(read_draining(&server, &mut buf).unwrap(), 3);
-        // Drained: no readiness left over, so nothing to find without new bytes.
-        assert!(!readable_within(&server, Duration::from_millis(50)).await);
-        // New bytes wake the waiter.
-        client.write_all(b"def").await.unwrap();
-        assert!(readable_within(&server, Duration::from_secs(5)).await);
-        assert_eq!(read_draining(&server, &mut buf).unwrap(), 3);
-        assert_eq!(buf, b"abcdef");
-        // End of stream is 0, not an error.
-        drop(client);
-        assert!(readable_within(&server, Duration::from_secs(5)).await);
-        assert_eq!(read_draining(&server, &mut buf).unwrap(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_read_that_fills_the_buffer_keeps_readiness_for_the_rest() {
-        let (mut client, server) = pair().await;
-        client.write_all(&[7u8; 100]).await.unwrap();
-        assert!(readable_within(&server, Duration::from_secs(5)).await);
-        // Wait until all 100 bytes are there, so the first read surely stops at the room.
-        let mut peek = [0u8; 128];
-        while server.peek(&mut peek).await.unwrap() < 100 {}
-        let mut buf = Vec::with_capacity(40);
-        let room = buf.capacity();
-        assert_eq!(read_draining(&server, &mut buf).unwrap(), room);
-        // The socket still holds bytes and the readiness says so: no new event is needed.
-        assert!(readable_within(&server, Duration::from_millis(50)).await);
-        let mut total = buf.len();
-        while total < 100 {
-            total += read_draining(&server, &mut buf).unwrap();
-        }
-        assert_eq!(buf, vec![7u8; 100]);
     }
 }

@@ -1,0 +1,951 @@
+//! The fast path's own event loop: an edge-triggered epoll reactor and a single-threaded
+//! executor, run by one thread per worker.
+//!
+//! Why not tokio there: side by side in `benches/compare.sh`, a relay that does nothing costs
+//! 0.7 µs of user time per request on a `current_thread` tokio runtime and 0.2 µs on a bare
+//! epoll loop (docs/benchmarks.md), in a proxy whose whole user time per request was 1.3–1.4 µs.
+//! tokio's general machinery (readiness and task states kept in atomics, waiter lists under
+//! locks, the cooperative budget) serves any number of tasks on any threads; the fast path has
+//! one task per client connection, on one thread, and needs much less:
+//! - [`Runtime::block_on`] runs a future and the tasks it [`spawn`]s on the calling thread until
+//!   that future is done; what is still running then is dropped. Tasks need not be `Send`.
+//! - Wakers are ordinary [`Waker`]s: woken on the loop's thread (by a socket's event), a task is
+//!   pushed on the run queue; woken from another thread (a tokio timer, a cancellation), through
+//!   a locked list and an eventfd that wakes the loop.
+//! - [`TcpListener`] and [`TcpStream`]: registered once, edge-triggered; readiness is kept per
+//!   socket as tokio keeps it (set by events, cleared by `EAGAIN` or a short read/write, the
+//!   peer's close sticky), with one waiting reader and one waiting writer per socket. System calls
+//!   are made directly (rustix), not through libc's cancellation-point wrappers.
+//! - No timers of its own: the thread running a loop enters a tokio runtime's handle, so tokio's
+//!   timers, DNS lookups and `spawn` work from it (off the hot path: connects, the deadline
+//!   sweeper, shutdown).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use rustix::buffer::spare_capacity;
+use rustix::event::{epoll, eventfd, EventfdFlags};
+use rustix::io::Errno;
+use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
+use slab::Slab;
+
+/// Events taken from the kernel per `epoll_wait`.
+const EVENTS_PER_WAIT: usize = 256;
+/// The token of the eventfd through which other threads wake the loop.
+const WAKE_TOKEN: u64 = u64::MAX;
+/// Room a read makes in a full buffer.
+const MIN_READ_ROOM: usize = 8 * 1024;
+
+/// Data to read, or a connection to accept.
+const READABLE: u8 = 1;
+/// Room to write.
+const WRITABLE: u8 = 2;
+/// The peer closed its side or the socket failed: reads no longer wait (sticky).
+const READ_CLOSED: u8 = 4;
+/// Hung up or failed: writes no longer wait (sticky).
+const WRITE_CLOSED: u8 = 8;
+
+/// Which way a socket is waited on.
+#[derive(Clone, Copy, Debug)]
+enum Direction {
+    Read,
+    Write,
+}
+
+impl Direction {
+    /// The readiness bits that let this direction go on.
+    fn ready(self) -> u8 {
+        match self {
+            Direction::Read => READABLE | READ_CLOSED,
+            Direction::Write => WRITABLE | WRITE_CLOSED,
+        }
+    }
+
+    /// The bit an `EAGAIN` (or a short transfer) clears; the closed bits stay.
+    fn clearable(self) -> u8 {
+        match self {
+            Direction::Read => READABLE,
+            Direction::Write => WRITABLE,
+        }
+    }
+}
+
+/// Tells loops apart, so a waker knows whether it runs on its loop's thread.
+static NEXT_LOOP_ID: AtomicUsize = AtomicUsize::new(1);
+
+// The loop a thread runs, while it runs it. What the hot path touches (a socket's readiness, the
+// run queue) is a thread-local of its own, one lookup away.
+thread_local! {
+    static CORE: RefCell<Option<Rc<Core>>> = const { RefCell::new(None) };
+    /// Its id (0: none): sockets and wakers check it.
+    static LOOP_ID: Cell<usize> = const { Cell::new(0) };
+    /// Per registered socket: readiness and the waiting reader and writer.
+    static IO: RefCell<Slab<IoSlot>> = const { RefCell::new(Slab::new()) };
+    /// Tasks to poll, in the order they were woken.
+    static QUEUE: RefCell<VecDeque<TaskRef>> = const { RefCell::new(VecDeque::new()) };
+}
+
+/// Runs `f` with this thread's loop, if it runs one.
+fn with_core<R>(f: impl FnOnce(&Core) -> R) -> Option<R> {
+    CORE.with(|c| c.borrow().as_deref().map(f))
+}
+
+fn not_on_loop() -> io::Error {
+    io::Error::other("socket used outside its event loop")
+}
+
+/// A loop, ready to run: see the module docs.
+pub struct Runtime {
+    core: Rc<Core>,
+}
+
+/// The loop's state (beside [`IO`] and [`QUEUE`]), reached through [`CORE`].
+struct Core {
+    epoll: OwnedFd,
+    tasks: RefCell<Slab<TaskSlot>>,
+    /// What other threads need to wake tasks here.
+    remote: Arc<Remote>,
+    /// Tells a task apart from an earlier one in the same slot (a stale waker's).
+    next_task_id: Cell<u64>,
+}
+
+/// One socket's state in the loop.
+#[derive(Default)]
+struct IoSlot {
+    ready: u8,
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+}
+
+/// One task: its future and waker, out of the slot while it is polled.
+struct TaskSlot {
+    id: u64,
+    header: Arc<TaskWaker>,
+    run: Option<(LocalFuture, Waker)>,
+}
+
+/// A task's future: it stays on its loop's thread, so it need not be `Send`.
+type LocalFuture = Pin<Box<dyn Future<Output = ()>>>;
+
+/// A task as the run queue and its wakers name it.
+#[derive(Clone, Copy, Debug)]
+struct TaskRef {
+    key: usize,
+    id: u64,
+}
+
+/// What a task's [`Waker`] holds.
+struct TaskWaker {
+    task: TaskRef,
+    /// Queued and not yet polled: more wakes add nothing.
+    scheduled: AtomicBool,
+    remote: Arc<Remote>,
+}
+
+/// The way into a loop from other threads.
+struct Remote {
+    loop_id: usize,
+    woken: Mutex<Vec<TaskRef>>,
+    /// Written when `woken` gets its first entry; registered in the loop's epoll.
+    eventfd: OwnedFd,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if LOOP_ID.get() == self.remote.loop_id {
+            QUEUE.with_borrow_mut(|q| q.push_back(self.task));
+            return;
+        }
+        let first = {
+            let mut woken = self.remote.woken.lock().unwrap_or_else(|p| p.into_inner());
+            woken.push(self.task);
+            woken.len() == 1
+        };
+        if first {
+            // Fails only if the counter would overflow: then the loop is due to wake anyway.
+            let _ = rustix::io::write(&self.remote.eventfd, &1u64.to_ne_bytes());
+        }
+    }
+}
+
+impl Runtime {
+    /// A loop with its epoll instance and wake-up eventfd; nothing runs until [`block_on`].
+    ///
+    /// [`block_on`]: Runtime::block_on
+    pub fn new() -> io::Result<Self> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let eventfd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        epoll::add(
+            &epoll,
+            &eventfd,
+            epoll::EventData::new_u64(WAKE_TOKEN),
+            epoll::EventFlags::IN | epoll::EventFlags::ET,
+        )?;
+        let remote = Arc::new(Remote {
+            loop_id: NEXT_LOOP_ID.fetch_add(1, Ordering::Relaxed),
+            woken: Mutex::default(),
+            eventfd,
+        });
+        Ok(Self {
+            core: Rc::new(Core {
+                epoll,
+                tasks: RefCell::default(),
+                remote,
+                next_task_id: Cell::new(0),
+            }),
+        })
+    }
+
+    /// Runs `future` and the tasks spawned meanwhile on this thread until `future` is done, then
+    /// drops the tasks still running. Fails only when the kernel refuses to wait for events.
+    ///
+    /// # Panics
+    /// When this thread already runs a loop.
+    pub fn block_on<F>(&self, future: F) -> io::Result<F::Output>
+    where
+        F: Future + 'static,
+        F::Output: 'static,
+    {
+        let _installed = Installed::new(&self.core);
+        let output = Rc::new(Cell::new(None));
+        let out = Rc::clone(&output);
+        spawn(async move { out.set(Some(future.await)) });
+        let mut events = Vec::with_capacity(EVENTS_PER_WAIT);
+        let result = loop {
+            self.core.run_queued();
+            if let Some(value) = output.take() {
+                break Ok(value);
+            }
+            let block = QUEUE.with_borrow(VecDeque::is_empty);
+            if let Err(e) = self.core.wait(&mut events, block) {
+                break Err(e);
+            }
+        };
+        self.core.drop_tasks();
+        result
+    }
+}
+
+/// Makes a loop this thread's while alive (also through a panic).
+struct Installed;
+
+impl Installed {
+    fn new(core: &Rc<Core>) -> Self {
+        CORE.with(|c| {
+            let mut c = c.borrow_mut();
+            assert!(c.is_none(), "this thread already runs an event loop");
+            *c = Some(Rc::clone(core));
+        });
+        LOOP_ID.set(core.remote.loop_id);
+        Installed
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        LOOP_ID.set(0);
+        // Sockets still registered (kept elsewhere) are off the loop from now on.
+        let io = IO.take();
+        let queue = QUEUE.take();
+        let core = CORE.with(|c| c.borrow_mut().take());
+        drop((io, queue, core));
+    }
+}
+
+/// Runs `future` as a task of this thread's loop.
+///
+/// # Panics
+/// When this thread runs no loop.
+pub fn spawn(future: impl Future<Output = ()> + 'static) {
+    with_core(|core| core.spawn(Box::pin(future))).expect("evloop::spawn outside an event loop");
+}
+
+impl Core {
+    fn spawn(&self, future: LocalFuture) {
+        let id = self.next_task_id.get();
+        self.next_task_id.set(id + 1);
+        let mut tasks = self.tasks.borrow_mut();
+        let entry = tasks.vacant_entry();
+        let task = TaskRef { key: entry.key(), id };
+        let header = Arc::new(TaskWaker {
+            task,
+            scheduled: AtomicBool::new(true),
+            remote: Arc::clone(&self.remote),
+        });
+        let waker = Waker::from(Arc::clone(&header));
+        entry.insert(TaskSlot {
+            id,
+            header,
+            run: Some((future, waker)),
+        });
+        drop(tasks);
+        QUEUE.with_borrow_mut(|q| q.push_back(task));
+    }
+
+    /// Polls the tasks queued now; those they wake wait for the next turn, after the kernel's
+    /// events have been looked at.
+    fn run_queued(&self) {
+        let mut n = QUEUE.with_borrow(VecDeque::len);
+        while n > 0 {
+            n -= 1;
+            let Some(task) = QUEUE.with_borrow_mut(VecDeque::pop_front) else {
+                break;
+            };
+            self.run(task);
+        }
+    }
+
+    fn run(&self, task: TaskRef) {
+        let taken = {
+            let mut tasks = self.tasks.borrow_mut();
+            match tasks.get_mut(task.key) {
+                Some(slot) if slot.id == task.id => {
+                    slot.header.scheduled.store(false, Ordering::Release);
+                    slot.run.take()
+                }
+                _ => None, // a stale wake of a task that has finished
+            }
+        };
+        let Some((mut future, waker)) = taken else {
+            return;
+        };
+        let done = future.as_mut().poll(&mut Context::from_waker(&waker)).is_ready();
+        let mut tasks = self.tasks.borrow_mut();
+        if done {
+            let slot = tasks.remove(task.key);
+            drop(tasks);
+            drop((slot, future, waker));
+        } else if let Some(slot) = tasks.get_mut(task.key) {
+            slot.run = Some((future, waker));
+        }
+    }
+
+    /// Waits for events (or only looks, when `block` is false) and wakes who waits for them.
+    fn wait(&self, events: &mut Vec<epoll::Event>, block: bool) -> io::Result<()> {
+        events.clear();
+        let now = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
+        let timeout = (!block).then_some(&now);
+        match epoll::wait(&self.epoll, spare_capacity(events), timeout) {
+            Ok(_) => {}
+            Err(Errno::INTR) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        for event in events.iter() {
+            let token = event.data.u64();
+            if token == WAKE_TOKEN {
+                self.take_remote_wakes();
+                continue;
+            }
+            let ready = readiness(event.flags);
+            let Ok(key) = usize::try_from(token) else { continue };
+            let woken = IO.with_borrow_mut(|io| {
+                let slot = io.get_mut(key)?;
+                slot.ready |= ready;
+                let reader = if ready & Direction::Read.ready() != 0 {
+                    slot.reader.take()
+                } else {
+                    None
+                };
+                let writer = if ready & Direction::Write.ready() != 0 {
+                    slot.writer.take()
+                } else {
+                    None
+                };
+                Some((reader, writer))
+            });
+            // Woken with the slots released: a waker may do anything.
+            let Some((reader, writer)) = woken else { continue };
+            if let Some(w) = reader {
+                w.wake();
+            }
+            if let Some(w) = writer {
+                w.wake();
+            }
+        }
+        Ok(())
+    }
+
+    fn take_remote_wakes(&self) {
+        // The counter first, then the list: a wake that lands between the two is in the list.
+        let mut counter = [0u8; 8];
+        let _ = rustix::io::read(&self.remote.eventfd, &mut counter);
+        let woken = std::mem::take(&mut *self.remote.woken.lock().unwrap_or_else(|p| p.into_inner()));
+        QUEUE.with_borrow_mut(|q| q.extend(woken));
+    }
+
+    /// Drops every task (their sockets close) while the loop is still this thread's.
+    fn drop_tasks(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.borrow_mut());
+        drop(tasks);
+        QUEUE.with_borrow_mut(VecDeque::clear);
+    }
+}
+
+/// A socket's readiness from the flags of its event.
+fn readiness(flags: epoll::EventFlags) -> u8 {
+    use epoll::EventFlags as F;
+    let mut ready = 0;
+    if flags.intersects(F::IN | F::PRI) {
+        ready |= READABLE;
+    }
+    if flags.contains(F::OUT) {
+        ready |= WRITABLE;
+    }
+    if flags.intersects(F::RDHUP | F::HUP | F::ERR) {
+        ready |= READABLE | READ_CLOSED;
+    }
+    if flags.intersects(F::HUP | F::ERR) {
+        ready |= WRITABLE | WRITE_CLOSED;
+    }
+    ready
+}
+
+/// A socket's place in its loop; leaving it when dropped.
+#[derive(Debug)]
+struct Registration {
+    loop_id: usize,
+    key: usize,
+}
+
+impl Registration {
+    /// Registers `fd` with this thread's loop for reads and writes, edge-triggered.
+    fn new(fd: BorrowedFd<'_>, ready: u8) -> io::Result<Self> {
+        with_core(|core| {
+            let key = IO.with_borrow_mut(|io| {
+                io.insert(IoSlot {
+                    ready,
+                    ..IoSlot::default()
+                })
+            });
+            let flags =
+                epoll::EventFlags::IN | epoll::EventFlags::OUT | epoll::EventFlags::RDHUP | epoll::EventFlags::ET;
+            match epoll::add(&core.epoll, fd, epoll::EventData::new_u64(key as u64), flags) {
+                Ok(()) => Ok(Self {
+                    loop_id: core.remote.loop_id,
+                    key,
+                }),
+                Err(e) => {
+                    IO.with_borrow_mut(|io| io.remove(key));
+                    Err(e.into())
+                }
+            }
+        })
+        .unwrap_or_else(|| Err(not_on_loop()))
+    }
+
+    /// Runs `f` on this socket's slot; `None` off its loop's thread.
+    #[inline]
+    fn with_slot<R>(&self, f: impl FnOnce(&mut IoSlot) -> R) -> Option<R> {
+        if LOOP_ID.get() != self.loop_id {
+            return None;
+        }
+        IO.with_borrow_mut(|io| io.get_mut(self.key).map(f))
+    }
+
+    fn poll_ready(&self, cx: &mut Context<'_>, dir: Direction) -> Poll<io::Result<()>> {
+        self.with_slot(|slot| {
+            if slot.ready & dir.ready() != 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let waiter = match dir {
+                Direction::Read => &mut slot.reader,
+                Direction::Write => &mut slot.writer,
+            };
+            match waiter {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => *waiter = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+        .unwrap_or_else(|| Poll::Ready(Err(not_on_loop())))
+    }
+
+    fn is_ready(&self, dir: Direction) -> bool {
+        self.with_slot(|slot| slot.ready & dir.ready() != 0).unwrap_or(false)
+    }
+
+    fn clear(&self, dir: Direction) {
+        self.with_slot(|slot| slot.ready &= !dir.clearable());
+    }
+
+    /// A transfer of at most `room` bytes in `dir`, made only when the socket is ready: its
+    /// `EAGAIN` clears the readiness, and so does a short transfer (the socket was drained, or
+    /// its buffer filled), so the next wait does not start with a system call that finds
+    /// nothing. A transfer of nothing (end of stream) leaves it.
+    fn transfer(
+        &self,
+        dir: Direction,
+        room: usize,
+        mut call: impl FnMut() -> rustix::io::Result<usize>,
+    ) -> io::Result<usize> {
+        self.with_slot(|slot| {
+            if slot.ready & dir.ready() == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            loop {
+                match call() {
+                    Ok(n) => {
+                        if n > 0 && n < room {
+                            slot.ready &= !dir.clearable();
+                        }
+                        return Ok(n);
+                    }
+                    Err(Errno::INTR) => {}
+                    Err(Errno::AGAIN) => {
+                        slot.ready &= !dir.clearable();
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        })
+        .unwrap_or_else(|| Err(not_on_loop()))
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // Closing the socket takes it out of the epoll set; only the slot is left to free.
+        if LOOP_ID.get() == self.loop_id {
+            IO.with_borrow_mut(|io| io.try_remove(self.key));
+        }
+    }
+}
+
+/// A TCP connection on this thread's loop.
+#[derive(Debug)]
+pub struct TcpStream {
+    io: Registration,
+    socket: std::net::TcpStream,
+}
+
+impl TcpStream {
+    /// Takes a connected socket into this thread's loop (made non-blocking).
+    pub fn from_std(socket: std::net::TcpStream) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
+        Self::register(socket, WRITABLE)
+    }
+
+    /// `socket` is non-blocking; `ready`: what it is known to be ready for now.
+    fn register(socket: std::net::TcpStream, ready: u8) -> io::Result<Self> {
+        Ok(Self {
+            io: Registration::new(socket.as_fd(), ready)?,
+            socket,
+        })
+    }
+
+    /// Connects to `addr`.
+    pub async fn connect(addr: SocketAddr) -> io::Result<Self> {
+        let family = match addr {
+            SocketAddr::V4(_) => AddressFamily::INET,
+            SocketAddr::V6(_) => AddressFamily::INET6,
+        };
+        let fd = rustix::net::socket_with(
+            family,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            None,
+        )?;
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) | Err(Errno::INPROGRESS) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let stream = Self::register(std::net::TcpStream::from(fd), 0)?;
+        stream.writable().await?;
+        match stream.socket.take_error()? {
+            Some(e) => Err(e),
+            None => Ok(stream),
+        }
+    }
+
+    /// Waits until a read would not block (data, or the peer's close).
+    pub async fn readable(&self) -> io::Result<()> {
+        poll_fn(|cx| self.io.poll_ready(cx, Direction::Read)).await
+    }
+
+    /// Waits until a write would not block.
+    pub async fn writable(&self) -> io::Result<()> {
+        poll_fn(|cx| self.io.poll_ready(cx, Direction::Write)).await
+    }
+
+    /// Reads what the socket has into `buf`'s spare capacity (made if there is none), without
+    /// waiting: `WouldBlock` when it has nothing. `Ok(0)`: the peer closed.
+    pub fn try_read_vec(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        if buf.capacity() == buf.len() {
+            buf.reserve(MIN_READ_ROOM);
+        }
+        let room = buf.capacity() - buf.len();
+        self.io.transfer(Direction::Read, room, || {
+            rustix::net::recv(&self.socket, spare_capacity(buf), RecvFlags::empty()).map(|(n, _)| n)
+        })
+    }
+
+    /// Reads into `buf`'s spare capacity, waiting for data.
+    pub async fn read_vec(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        loop {
+            match self.try_read_vec(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable().await?,
+                other => return other,
+            }
+        }
+    }
+
+    /// Reads into `buf`, waiting for data.
+    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let room = buf.len();
+            let read = self.io.transfer(Direction::Read, room, || {
+                rustix::net::recv(&self.socket, &mut *buf, RecvFlags::empty()).map(|(n, _)| n)
+            });
+            match read {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable().await?,
+                other => return other,
+            }
+        }
+    }
+
+    /// Writes what the socket takes of `data` now, without waiting.
+    pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        self.io.transfer(Direction::Write, data.len(), || {
+            rustix::net::send(&self.socket, data, SendFlags::NOSIGNAL)
+        })
+    }
+
+    /// Writes all of `data`, waiting for room as needed.
+    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            match self.try_write(data) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a FIN: the peer reads the end of the stream.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        self.socket.shutdown(Shutdown::Write)
+    }
+
+    /// Turns Nagle's algorithm off (`true`) or on.
+    pub fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
+        self.socket.set_nodelay(nodelay)
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.peer_addr()
+    }
+
+    /// Leaves the loop: the socket (still non-blocking), for another runtime to take over.
+    pub fn into_std(self) -> io::Result<std::net::TcpStream> {
+        let Self { io, socket } = self;
+        with_core(|core| epoll::delete(&core.epoll, &socket))
+            .ok_or_else(not_on_loop)?
+            .map_err(io::Error::from)?;
+        drop(io);
+        Ok(socket)
+    }
+}
+
+impl AsFd for TcpStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+/// A listening socket on this thread's loop.
+#[derive(Debug)]
+pub struct TcpListener {
+    io: Registration,
+    socket: std::net::TcpListener,
+}
+
+impl TcpListener {
+    /// Takes a bound, listening socket into this thread's loop (made non-blocking).
+    pub fn from_std(socket: std::net::TcpListener) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
+        Ok(Self {
+            // Connections may be waiting already: the first accept tries.
+            io: Registration::new(socket.as_fd(), READABLE)?,
+            socket,
+        })
+    }
+
+    /// The next connection (non-blocking, on this loop) and its peer's address.
+    pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        loop {
+            if self.io.is_ready(Direction::Read) {
+                match rustix::net::acceptfrom_with(&self.socket, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
+                    Ok((fd, peer)) => {
+                        let socket = std::net::TcpStream::from(fd);
+                        let peer = match peer.and_then(|p| SocketAddr::try_from(p).ok()) {
+                            Some(p) => p,
+                            None => socket.peer_addr()?,
+                        };
+                        return Ok((TcpStream::register(socket, WRITABLE)?, peer));
+                    }
+                    Err(Errno::AGAIN) => self.io.clear(Direction::Read),
+                    // Interrupted, or a connection reset while in the queue: take the next.
+                    Err(Errno::INTR | Errno::CONNABORTED) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            poll_fn(|cx| self.io.poll_ready(cx, Direction::Read)).await?;
+        }
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// Runs `f` on a loop of this thread, a tokio runtime entered for timers (as the server does).
+    fn run<F>(f: F) -> F::Output
+    where
+        F: Future + 'static,
+        F::Output: 'static,
+    {
+        let tokio_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = tokio_rt.enter();
+        Runtime::new().unwrap().block_on(f).unwrap()
+    }
+
+    /// A blocking client and the server's end of its connection, on the loop.
+    fn pair() -> (std::net::TcpStream, TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, TcpStream::from_std(server).unwrap())
+    }
+
+    /// Waits (bounded) until `s` is readable; false when it is not within `within`.
+    async fn readable_within(s: &TcpStream, within: Duration) -> bool {
+        tokio::time::timeout(within, s.readable()).await.is_ok()
+    }
+
+    #[test]
+    fn a_draining_read_clears_readiness_and_loses_no_later_bytes() {
+        run(async {
+            let (mut client, server) = pair();
+            client.write_all(b"abc").unwrap();
+            assert!(readable_within(&server, Duration::from_secs(5)).await);
+            let mut buf = Vec::with_capacity(64);
+            assert_eq!(server.try_read_vec(&mut buf).unwrap(), 3);
+            // Drained: no readiness left over, so nothing to find without new bytes.
+            assert!(!readable_within(&server, Duration::from_millis(50)).await);
+            let again = server.try_read_vec(&mut buf).unwrap_err();
+            assert_eq!(again.kind(), io::ErrorKind::WouldBlock);
+            // New bytes wake the waiter.
+            client.write_all(b"def").unwrap();
+            assert!(readable_within(&server, Duration::from_secs(5)).await);
+            assert_eq!(server.try_read_vec(&mut buf).unwrap(), 3);
+            assert_eq!(buf, b"abcdef");
+            // End of stream is 0, not an error, and stays readable.
+            drop(client);
+            assert!(readable_within(&server, Duration::from_secs(5)).await);
+            assert_eq!(server.read_vec(&mut buf).await.unwrap(), 0);
+            assert_eq!(server.read_vec(&mut buf).await.unwrap(), 0);
+        });
+    }
+
+    #[test]
+    fn a_read_that_fills_the_buffer_keeps_readiness_for_the_rest() {
+        run(async {
+            let (mut client, server) = pair();
+            client.write_all(&[7u8; 100]).unwrap();
+            // Wait (bounded) until all 100 bytes are there, so the first read surely stops at
+            // the room.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut peek = [0u8; 128];
+            while server.socket.peek(&mut peek).unwrap_or(0) < 100 {
+                assert!(Instant::now() < deadline, "the bytes never arrived");
+                std::thread::yield_now();
+            }
+            assert!(readable_within(&server, Duration::from_secs(5)).await);
+            let mut buf = Vec::with_capacity(40);
+            let room = buf.capacity();
+            assert_eq!(server.try_read_vec(&mut buf).unwrap(), room);
+            // The socket still holds bytes and the readiness says so: no new event is needed.
+            assert!(readable_within(&server, Duration::from_millis(50)).await);
+            let mut into = [0u8; 100];
+            let mut total = buf.len();
+            while total < 100 {
+                total += server.read(&mut into[..100 - total]).await.unwrap();
+            }
+            assert_eq!(total, 100);
+        });
+    }
+
+    #[test]
+    fn block_on_returns_the_output_and_drops_the_tasks_still_running() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        struct SetOnDrop(Arc<AtomicBool>);
+        impl Drop for SetOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let guard = SetOnDrop(Arc::clone(&dropped));
+        let out = run(async move {
+            spawn(async move {
+                let _guard = guard;
+                std::future::pending::<()>().await;
+            });
+            // Tasks on one loop wake each other.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            spawn(async move {
+                let _ = tx.send(40);
+            });
+            rx.await.unwrap() + 2
+        });
+        assert_eq!(out, 42);
+        assert!(dropped.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_wake_from_another_thread_reaches_the_waiting_loop() {
+        let got = run(async {
+            let (tx, mut rx) = tokio::sync::oneshot::channel();
+            let (go, wait) = std::sync::mpsc::channel::<()>();
+            let sender = std::thread::spawn(move || {
+                wait.recv().unwrap();
+                tx.send(7).unwrap();
+            });
+            // The sender sends only once the receiver waits: the wake comes from its thread.
+            let mut go = Some(go);
+            let got = poll_fn(|cx| {
+                let polled = Pin::new(&mut rx).poll(cx);
+                if polled.is_pending() {
+                    if let Some(go) = go.take() {
+                        go.send(()).unwrap();
+                    }
+                }
+                polled
+            })
+            .await;
+            sender.join().unwrap();
+            got.unwrap()
+        });
+        assert_eq!(got, 7);
+    }
+
+    #[test]
+    fn write_all_waits_for_room_and_delivers_every_byte() {
+        const LEN: usize = 8 * 1024 * 1024;
+        let received = run(async {
+            let (client, server) = pair();
+            // More than loopback's socket buffers hold: writes wait for the reader.
+            let reader = std::thread::spawn(move || {
+                let mut client = client;
+                let mut all = Vec::new();
+                client.read_to_end(&mut all).unwrap();
+                all
+            });
+            let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+            server.write_all(&data).await.unwrap();
+            server.shutdown_write().unwrap();
+            let all = tokio::task::spawn_blocking(move || reader.join().unwrap())
+                .await
+                .unwrap();
+            (all, data)
+        });
+        assert_eq!(received.0.len(), LEN);
+        assert!(received.0 == received.1);
+    }
+
+    #[test]
+    fn connect_reaches_a_listener_and_fails_on_a_closed_port() {
+        run(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let (mut accepted, _) = listener.accept().unwrap();
+            stream.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            accepted.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"ping");
+            drop(listener);
+            let refused = TcpStream::connect(addr).await.unwrap_err();
+            assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        });
+    }
+
+    #[test]
+    fn accept_gives_each_connection_with_its_peer() {
+        run(async {
+            let listener = TcpListener::from_std(std::net::TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+            let addr = listener.local_addr().unwrap();
+            // One waiting before the first accept, one arriving while it waits.
+            let first = std::net::TcpStream::connect(addr).unwrap();
+            let (a, peer_a) = listener.accept().await.unwrap();
+            assert_eq!(peer_a, first.local_addr().unwrap());
+            assert_eq!(a.peer_addr().unwrap(), peer_a);
+            let connector = std::thread::spawn(move || std::net::TcpStream::connect(addr).unwrap());
+            let (_b, peer_b) = listener.accept().await.unwrap();
+            let second = tokio::task::spawn_blocking(move || connector.join().unwrap())
+                .await
+                .unwrap();
+            assert_eq!(peer_b, second.local_addr().unwrap());
+        });
+    }
+
+    #[test]
+    fn into_std_hands_the_socket_over_with_its_unread_bytes() {
+        run(async {
+            let (mut client, server) = pair();
+            client.write_all(b"hello").unwrap();
+            assert!(readable_within(&server, Duration::from_secs(5)).await);
+            let mut socket = server.into_std().unwrap();
+            socket.set_nonblocking(false).unwrap();
+            let mut got = [0u8; 5];
+            socket.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"hello");
+            // The loop forgot it: its slot is free again.
+            assert_eq!(IO.with_borrow(Slab::len), 0);
+        });
+    }
+
+    #[test]
+    fn sockets_need_a_loop() {
+        let (_client, server) = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            (client, server)
+        };
+        let err = TcpStream::from_std(server).unwrap_err();
+        assert_eq!(err.to_string(), "socket used outside its event loop");
+    }
+}
