@@ -3,7 +3,8 @@
 //! A request head is parsed with `httparse` into borrowed slices in the connection's read
 //! buffer; routing is decided from those bytes (the same [`decide`] as the hyper path); the head
 //! is rewritten for the backend while copying (hop-by-hop fields dropped, `X-Forwarded-*` set)
-//! and written with the body to a pooled backend connection **in the same task**; the response
+//! and written with the body to a pooled backend connection **in the same task**, on the
+//! worker's own event loop ([`crate::evloop`], not tokio: less work per wake-up); the response
 //! head is rewritten the same way and the body streamed back by its framing. No `HeaderMap`, no
 //! channel between tasks, no timer per connection (deadlines are numbers a sweeper per worker
 //! checks: [`alarm`]), buffers reused from a per-worker free list, and an idle client connection
@@ -1074,11 +1075,11 @@ async fn read_response_head(bc: &mut TcpStream, rbuf: &mut Vec<u8>) -> Result<()
             rbuf.drain(..end);
             continue;
         }
+        let empty = rbuf.is_empty();
         // Incomplete (rare: a head mostly comes in one read): refuse garbage without waiting.
-        if rbuf.len() >= MAX_RESPONSE_HEAD || !could_be_response_head(rbuf) {
+        if !empty && (rbuf.len() >= MAX_RESPONSE_HEAD || !could_be_response_head(rbuf)) {
             return Err(HeadError::Invalid);
         }
-        let empty = rbuf.is_empty();
         if rbuf.capacity() == rbuf.len() {
             rbuf.reserve(STREAM_CHUNK);
         }
