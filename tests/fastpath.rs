@@ -486,7 +486,7 @@ async fn a_response_head_the_fast_path_cannot_frame_is_a_kbs_shaped_502() {
 
 #[tokio::test]
 async fn idle_keep_alive_connections_hold_no_buffer() {
-    // The proxy's tasks run on this test's one thread, so the thread's count is theirs.
+    // The count is the process's (nextest runs each test in a process of its own): this proxy's.
     use kbs_affinity_proxy::proxy::fast_buffers_in_use;
     let backend = start_scripted(Some(OK_REPLY), Duration::ZERO).await;
     let proxy = start_proxy(Settings {

@@ -5,6 +5,8 @@
 
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Capacity a buffer starts with: a request or response head and a small body. Every request in
 /// flight holds up to three, so this bounds the memory a burst of requests takes (and glibc
@@ -20,17 +22,43 @@ const KEEP_AT_MOST: usize = 4 * STREAM_CHUNK;
 /// A thread's spare buffers and how many it has handed out (one thread-local: one lookup).
 struct Pool {
     free: Vec<Vec<u8>>,
-    in_use: usize,
+    /// Written by this thread only (a load and a store, no atomic read-modify-write), read by
+    /// [`in_use`] from any.
+    in_use: Arc<AtomicUsize>,
+}
+
+impl Pool {
+    fn new() -> Self {
+        let in_use = Arc::new(AtomicUsize::new(0));
+        IN_USE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::clone(&in_use));
+        Pool {
+            free: Vec::new(),
+            in_use,
+        }
+    }
+
+    fn count(&self, taken: bool) {
+        let n = self.in_use.load(Ordering::Relaxed);
+        let n = if taken { n + 1 } else { n.saturating_sub(1) };
+        self.in_use.store(n, Ordering::Relaxed);
+    }
 }
 
 thread_local! {
-    static POOL: RefCell<Pool> = const { RefCell::new(Pool { free: Vec::new(), in_use: 0 }) };
+    static POOL: RefCell<Pool> = RefCell::new(Pool::new());
 }
 
-/// Buffers the fast path holds on this thread right now (out of the free list): the requests
-/// in flight hold up to three each, an idle connection none.
+/// Every thread's count of buffers handed out.
+static IN_USE: Mutex<Vec<Arc<AtomicUsize>>> = Mutex::new(Vec::new());
+
+/// Buffers the fast path holds right now (out of the free lists), over all threads: the
+/// requests in flight hold up to three each, an idle connection none.
 pub fn in_use() -> usize {
-    POOL.with_borrow(|p| p.in_use)
+    let counts = IN_USE.lock().unwrap_or_else(|p| p.into_inner());
+    counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
 }
 
 /// A byte buffer from the thread's free list; returned to it on drop. An empty `Buf` (no
@@ -42,7 +70,7 @@ impl Buf {
     /// A cleared buffer with at least [`BUF_SIZE`] bytes of capacity.
     pub fn take() -> Self {
         let spare = POOL.with_borrow_mut(|p| {
-            p.in_use += 1;
+            p.count(true);
             p.free.pop()
         });
         let mut b = spare.unwrap_or_default();
@@ -62,7 +90,7 @@ impl Buf {
         // `try_with`: a buffer dropped while the thread's locals are torn down is just freed.
         let _ = POOL.try_with(|pool| {
             if let Ok(mut pool) = pool.try_borrow_mut() {
-                pool.in_use = pool.in_use.saturating_sub(1);
+                pool.count(false);
                 if b.capacity() <= KEEP_AT_MOST && pool.free.len() < FREE_BUFFERS {
                     pool.free.push(b);
                 }
@@ -73,7 +101,7 @@ impl Buf {
     /// The bytes, leaving nothing to the free list.
     pub fn into_vec(mut self) -> Vec<u8> {
         if self.0.capacity() > 0 {
-            POOL.with_borrow_mut(|p| p.in_use = p.in_use.saturating_sub(1));
+            POOL.with_borrow(|p| p.count(false));
         }
         std::mem::take(&mut self.0)
     }
