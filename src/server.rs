@@ -352,12 +352,20 @@ async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions
             let conn = Arc::clone(&conn);
             async move { Ok::<_, Infallible>(conn.worker.handle(req, &conn.info).await) }
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(Rewind::new(read, stream)), service)
-            .into_owned();
-        let watched = graceful.watch(connection);
+        let builder = Arc::clone(&builder);
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = watched.await {
+            // The socket is new to tokio's reactor: its first event (writable) comes first, as
+            // for an accepted socket. hyper may otherwise find its answer unflushable and, on a
+            // request asking for an `Upgrade` whose body failed, end the connection before
+            // writing it (found by fuzzing: fast_vs_hyper).
+            if stream.writable().await.is_err() {
+                return;
+            }
+            let connection = builder
+                .serve_connection(TokioIo::new(Rewind::new(read, stream)), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
             drop(guard);

@@ -536,7 +536,7 @@ async fn odd_but_valid_framing_is_forwarded_alike() {
 async fn what_the_differential_fuzzer_found_is_handled_alike() {
     let mirror = start_mirror().await;
     let p = pair(mirror).await;
-    let cases: [&[u8]; 8] = [
+    let cases: [&[u8]; 9] = [
         // `Connection` naming Content-Length must not unframe the body: no second request.
         b"POST /x HTTP/1.1\r\nHost: h\r\nConnection: content-length, close\r\nContent-Length: 35\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n",
         b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: host, close\r\n\r\n",
@@ -546,6 +546,9 @@ async fn what_the_differential_fuzzer_found_is_handled_alike() {
         b"CONNECT /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
         b"GET /x HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-For: 2.2.2.2\r\nConnection: close\r\n\r\n",
         b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\nConnection: close\r\n\r\nhello",
+        // Handed to hyper (`Upgrade`, chunked), whose answer (400: the chunk size line is bad)
+        // must be written before the connection ends.
+        b"POST /kbs/v0/resource/default/key/1 HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nz\r\nzz\nz\r\n0\r\n\r\n",
     ];
     for raw in cases {
         let what = String::from_utf8_lossy(raw);
@@ -557,6 +560,9 @@ async fn what_the_differential_fuzzer_found_is_handled_alike() {
             assert_eq!(parse_mirrored(&f.body), parse_mirrored(&h.body), "{what}");
         }
     }
+    // The answer to the broken upgrade request is hyper's 400, written before the close.
+    let fast = exchange(p.fast.addr, cases[8]).await;
+    assert!(fast.starts_with(b"HTTP/1.1 400 "), "{}", String::from_utf8_lossy(&fast));
     // The smuggling case in detail: one request at the backend, with its whole body.
     let fast = parse_response(&exchange(p.fast.addr, cases[0]).await).unwrap();
     let (line, fields, body) = parse_mirrored(&fast.body).unwrap();
