@@ -8,7 +8,10 @@
 //! locks, the cooperative budget) serves any number of tasks on any threads; the fast path has
 //! one task per client connection, on one thread, and needs much less:
 //! - [`Runtime::block_on`] runs a future and the tasks it [`spawn`]s on the calling thread until
-//!   that future is done; what is still running then is dropped. Tasks need not be `Send`.
+//!   that future is done; what is still running then is dropped. Tasks need not be `Send`. As
+//!   on tokio, a task that panics is dropped and the others go on, and a task yields after
+//!   [`BUDGET`] socket operations in one poll, so a connection that always has bytes ready
+//!   cannot starve the others.
 //! - Wakers are ordinary [`Waker`]s: woken on the loop's thread (by a socket's event), a task is
 //!   pushed on the run queue; woken from another thread (a tokio timer, a cancellation), through
 //!   a locked list and an eventfd that wakes the loop.
@@ -44,6 +47,9 @@ const EVENTS_PER_WAIT: usize = 256;
 const WAKE_TOKEN: u64 = u64::MAX;
 /// Room a read makes in a full buffer.
 const MIN_READ_ROOM: usize = 8 * 1024;
+/// Socket operations a task may make in one poll before it yields, as under tokio's cooperative
+/// budget: a connection that always has bytes ready cannot starve the others.
+const BUDGET: u32 = 128;
 
 /// Data to read, or a connection to accept.
 const READABLE: u8 = 1;
@@ -92,6 +98,16 @@ thread_local! {
     static IO: RefCell<Slab<IoSlot>> = const { RefCell::new(Slab::new()) };
     /// Tasks to poll, in the order they were woken.
     static QUEUE: RefCell<VecDeque<TaskRef>> = const { RefCell::new(VecDeque::new()) };
+    /// What is left of the polled task's [`BUDGET`].
+    static BUDGET_LEFT: Cell<u32> = const { Cell::new(BUDGET) };
+}
+
+/// Takes one unit of the polled task's budget; false when it is spent (the task must yield).
+#[inline]
+fn take_budget() -> bool {
+    let left = BUDGET_LEFT.get();
+    BUDGET_LEFT.set(left.saturating_sub(1));
+    left > 0
 }
 
 /// Runs `f` with this thread's loop, if it runs one.
@@ -116,6 +132,10 @@ struct Core {
     remote: Arc<Remote>,
     /// Tells a task apart from an earlier one in the same slot (a stale waker's).
     next_task_id: Cell<u64>,
+    /// The id of the task [`Runtime::block_on`] runs its future in.
+    root: Cell<u64>,
+    /// What the root task panicked with, to be raised again by [`Runtime::block_on`].
+    root_panic: RefCell<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 /// One socket's state in the loop.
@@ -208,15 +228,18 @@ impl Runtime {
                 tasks: RefCell::default(),
                 remote,
                 next_task_id: Cell::new(0),
+                root: Cell::new(0),
+                root_panic: RefCell::new(None),
             }),
         })
     }
 
     /// Runs `future` and the tasks spawned meanwhile on this thread until `future` is done, then
     /// drops the tasks still running. Fails only when the kernel refuses to wait for events.
+    /// A spawned task that panics is dropped (and logged) and the others carry on, as on tokio.
     ///
     /// # Panics
-    /// When this thread already runs a loop.
+    /// When this thread already runs a loop, or with `future`'s own panic.
     pub fn block_on<F>(&self, future: F) -> io::Result<F::Output>
     where
         F: Future + 'static,
@@ -225,12 +248,17 @@ impl Runtime {
         let _installed = Installed::new(&self.core);
         let output = Rc::new(Cell::new(None));
         let out = Rc::clone(&output);
+        self.core.root.set(self.core.next_task_id.get());
         spawn(async move { out.set(Some(future.await)) });
         let mut events = Vec::with_capacity(EVENTS_PER_WAIT);
         let result = loop {
             self.core.run_queued();
             if let Some(value) = output.take() {
                 break Ok(value);
+            }
+            if let Some(panic) = self.core.root_panic.take() {
+                self.core.drop_tasks();
+                std::panic::resume_unwind(panic);
             }
             let block = QUEUE.with_borrow(VecDeque::is_empty);
             if let Err(e) = self.core.wait(&mut events, block) {
@@ -325,7 +353,21 @@ impl Core {
         let Some((mut future, waker)) = taken else {
             return;
         };
-        let done = future.as_mut().poll(&mut Context::from_waker(&waker)).is_ready();
+        BUDGET_LEFT.set(BUDGET);
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            future.as_mut().poll(&mut Context::from_waker(&waker))
+        }));
+        let done = match polled {
+            Ok(poll) => poll.is_ready(),
+            Err(panic) if task.id == self.root.get() => {
+                *self.root_panic.borrow_mut() = Some(panic);
+                true
+            }
+            Err(_) => {
+                tracing::error!("a task of the fast path's event loop panicked; it is dropped");
+                true
+            }
+        };
         let mut tasks = self.tasks.borrow_mut();
         if done {
             let slot = tasks.remove(task.key);
@@ -459,6 +501,11 @@ impl Registration {
     }
 
     fn poll_ready(&self, cx: &mut Context<'_>, dir: Direction) -> Poll<io::Result<()>> {
+        if !take_budget() {
+            // Spent: yield, and be polled again after the kernel's events were looked at.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         self.with_slot(|slot| {
             if slot.ready & dir.ready() != 0 {
                 return Poll::Ready(Ok(()));
@@ -476,10 +523,6 @@ impl Registration {
         .unwrap_or_else(|| Poll::Ready(Err(not_on_loop())))
     }
 
-    fn is_ready(&self, dir: Direction) -> bool {
-        self.with_slot(|slot| slot.ready & dir.ready() != 0).unwrap_or(false)
-    }
-
     fn clear(&self, dir: Direction) {
         self.with_slot(|slot| slot.ready &= !dir.clearable());
     }
@@ -487,13 +530,17 @@ impl Registration {
     /// A transfer of at most `room` bytes in `dir`, made only when the socket is ready: its
     /// `EAGAIN` clears the readiness, and so does a short transfer (the socket was drained, or
     /// its buffer filled), so the next wait does not start with a system call that finds
-    /// nothing. A transfer of nothing (end of stream) leaves it.
+    /// nothing. A transfer of nothing (end of stream) leaves it. With the task's budget spent,
+    /// `WouldBlock` without a system call, the readiness kept: the wait that follows yields.
     fn transfer(
         &self,
         dir: Direction,
         room: usize,
         mut call: impl FnMut() -> rustix::io::Result<usize>,
     ) -> io::Result<usize> {
+        if !take_budget() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         self.with_slot(|slot| {
             if slot.ready & dir.ready() == 0 {
                 return Err(io::ErrorKind::WouldBlock.into());
@@ -693,23 +740,21 @@ impl TcpListener {
     /// The next connection (non-blocking, on this loop) and its peer's address.
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         loop {
-            if self.io.is_ready(Direction::Read) {
-                match rustix::net::acceptfrom_with(&self.socket, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
-                    Ok((fd, peer)) => {
-                        let socket = std::net::TcpStream::from(fd);
-                        let peer = match peer.and_then(|p| SocketAddr::try_from(p).ok()) {
-                            Some(p) => p,
-                            None => socket.peer_addr()?,
-                        };
-                        return Ok((TcpStream::register(socket, WRITABLE)?, peer));
-                    }
-                    Err(Errno::AGAIN) => self.io.clear(Direction::Read),
-                    // Interrupted, or a connection reset while in the queue: take the next.
-                    Err(Errno::INTR | Errno::CONNABORTED) => continue,
-                    Err(e) => return Err(e.into()),
-                }
-            }
             poll_fn(|cx| self.io.poll_ready(cx, Direction::Read)).await?;
+            match rustix::net::acceptfrom_with(&self.socket, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
+                Ok((fd, peer)) => {
+                    let socket = std::net::TcpStream::from(fd);
+                    let peer = match peer.and_then(|p| SocketAddr::try_from(p).ok()) {
+                        Some(p) => p,
+                        None => socket.peer_addr()?,
+                    };
+                    return Ok((TcpStream::register(socket, WRITABLE)?, peer));
+                }
+                Err(Errno::AGAIN) => self.io.clear(Direction::Read),
+                // Interrupted, or a connection reset while in the queue: take the next.
+                Err(Errno::INTR | Errno::CONNABORTED) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 
@@ -935,6 +980,78 @@ mod tests {
             // The loop forgot it: its slot is free again.
             assert_eq!(IO.with_borrow(Slab::len), 0);
         });
+    }
+
+    /// Ready after waking itself once: lets the loop run the others.
+    async fn yield_once() {
+        let mut yielded = false;
+        poll_fn(|cx| {
+            if std::mem::replace(&mut yielded, true) {
+                Poll::Ready(())
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    #[test]
+    fn a_task_that_panics_is_dropped_and_the_others_carry_on() {
+        let out = run(async {
+            spawn(async { panic!("a bug in one connection") });
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            spawn(async move {
+                yield_once().await;
+                let _ = tx.send(5);
+            });
+            rx.await.unwrap()
+        });
+        assert_eq!(out, 5);
+    }
+
+    #[test]
+    fn the_root_futures_panic_comes_out_of_block_on() {
+        let caught = std::panic::catch_unwind(|| run(async { panic!("the root's own") }));
+        let panic = caught.unwrap_err();
+        assert_eq!(panic.downcast_ref::<&str>(), Some(&"the root's own"));
+    }
+
+    #[test]
+    fn a_connection_that_always_has_bytes_does_not_starve_the_others() {
+        const SENT: usize = 1024 * 1024;
+        let read_by_then = run(async {
+            let (client, server) = pair();
+            // A megabyte waiting in the socket, read a byte at a time: every read fills its
+            // buffer, so the readiness stays and the reads never have to wait.
+            let writer = std::thread::spawn(move || {
+                let mut client = client;
+                client.write_all(&vec![1u8; SENT]).unwrap();
+                client
+            });
+            let read = Rc::new(Cell::new(0usize));
+            let counted = Rc::clone(&read);
+            spawn(async move {
+                let mut byte = [0u8; 1];
+                while server.read(&mut byte).await.unwrap_or(0) == 1 {
+                    counted.set(counted.get() + 1);
+                }
+            });
+            // Wait until the hog is reading, then see that this task still gets its turns.
+            while read.get() == 0 {
+                yield_once().await;
+            }
+            for _ in 0..3 {
+                yield_once().await;
+            }
+            let read_by_then = read.get();
+            drop(tokio::task::spawn_blocking(move || writer.join()).await);
+            read_by_then
+        });
+        assert!(
+            read_by_then < SENT / 2,
+            "the other task waited for {read_by_then} reads"
+        );
     }
 
     #[test]
