@@ -787,11 +787,17 @@ mod tests {
         Runtime::new().unwrap().block_on(f).unwrap()
     }
 
-    /// A blocking client and the server's end of its connection, on the loop.
-    fn pair() -> (std::net::TcpStream, TcpStream) {
+    /// A connection's two ends, blocking.
+    fn std_pair() -> (std::net::TcpStream, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    /// A blocking client and the server's end of its connection, on the loop.
+    fn pair() -> (std::net::TcpStream, TcpStream) {
+        let (client, server) = std_pair();
         (client, TcpStream::from_std(server).unwrap())
     }
 
@@ -1056,12 +1062,7 @@ mod tests {
 
     #[test]
     fn sockets_need_a_loop() {
-        let (_client, server) = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            let (server, _) = listener.accept().unwrap();
-            (client, server)
-        };
+        let (_client, server) = std_pair();
         let err = TcpStream::from_std(server).unwrap_err();
         assert_eq!(err.to_string(), "socket used outside its event loop");
     }

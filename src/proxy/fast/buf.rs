@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Capacity a buffer starts with: a request or response head and a small body. Every request in
 /// flight holds up to three, so this bounds the memory a burst of requests takes (and glibc
@@ -33,7 +33,7 @@ impl Pool {
         IN_USE
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::clone(&in_use));
+            .push(Arc::downgrade(&in_use));
         Pool {
             free: Vec::new(),
             in_use,
@@ -51,14 +51,19 @@ thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::new());
 }
 
-/// Every thread's count of buffers handed out.
-static IN_USE: Mutex<Vec<Arc<AtomicUsize>>> = Mutex::new(Vec::new());
+/// Every live thread's count of buffers handed out (a thread's goes with its free list).
+static IN_USE: Mutex<Vec<Weak<AtomicUsize>>> = Mutex::new(Vec::new());
 
 /// Buffers the fast path holds right now (out of the free lists), over all threads: the
 /// requests in flight hold up to three each, an idle connection none.
 pub fn in_use() -> usize {
-    let counts = IN_USE.lock().unwrap_or_else(|p| p.into_inner());
-    counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    let mut counts = IN_USE.lock().unwrap_or_else(|p| p.into_inner());
+    counts.retain(|c| c.strong_count() > 0);
+    counts
+        .iter()
+        .filter_map(Weak::upgrade)
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
 }
 
 /// A byte buffer from the thread's free list; returned to it on drop. An empty `Buf` (no
