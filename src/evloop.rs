@@ -148,7 +148,6 @@ struct IoSlot {
 
 /// One task: its future and waker, out of the slot while it is polled.
 struct TaskSlot {
-    id: u64,
     header: Arc<TaskWaker>,
     run: Option<(LocalFuture, Waker)>,
 }
@@ -318,7 +317,6 @@ impl Core {
         });
         let waker = Waker::from(Arc::clone(&header));
         entry.insert(TaskSlot {
-            id,
             header,
             run: Some((future, waker)),
         });
@@ -343,7 +341,7 @@ impl Core {
         let taken = {
             let mut tasks = self.tasks.borrow_mut();
             match tasks.get_mut(task.key) {
-                Some(slot) if slot.id == task.id => {
+                Some(slot) if slot.header.task.id == task.id => {
                     slot.header.scheduled.store(false, Ordering::Release);
                     slot.run.take()
                 }
@@ -523,21 +521,17 @@ impl Registration {
         .unwrap_or_else(|| Poll::Ready(Err(not_on_loop())))
     }
 
-    fn clear(&self, dir: Direction) {
-        self.with_slot(|slot| slot.ready &= !dir.clearable());
-    }
-
-    /// A transfer of at most `room` bytes in `dir`, made only when the socket is ready: its
-    /// `EAGAIN` clears the readiness, and so does a short transfer (the socket was drained, or
-    /// its buffer filled), so the next wait does not start with a system call that finds
-    /// nothing. A transfer of nothing (end of stream) leaves it. With the task's budget spent,
-    /// `WouldBlock` without a system call, the readiness kept: the wait that follows yields.
-    fn transfer(
+    /// A system call in `dir`, made only when the socket is ready: its `EAGAIN` clears the
+    /// readiness, and so does a result `drained` calls final (a short read or write: the socket
+    /// was drained, or its buffer filled), so the next wait does not start with a system call that
+    /// finds nothing. With the task's budget spent, `WouldBlock` without a system call, the
+    /// readiness kept: the wait that follows yields.
+    fn transfer<R>(
         &self,
         dir: Direction,
-        room: usize,
-        mut call: impl FnMut() -> rustix::io::Result<usize>,
-    ) -> io::Result<usize> {
+        mut call: impl FnMut() -> rustix::io::Result<R>,
+        drained: impl Fn(&R) -> bool,
+    ) -> io::Result<R> {
         if !take_budget() {
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -547,11 +541,11 @@ impl Registration {
             }
             loop {
                 match call() {
-                    Ok(n) => {
-                        if n > 0 && n < room {
+                    Ok(r) => {
+                        if drained(&r) {
                             slot.ready &= !dir.clearable();
                         }
-                        return Ok(n);
+                        return Ok(r);
                     }
                     Err(Errno::INTR) => {}
                     Err(Errno::AGAIN) => {
@@ -564,6 +558,11 @@ impl Registration {
         })
         .unwrap_or_else(|| Err(not_on_loop()))
     }
+}
+
+/// A byte count that left room: the transfer drained the socket (or filled its buffer).
+fn short_of(room: usize) -> impl Fn(&usize) -> bool {
+    move |&n| n > 0 && n < room
 }
 
 impl Drop for Registration {
@@ -638,12 +637,10 @@ impl TcpStream {
             buf.reserve(MIN_READ_ROOM);
         }
         let room = buf.capacity() - buf.len();
-        self.io.transfer(Direction::Read, room, || {
-            rustix::net::recv(&self.socket, spare_capacity(buf), RecvFlags::empty()).map(|(n, _)| n)
-        })
+        self.io.transfer(Direction::Read, || self.recv_vec(buf), short_of(room))
     }
 
-    /// Reads into `buf`'s spare capacity, waiting for data.
+    /// Reads into `buf`'s spare capacity (made if there is none), waiting for data.
     pub async fn read_vec(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
         loop {
             match self.try_read_vec(buf) {
@@ -653,31 +650,27 @@ impl TcpStream {
         }
     }
 
+    fn recv_vec(&self, buf: &mut Vec<u8>) -> rustix::io::Result<usize> {
+        rustix::net::recv(&self.socket, spare_capacity(buf), RecvFlags::empty()).map(|(n, _)| n)
+    }
+
     /// Reads into `buf`, waiting for data.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            let room = buf.len();
-            let read = self.io.transfer(Direction::Read, room, || {
-                rustix::net::recv(&self.socket, &mut *buf, RecvFlags::empty()).map(|(n, _)| n)
-            });
-            match read {
+            let drained = short_of(buf.len());
+            let recv = || rustix::net::recv(&self.socket, &mut *buf, RecvFlags::empty()).map(|(n, _)| n);
+            match self.io.transfer(Direction::Read, recv, drained) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable().await?,
                 other => return other,
             }
         }
     }
 
-    /// Writes what the socket takes of `data` now, without waiting.
-    pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
-        self.io.transfer(Direction::Write, data.len(), || {
-            rustix::net::send(&self.socket, data, SendFlags::NOSIGNAL)
-        })
-    }
-
     /// Writes all of `data`, waiting for room as needed.
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
-            match self.try_write(data) {
+            let send = || rustix::net::send(&self.socket, data, SendFlags::NOSIGNAL);
+            match self.io.transfer(Direction::Write, send, short_of(data.len())) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => data = &data[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
@@ -739,23 +732,27 @@ impl TcpListener {
 
     /// The next connection (non-blocking, on this loop) and its peer's address.
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
-        loop {
-            poll_fn(|cx| self.io.poll_ready(cx, Direction::Read)).await?;
+        let accept = || loop {
             match rustix::net::acceptfrom_with(&self.socket, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
-                Ok((fd, peer)) => {
-                    let socket = std::net::TcpStream::from(fd);
-                    let peer = match peer.and_then(|p| SocketAddr::try_from(p).ok()) {
-                        Some(p) => p,
-                        None => socket.peer_addr()?,
-                    };
-                    return Ok((TcpStream::register(socket, WRITABLE)?, peer));
-                }
-                Err(Errno::AGAIN) => self.io.clear(Direction::Read),
-                // Interrupted, or a connection reset while in the queue: take the next.
-                Err(Errno::INTR | Errno::CONNABORTED) => continue,
-                Err(e) => return Err(e.into()),
+                // A connection reset while in the queue: take the next.
+                Err(Errno::CONNABORTED) => {}
+                other => return other,
             }
-        }
+        };
+        let (fd, peer) = loop {
+            match self.io.transfer(Direction::Read, accept, |_| false) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    poll_fn(|cx| self.io.poll_ready(cx, Direction::Read)).await?;
+                }
+                other => break other?,
+            }
+        };
+        let socket = std::net::TcpStream::from(fd);
+        let peer = match peer.and_then(|p| SocketAddr::try_from(p).ok()) {
+            Some(p) => p,
+            None => socket.peer_addr()?,
+        };
+        Ok((TcpStream::register(socket, WRITABLE)?, peer))
     }
 
     /// The address it listens on.
