@@ -878,17 +878,8 @@ mod tests {
             let first = now();
             std::thread::sleep(Duration::from_millis(2));
             let same = now();
-            // Yield: polled again in the next turn, after a look at the kernel's events.
-            let mut yielded = false;
-            poll_fn(|cx| {
-                if std::mem::replace(&mut yielded, true) {
-                    Poll::Ready(())
-                } else {
-                    cx.waker().wake_by_ref();
-                    Poll::Pending
-                }
-            })
-            .await;
+            // Polled again in the next turn, after a look at the kernel's events.
+            yield_once().await;
             (first, same, now())
         });
         assert!(first >= before);
