@@ -21,7 +21,8 @@
 //!   are made directly (rustix), not through libc's cancellation-point wrappers.
 //! - No timers of its own: the thread running a loop enters a tokio runtime's handle, so tokio's
 //!   timers, DNS lookups and `spawn` work from it (off the hot path: connects, the deadline
-//!   sweeper, shutdown).
+//!   sweeper, shutdown). What the tasks time, they time by the loop's turn: [`now`], the clock
+//!   read once per look at the kernel's events.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;

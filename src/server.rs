@@ -20,7 +20,7 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -173,28 +173,17 @@ pub async fn serve(worker: Worker, listener: TcpListener, options: ServeOptions,
         // Small request/response exchanges: do not let Nagle hold the last segment back.
         let _ = stream.set_nodelay(true);
         let guard = ConnGuard::new(&worker, slot);
-        let conn = Arc::new(Conn {
+        let conn = Conn {
             worker: Arc::clone(&worker),
             info: ConnInfo::new(peer, tls.is_some()),
-        });
-        let service = service_fn(move |req| {
-            let conn = Arc::clone(&conn);
-            async move { Ok::<_, Infallible>(conn.worker.handle(req, &conn.info).await) }
-        });
+        };
+        let (builder, watcher) = (Arc::clone(&builder), graceful.watcher());
         match &tls {
             None => {
-                let watched = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
-                tokio::spawn(async move {
-                    if let Err(e) = watched.await {
-                        tracing::debug!(error = %e, "client connection ended with an error");
-                    }
-                    drop(guard);
-                });
+                tokio::spawn(serve_with_hyper(builder, TokioIo::new(stream), conn, watcher, guard));
             }
             Some(settings) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(settings.load_full());
-                let builder = Arc::clone(&builder);
-                let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let tls_stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => s,
@@ -207,11 +196,7 @@ pub async fn serve(worker: Worker, listener: TcpListener, options: ServeOptions,
                             return;
                         }
                     };
-                    let connection = builder.serve_connection(TokioIo::new(tls_stream), service).into_owned();
-                    if let Err(e) = watcher.watch(connection).await {
-                        tracing::debug!(error = %e, "client connection ended with an error");
-                    }
-                    drop(guard);
+                    serve_with_hyper(builder, TokioIo::new(tls_stream), conn, watcher, guard).await;
                 });
             }
         }
@@ -251,6 +236,29 @@ where
             }
         }
     }
+}
+
+/// Serves one client connection with hyper, each request through [`Worker::handle`], until it
+/// ends or the graceful shutdown ends it; its slot is freed then.
+async fn serve_with_hyper<I>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    io: I,
+    conn: Conn,
+    watcher: Watcher,
+    guard: ConnGuard,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = Arc::new(conn);
+    let service = service_fn(move |req| {
+        let conn = Arc::clone(&conn);
+        async move { Ok::<_, Infallible>(conn.worker.handle(req, &conn.info).await) }
+    });
+    let connection = builder.serve_connection(io, service).into_owned();
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+    drop(guard);
 }
 
 /// hyper's server settings for client connections: HTTP/1.1 and HTTP/2, bounded.
@@ -344,16 +352,11 @@ async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions
         let Ok(stream) = TcpStream::from_std(socket) else {
             continue;
         };
-        let conn = Arc::new(Conn {
+        let conn = Conn {
             worker: Arc::clone(&worker),
             info: ConnInfo::new(peer, false),
-        });
-        let service = service_fn(move |req| {
-            let conn = Arc::clone(&conn);
-            async move { Ok::<_, Infallible>(conn.worker.handle(req, &conn.info).await) }
-        });
-        let builder = Arc::clone(&builder);
-        let watcher = graceful.watcher();
+        };
+        let (builder, watcher) = (Arc::clone(&builder), graceful.watcher());
         tokio::spawn(async move {
             // The socket is new to tokio's reactor: its first event (writable) comes first, as
             // for an accepted socket. hyper may otherwise find its answer unflushable and, on a
@@ -362,13 +365,7 @@ async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions
             if stream.writable().await.is_err() {
                 return;
             }
-            let connection = builder
-                .serve_connection(TokioIo::new(Rewind::new(read, stream)), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!(error = %e, "client connection ended with an error");
-            }
-            drop(guard);
+            serve_with_hyper(builder, TokioIo::new(Rewind::new(read, stream)), conn, watcher, guard).await;
         });
     }
     // Connections handed over with the shutdown are not started.
