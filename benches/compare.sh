@@ -274,6 +274,30 @@ rss_kb() {
     awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"
 }
 
+# Prints "busy total" jiffies, summed over the CPUs in list $1 ("0", "0,1", "2-3"), from
+# /proc/stat: busy is all but idle and iowait. Over a run, busy/total says whether those cores
+# were the bottleneck (near 100 %) or waited for the others.
+core_ticks() {
+    local cpus=() part
+    for part in ${1//,/ }; do
+        if [[ $part == *-* ]]; then
+            cpus+=($(seq "${part%-*}" "${part#*-}"))
+        else
+            cpus+=("$part")
+        fi
+    done
+    awk -v list=" ${cpus[*]} " '
+        /^cpu[0-9]+ / {
+            n = substr($1, 4)
+            if (index(list, " " n " ")) {
+                t = 0
+                for (i = 2; i <= NF; i++) t += $i
+                busy += t - $5 - $6; total += t
+            }
+        }
+        END { print busy + 0, total + 0 }' /proc/stat
+}
+
 # The `route=...` pair of the Set-Cookie answered to a cookie-less request.
 route_cookie() {
     curl -s -m 5 -D - -o /dev/null "http://127.0.0.1:$1/" |
@@ -344,6 +368,7 @@ done
 
 # Runs wrk against target $1 in mode $2; appends one TSV line to $WORK/runs.tsv:
 # rep mode target req/s p50_us p99_us cpu_us_per_req requests errors user_us sys_us
+# proxy_cores_busy_% load_cores_busy_%
 run_wrk() {
     local target=$1 mode=$2 rep=$3 port=${PORT[$1]} hdr=()
     case $mode in
@@ -356,13 +381,18 @@ run_wrk() {
             exit 1
             ;;
     esac
-    local pid=${PID[$target]} u0 s0 u1 s1
+    local pid=${PID[$target]} u0 s0 u1 s1 pb0 pt0 pb1 pt1 lb0 lt0 lb1 lt1
     read -r u0 s0 < <(cpu_ticks "$pid")
+    read -r pb0 pt0 < <(core_ticks "$PROXY_CPU")
+    read -r lb0 lt0 < <(core_ticks "$LOAD_CPU")
     timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" \
         wrk -t1 -c"$CONNS" -d"${DURATION}s" --timeout 5s --latency "${hdr[@]}" \
         "http://127.0.0.1:$port/" >"$WORK/wrk.out"
     read -r u1 s1 < <(cpu_ticks "$pid")
+    read -r pb1 pt1 < <(core_ticks "$PROXY_CPU")
+    read -r lb1 lt1 < <(core_ticks "$LOAD_CPU")
     awk -v rep="$rep" -v mode="$mode" -v target="$target" -v user=$((u1 - u0)) -v sys=$((s1 - s0)) \
+        -v pbusy=$((pb1 - pb0)) -v ptotal=$((pt1 - pt0)) -v lbusy=$((lb1 - lb0)) -v ltotal=$((lt1 - lt0)) \
         -v hz="$(getconf CLK_TCK)" '
         function us(v) {
             if (v ~ /us$/) return v + 0
@@ -378,11 +408,12 @@ run_wrk() {
         /Socket errors:/ { gsub(",", ""); errors += $4 + $6 + $8 + $10 }
         END {
             per = requests > 0 ? 1e6 / hz / requests : 0
-            printf "%s\t%s\t%s\t%.0f\t%.0f\t%.0f\t%.2f\t%d\t%d\t%.2f\t%.2f\n",
+            printf "%s\t%s\t%s\t%.0f\t%.0f\t%.0f\t%.2f\t%d\t%d\t%.2f\t%.2f\t%.1f\t%.1f\n",
                 rep, mode, target, rps, p50, p99, (user + sys) * per, requests, errors,
-                user * per, sys * per
+                user * per, sys * per, (ptotal > 0 ? 100 * pbusy / ptotal : 0),
+                (ltotal > 0 ? 100 * lbusy / ltotal : 0)
         }' "$WORK/wrk.out" >>"$WORK/runs.tsv"
-    tail -1 "$WORK/runs.tsv" | awk -F'\t' '{ printf "[compare] rep %s %-11s %-10s %8s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req (user %s, sys %s)  errors %s\n", $1, $2, $3, $4, $5, $6, $7, $10, $11, $9 }' >&2
+    tail -1 "$WORK/runs.tsv" | awk -F'\t' '{ printf "[compare] rep %s %-11s %-10s %8s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req (user %s, sys %s)  busy %s%%/%s%%  errors %s\n", $1, $2, $3, $4, $5, $6, $7, $10, $11, $12, $13, $9 }' >&2
 }
 
 log "warm-up"
@@ -421,8 +452,12 @@ echo
 echo "ka-paced: each connection waits ${PACE_MS} ms between requests. Ratios: to HAProxy with as"
 echo "many threads (*-2t: to haproxy-2t). CPU layout: proxies on CPU $PROXY_CPU, load on CPU $LOAD_CPU."
 echo
-echo "| mode | target | req/s | p50 ms | p99 ms | CPU µs/req (user + sys) | req/s vs HAProxy | CPU vs HAProxy | errors |"
-echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+echo "Busy = the share of the proxies' cores / of the load's cores not idle during the run (all"
+echo "processes): a load side near 100 % with the proxy's core below it means the load side, not the"
+echo "proxy, set that req/s."
+echo
+echo "| mode | target | req/s | p50 ms | p99 ms | CPU µs/req (user + sys) | req/s vs HAProxy | CPU vs HAProxy | busy % proxy / load | errors |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 SUMMARY_AWK='
     function median(s,    a, n, i, j, t) {
         n = split(s, a, " ")
@@ -449,6 +484,7 @@ SUMMARY_AWK='
         k = $2 SUBSEP $3
         rps[k] = rps[k] " " $4; p50[k] = p50[k] " " $5; p99[k] = p99[k] " " $6
         cpu[k] = cpu[k] " " $7; usr[k] = usr[k] " " $10; sys[k] = sys[k] " " $11; err[k] += $9
+        pbusy[k] = pbusy[k] " " $12; lbusy[k] = lbusy[k] " " $13
         one["rps", k, $1] = $4; one["cpu", k, $1] = $7
         if ($1 > reps) reps = $1
     }'
@@ -463,9 +499,10 @@ awk -F'\t' -v modes="${MODES[*]}" -v targets="${TARGETS[*]}" "$SUMMARY_AWK"'
                 h = mode[m] SUBSEP (target[t] ~ /-2t$/ ? "haproxy-2t" : "haproxy")
                 rr = (h in rps) ? paired("rps", k, h) : 0
                 cr = (target[t] == "direct" || !(h in cpu)) ? "-" : sprintf("%.2f", paired("cpu", k, h))
-                printf "| %s | %s | %d (%s) | %.3f | %.3f | %.1f (%.1f + %.1f) | %.2f | %s | %d |\n", \
+                printf "| %s | %s | %d (%s) | %.3f | %.3f | %.1f (%.1f + %.1f) | %.2f | %s | %.0f / %.0f | %d |\n", \
                     mode[m], target[t], median(rps[k]), minmax(rps[k]), median(p50[k]) / 1000, \
-                    median(p99[k]) / 1000, median(cpu[k]), median(usr[k]), median(sys[k]), rr, cr, err[k]
+                    median(p99[k]) / 1000, median(cpu[k]), median(usr[k]), median(sys[k]), rr, cr, \
+                    median(pbusy[k]), median(lbusy[k]), err[k]
             }
         }
     }' "$WORK/runs.tsv"
