@@ -58,6 +58,12 @@ pub fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
+        // Delayed ACKs from the start (after `listen`, which resets them; accepted sockets
+        // inherit it): a new connection's first request is acknowledged by its answer, not by
+        // an ACK of its own before it: one packet less per connection (HAProxy's
+        // `tcp-smart-accept`). The kernel still ACKs every second full segment at once, and
+        // within its delayed-ACK timeout when no answer comes.
+        socket.set_quickack(false)?;
         let listener: std::net::TcpListener = socket.into();
         addr = listener.local_addr()?;
         out.push(listener);
@@ -429,4 +435,31 @@ async fn accept_fast(
         () = stop.cancelled() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socket2::SockRef;
+
+    #[test]
+    fn listeners_share_a_port_and_accepted_connections_delay_their_acks() {
+        let listeners = bind_listeners("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        assert_ne!(addr.port(), 0);
+        assert_eq!(
+            listeners[1].local_addr().unwrap(),
+            addr,
+            "SO_REUSEPORT: one port for all"
+        );
+        assert!(listeners.iter().all(|l| !SockRef::from(l).quickack().unwrap()));
+
+        // What matters is the accepted socket: it inherits delayed ACKs (with quick ACKs, a
+        // request's ACK leaves on its own, ahead of the answer).
+        let listener = bind_listeners("127.0.0.1:0".parse().unwrap(), 1).unwrap().remove(0);
+        listener.set_nonblocking(false).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(!SockRef::from(&accepted).quickack().unwrap());
+    }
 }
