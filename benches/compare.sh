@@ -45,10 +45,12 @@
 #                    (benches/compare/paced.lua): the same offered load for every proxy,
 #                    below saturation, so the latency columns compare proxies, not queues
 #     and reads the proxy's CPU time (utime+stime of the process and its children,
-#     /proc/PID/stat) before and after each run;
+#     /proc/PID/stat) before and after each run, and how busy PROXY_CPUS and LOAD_CPUS were
+#     (/proc/stat: all but idle and iowait);
 #  5. prints a Markdown table: medians over the repetitions of req/s, p50 and p99 latency,
-#     CPU microseconds per request of the proxy process, and ratios to HAProxy with as many
-#     threads;
+#     CPU microseconds per request of the proxy process, ratios to HAProxy with as many
+#     threads, and the busy shares of the two sides' cores (the side near 100 % is the one that
+#     set the req/s);
 #  6. restarts each proxy fresh and measures its RSS with IDLE_CONNS idle keep-alive client
 #     connections (each has made one request), and per connection (HAProxy: at most 9000,
 #     see benches/compare/haproxy.cfg).
@@ -444,7 +446,9 @@ echo "relay, relay-epoll, relay-uring: the floor relays, which do no HTTP work, 
 echo "epoll loop and io_uring),"
 echo "with its user and system parts. Ratios to HAProxy are paired: the median, over the"
 echo "repetitions, of this target's figure divided by HAProxy's in the same repetition (the two"
-echo "ran one after the other), so a change of the host's speed between repetitions cancels out."
+echo "ran one after the other), so a change of the host's speed between repetitions cancels out;"
+echo "in parentheses, the middle half of those per-repetition ratios (25th to 75th percentile): how"
+echo "far the host's speed moved within the pairs."
 if [[ -n $OURS_B ]]; then
     echo "ours-b: $OURS_B, run right after ours in every repetition."
 fi
@@ -459,26 +463,46 @@ echo
 echo "| mode | target | req/s | p50 ms | p99 ms | CPU µs/req (user + sys) | req/s vs HAProxy | CPU vs HAProxy | busy % proxy / load | errors |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 SUMMARY_AWK='
-    function median(s,    a, n, i, j, t) {
+    # Splits the numbers in s into a[1..n], sorted; returns n.
+    function sorted(s, a,    n, i, j, t) {
         n = split(s, a, " ")
-        if (n == 0) return 0
         for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) {
             t = a[j]; a[j] = a[j - 1]; a[j - 1] = t
         }
+        return n
+    }
+    function median(s,    a, n) {
+        n = sorted(s, a)
+        if (n == 0) return 0
         return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    # The middle half of the numbers in s, "low-high": as many left out below as above (with
+    # three, the smallest and the largest; with 25, the 7th and the 19th).
+    function middle(s,    a, n, out) {
+        n = sorted(s, a)
+        if (n == 0) return "-"
+        out = int((n - 1) / 4)
+        return sprintf("%.2f-%.2f", a[1 + out], a[n - out])
     }
     function minmax(s,    a, n, i, lo, hi) {
         n = split(s, a, " "); lo = hi = a[1]
         for (i = 2; i <= n; i++) { if (a[i] + 0 < lo + 0) lo = a[i]; if (a[i] + 0 > hi + 0) hi = a[i] }
         return lo "-" hi
     }
-    # The median over repetitions of field f of key k divided by that of key h in the same one.
-    function paired(f, k, h,    r, s) {
+    # Per repetition, field f of key k divided by that of key h in the same one.
+    function ratios(f, k, h,    r, s) {
         s = ""
         for (r = 1; r <= reps; r++)
             if ((f, k, r) in one && (f, h, r) in one && one[f, h, r] > 0)
                 s = s " " one[f, k, r] / one[f, h, r]
-        return median(s)
+        return s
+    }
+    function paired(f, k, h) {
+        return median(ratios(f, k, h))
+    }
+    # The paired median and, in parentheses, the middle half of the ratios of the repetitions.
+    function paired_spread(f, k, h) {
+        return sprintf("%.2f (%s)", paired(f, k, h), middle(ratios(f, k, h)))
     }
     {
         k = $2 SUBSEP $3
@@ -497,9 +521,9 @@ awk -F'\t' -v modes="${MODES[*]}" -v targets="${TARGETS[*]}" "$SUMMARY_AWK"'
                 k = mode[m] SUBSEP target[t]
                 if (!(k in rps)) continue
                 h = mode[m] SUBSEP (target[t] ~ /-2t$/ ? "haproxy-2t" : "haproxy")
-                rr = (h in rps) ? paired("rps", k, h) : 0
-                cr = (target[t] == "direct" || !(h in cpu)) ? "-" : sprintf("%.2f", paired("cpu", k, h))
-                printf "| %s | %s | %d (%s) | %.3f | %.3f | %.1f (%.1f + %.1f) | %.2f | %s | %.0f / %.0f | %d |\n", \
+                rr = (h in rps) ? paired_spread("rps", k, h) : "-"
+                cr = (target[t] == "direct" || !(h in cpu)) ? "-" : paired_spread("cpu", k, h)
+                printf "| %s | %s | %d (%s) | %.3f | %.3f | %.1f (%.1f + %.1f) | %s | %s | %.0f / %.0f | %d |\n", \
                     mode[m], target[t], median(rps[k]), minmax(rps[k]), median(p50[k]) / 1000, \
                     median(p99[k]) / 1000, median(cpu[k]), median(usr[k]), median(sys[k]), rr, cr, \
                     median(pbusy[k]), median(lbusy[k]), err[k]
