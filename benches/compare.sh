@@ -447,8 +447,9 @@ echo "epoll loop and io_uring),"
 echo "with its user and system parts. Ratios to HAProxy are paired: the median, over the"
 echo "repetitions, of this target's figure divided by HAProxy's in the same repetition (the two"
 echo "ran one after the other), so a change of the host's speed between repetitions cancels out;"
-echo "in parentheses, the middle half of those per-repetition ratios (25th to 75th percentile): how"
-echo "far the host's speed moved within the pairs."
+echo "in parentheses, the range of those per-repetition ratios without their lowest and highest"
+echo "quarter (rounded down: with 3 repetitions, all of them): how far the host's speed moved within"
+echo "the pairs."
 if [[ -n $OURS_B ]]; then
     echo "ours-b: $OURS_B, run right after ours in every repetition."
 fi
@@ -476,8 +477,8 @@ SUMMARY_AWK='
         if (n == 0) return 0
         return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
     }
-    # The middle half of the numbers in s, "low-high": as many left out below as above (with
-    # three, the smallest and the largest; with 25, the 7th and the 19th).
+    # The range of the numbers in s without their lowest and highest quarter, rounded down:
+    # "low-high" (with three, the smallest and the largest; with 25, the 7th and the 19th).
     function middle(s,    a, n, out) {
         n = sorted(s, a)
         if (n == 0) return "-"

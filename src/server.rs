@@ -62,8 +62,9 @@ pub fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net
         // inherit it): a new connection's first request is acknowledged by its answer, not by
         // an ACK of its own before it: one packet less per connection (HAProxy's
         // `tcp-smart-accept`). The kernel still ACKs every second full segment at once, and
-        // within its delayed-ACK timeout when no answer comes.
-        socket.set_quickack(false)?;
+        // within its delayed-ACK timeout when no answer comes. A saving only: a kernel that
+        // refuses it does not stop the listener.
+        let _ = socket.set_quickack(false);
         let listener: std::net::TcpListener = socket.into();
         addr = listener.local_addr()?;
         out.push(listener);
