@@ -504,9 +504,9 @@ impl Worker {
                     }
                     last = loop_now();
                 }
-                Prepared::Forward(plan) => {
+                Prepared::Forward(mut plan) => {
                     let close = plan.client_close;
-                    let exchange = self.forward(&mut stream, &mut buf, &conn, plan, started, &mut alarm);
+                    let exchange = self.forward(&mut stream, &mut buf, &conn, &mut plan, started, &mut alarm);
                     match exchange.await {
                         Ok(Some(done)) if !close => last = done,
                         Ok(_) | Err(()) => {
@@ -741,7 +741,7 @@ impl Worker {
         client: &mut TcpStream,
         buf: &mut Buf,
         conn: &ConnInfo,
-        mut plan: Plan,
+        plan: &mut Plan,
         started: Instant,
         alarm: &mut AlarmHandle<'_>,
     ) -> Result<Option<Instant>, ()> {
@@ -791,7 +791,7 @@ impl Worker {
                                         source: e,
                                     }
                                 };
-                                return self.fail(client, buf, &plan, err, started).await;
+                                return self.fail(client, buf, plan, err, started).await;
                             }
                         }
                     }
@@ -839,14 +839,14 @@ impl Worker {
                     let err = ProxyError::BadResponse {
                         backend: backend.name.clone(),
                     };
-                    return self.fail(client, buf, &plan, err, started).await;
+                    return self.fail(client, buf, plan, err, started).await;
                 }
                 Err(_elapsed) => {
                     backend.record_failure();
                     let err = ProxyError::Timeout {
                         backend: backend.name.clone(),
                     };
-                    return self.fail(client, buf, &plan, err, started).await;
+                    return self.fail(client, buf, plan, err, started).await;
                 }
             }
         };
@@ -856,13 +856,13 @@ impl Worker {
 
         let backend = &plan.backend;
         out.clear();
-        let result = self.relay_response(client, &mut up, out, conn, &plan).await;
+        let result = self.relay_response(client, &mut up, out, conn, plan).await;
         if let Err(Relay::BadHead) = result {
             backend.record_failure();
             let err = ProxyError::BadResponse {
                 backend: backend.name.clone(),
             };
-            return self.fail(client, buf, &plan, err, started).await;
+            return self.fail(client, buf, plan, err, started).await;
         }
         backend.record_success();
         let done = loop_now();
@@ -873,7 +873,7 @@ impl Worker {
                 if reuse_backend {
                     self.fast.put_conn(backend.id, up.conn, done);
                 }
-                log_access(&plan, status, elapsed);
+                log_access(plan, status, elapsed);
                 Ok(keep_client.then_some(done))
             }
             Err(_) => Err(()),
