@@ -202,10 +202,9 @@ struct Fields<'a> {
     upgrade_or_expect: bool,
 }
 
-impl<'a> Fields<'a> {
-    #[inline(always)] // built in place: returned, it is a copy of 200 bytes
-    fn scan(headers: &'a [httparse::Header<'a>]) -> Self {
-        let mut f = Fields {
+impl Default for Fields<'_> {
+    fn default() -> Self {
+        Fields {
             tokens: Some(Tokens {
                 items: [&[][..]; MAX_TOKENS],
                 len: 0,
@@ -214,25 +213,32 @@ impl<'a> Fields<'a> {
             transfer_encoding: None,
             hosts: 0,
             upgrade_or_expect: false,
-        };
+        }
+    }
+}
+
+impl<'a> Fields<'a> {
+    /// Takes in `headers` (`self` starts as the default). Filled in place where the caller keeps
+    /// it: a `Fields` returned by value was a copy of 184 bytes per message.
+    #[inline(always)]
+    fn scan(&mut self, headers: &'a [httparse::Header<'a>]) {
         for h in headers {
             let name = h.name;
             // By length first: most fields are none of these.
             match name.len() {
-                4 if name.eq_ignore_ascii_case("host") => f.hosts += 1,
-                6 if name.eq_ignore_ascii_case("expect") => f.upgrade_or_expect = true,
-                7 if name.eq_ignore_ascii_case("upgrade") => f.upgrade_or_expect = true,
-                10 if name.eq_ignore_ascii_case("connection") => f.add_tokens(h.value),
+                4 if name.eq_ignore_ascii_case("host") => self.hosts += 1,
+                6 if name.eq_ignore_ascii_case("expect") => self.upgrade_or_expect = true,
+                7 if name.eq_ignore_ascii_case("upgrade") => self.upgrade_or_expect = true,
+                10 if name.eq_ignore_ascii_case("connection") => self.add_tokens(h.value),
                 14 if name.eq_ignore_ascii_case("content-length") => {
-                    if let Ok(len) = f.content_length {
-                        f.content_length = add_content_length(len, h.value);
+                    if let Ok(len) = self.content_length {
+                        self.content_length = add_content_length(len, h.value);
                     }
                 }
-                17 if name.eq_ignore_ascii_case("transfer-encoding") => f.transfer_encoding = Some(h.value),
+                17 if name.eq_ignore_ascii_case("transfer-encoding") => self.transfer_encoding = Some(h.value),
                 _ => {}
             }
         }
-        f
     }
 
     fn add_tokens(&mut self, value: &'a [u8]) {
@@ -571,8 +577,9 @@ impl Worker {
             return Prepared::Handoff; // HTTP/1.0 and oddities: hyper's rules apply
         };
         let headers: &[httparse::Header<'_>] = req.headers;
-        let fields = Fields::scan(headers);
-        let Some(tokens) = fields.tokens else {
+        let mut fields = Fields::default();
+        fields.scan(headers);
+        let Some(tokens) = &fields.tokens else {
             return Prepared::Handoff;
         };
         if !target.starts_with('/')
@@ -597,7 +604,7 @@ impl Worker {
             || !target.bytes().all(plain_target_byte)
             || ["content-length", "host"]
                 .iter()
-                .any(|f| has_token(&tokens, f.as_bytes()))
+                .any(|f| has_token(tokens, f.as_bytes()))
         {
             return Prepared::Handoff;
         }
@@ -608,7 +615,7 @@ impl Worker {
         {
             return Prepared::Handoff;
         }
-        let client_close = has_token(&tokens, b"close");
+        let client_close = has_token(tokens, b"close");
 
         // Routing, from the borrowed header bytes: the same step as the hyper path, with the
         // connection's cookie cache in front of the MAC.
@@ -647,7 +654,7 @@ impl Worker {
         let mut length_sent = false;
         for h in headers {
             let name = h.name;
-            if is_hop_by_hop(name, &tokens) {
+            if is_hop_by_hop(name, tokens) {
                 continue;
             }
             if name.len() == 14 && name.eq_ignore_ascii_case("content-length") {
@@ -933,7 +940,8 @@ impl Worker {
             };
             let status = resp.code.unwrap_or(502);
             let headers: &[httparse::Header<'_>] = resp.headers;
-            let fields = Fields::scan(headers);
+            let mut fields = Fields::default();
+            fields.scan(headers);
             let Some(tokens) = &fields.tokens else {
                 return Err(Relay::BadHead);
             };
