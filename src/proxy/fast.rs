@@ -449,7 +449,7 @@ impl Worker {
             };
             let mut head_deadline_set = false;
             // Read until the head is complete.
-            let prepared = loop {
+            let mut prepared = loop {
                 let routing = routing_cache.load();
                 match self.prepare(&buf, &conn, routing, max_head, &mut cookie_cache, arrival) {
                     Prepared::Partial => {}
@@ -510,9 +510,9 @@ impl Worker {
                     }
                     last = loop_now();
                 }
-                Prepared::Forward(mut plan) => {
+                Prepared::Forward(ref mut plan) => {
                     let close = plan.client_close;
-                    let exchange = self.forward(&mut stream, &mut buf, &conn, &mut plan, started, &mut alarm);
+                    let exchange = self.forward(&mut stream, &mut buf, &conn, plan, started, &mut alarm);
                     match exchange.await {
                         Ok(Some(done)) if !close => last = done,
                         Ok(_) | Err(()) => {
