@@ -485,10 +485,9 @@ SUMMARY_AWK='
         out = int((n - 1) / 4)
         return sprintf("%.2f-%.2f", a[1 + out], a[n - out])
     }
-    function minmax(s,    a, n, i, lo, hi) {
-        n = split(s, a, " "); lo = hi = a[1]
-        for (i = 2; i <= n; i++) { if (a[i] + 0 < lo + 0) lo = a[i]; if (a[i] + 0 > hi + 0) hi = a[i] }
-        return lo "-" hi
+    function minmax(s,    a, n) {
+        n = sorted(s, a)
+        return a[1] "-" a[n]
     }
     # Per repetition, field f of key k divided by that of key h in the same one.
     function ratios(f, k, h,    r, s) {
@@ -502,8 +501,9 @@ SUMMARY_AWK='
         return median(ratios(f, k, h))
     }
     # The paired median and, in parentheses, the middle half of the ratios of the repetitions.
-    function paired_spread(f, k, h) {
-        return sprintf("%.2f (%s)", paired(f, k, h), middle(ratios(f, k, h)))
+    function paired_spread(f, k, h,    r) {
+        r = ratios(f, k, h)
+        return sprintf("%.2f (%s)", median(r), middle(r))
     }
     {
         k = $2 SUBSEP $3

@@ -393,8 +393,8 @@ impl Core {
     /// Waits for events (or only looks, when `block` is false) and wakes who waits for them.
     fn wait(&self, events: &mut Vec<epoll::Event>, block: bool) -> io::Result<()> {
         events.clear();
-        let now = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
-        let timeout = (!block).then_some(&now);
+        let zero = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
+        let timeout = (!block).then_some(&zero);
         let waited = epoll::wait(&self.epoll, spare_capacity(events), timeout);
         NOW.set(Some(Instant::now()));
         match waited {
