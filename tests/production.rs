@@ -625,12 +625,7 @@ async fn graceful_shutdown_finishes_an_in_flight_slow_request() {
     let in_flight = tokio::spawn(async move { send(Request::get(url).body(Full::default()).unwrap()).await });
     // Wait until the request is at the backend, then stop.
     let routing = proxy.proxy.routing();
-    for _ in 0..200 {
-        if routing.backends.list[0].in_flight() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(Duration::from_secs(1), || routing.backends.list[0].in_flight() > 0).await;
     assert_eq!(routing.backends.list[0].in_flight(), 1);
     proxy.shutdown.cancel();
     let (parts, body) = in_flight.await.unwrap();
