@@ -412,20 +412,18 @@ async fn accept_fast(
         let _ = stream.set_nodelay(true);
         let guard = ConnGuard::new(&worker, slot);
         let info = Arc::new(ConnInfo::new(peer, false));
-        let (worker, shutdown, to_hyper) = (Arc::clone(&worker), shutdown.clone(), to_hyper.clone());
-        let served = async move {
-            let handoff = move |read, socket| {
-                let _ = to_hyper.send(HandedOver {
-                    read,
-                    socket,
-                    peer,
-                    guard,
-                });
-            };
-            let (idle, max_head) = (limits.idle_timeout, limits.max_header_bytes);
-            worker.serve_fast(stream, info, idle, max_head, shutdown, handoff).await;
+        let to_hyper = to_hyper.clone();
+        let handoff = move |read, socket| {
+            let _ = to_hyper.send(HandedOver {
+                read,
+                socket,
+                peer,
+                guard,
+            });
         };
-        evloop::spawn(served);
+        let (idle, max_head) = (limits.idle_timeout, limits.max_header_bytes);
+        // Spawned as it is (no block around it): every idle connection holds this state.
+        evloop::spawn(Arc::clone(&worker).serve_fast(stream, info, idle, max_head, shutdown.clone(), handoff));
     }
     drop(listener);
     // Connections finish their request in flight and stop (they watch `shutdown`); each holds a
