@@ -193,18 +193,14 @@ pub async fn send(req: Request<Full<Bytes>>) -> (http::response::Parts, Bytes) {
     (parts, body.collect().await.expect("body").to_bytes())
 }
 
-/// Waits until `done()` holds, at most `limit`; returns whether it came to hold. For state the
-/// proxy changes on its own threads just after a client has seen the answer (a backend's
-/// in-flight count, a connection slot, a pooled buffer): the client can be a step ahead.
-pub async fn eventually(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+/// Waits until `done()` holds, at most `limit` (the caller then asserts what it expects). For
+/// state the proxy changes on its own threads just after a client has seen the answer (a
+/// backend's in-flight count, a connection slot, a pooled buffer): the client can be a step ahead.
+pub async fn eventually(limit: std::time::Duration, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
-    while !done() {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
+    while !done() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    true
 }
 
 /// A throw-away PKI: a CA and certificates it signs, as PEM files in a temporary folder.
