@@ -1,5 +1,12 @@
-//! The admin port, off the data path: liveness, readiness, metrics, the backend table, and
-//! drain/undrain. Writes are allowed from loopback, or with the bearer token when one is set.
+//! The admin port, off the data path: liveness, readiness, metrics, the backend table,
+//! drain/undrain and resync. Writes are allowed from loopback, or with the bearer token when one
+//! is set.
+//!
+//! On the journal owner it also takes the KBS admin writes that other proxies forward
+//! (`POST`/`DELETE /kbs/v0/...` on the admin write routes) and runs them through the same
+//! request pipeline as the data port: broadcast, journal, answer. They need no admin-port
+//! token: the KBS itself authorizes each write with the client's own `Authorization`, exactly
+//! as when the client reaches this proxy's data port.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -8,7 +15,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -18,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AdminToken;
 use crate::control::{ActionError, ControlPlane};
+use crate::kbs::RouteKind;
+use crate::proxy::{ConnInfo, ProxyBody, ProxyError, Worker};
 
 /// Serves the admin API on `listener` until `shutdown`.
 pub async fn serve(
@@ -28,6 +36,8 @@ pub async fn serve(
 ) {
     let builder = auto::Builder::new(TokioExecutor::new());
     let token = Arc::new(token);
+    // Forwarded admin writes run through a worker of their own on this runtime.
+    let worker = Arc::new(control.proxy().worker());
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -42,12 +52,18 @@ pub async fn serve(
         };
         let control = Arc::clone(&control);
         let token = Arc::clone(&token);
+        let worker = Arc::clone(&worker);
         let conn = builder
             .serve_connection(
                 TokioIo::new(stream),
                 service_fn(move |req| {
-                    let resp = handle(&control, token.as_ref().as_ref(), peer, &req);
-                    async move { Ok::<_, Infallible>(resp) }
+                    let control = Arc::clone(&control);
+                    let token = Arc::clone(&token);
+                    let worker = Arc::clone(&worker);
+                    async move {
+                        let resp = handle(&control, &worker, token.as_ref().as_ref(), peer, req).await;
+                        Ok::<_, Infallible>(resp)
+                    }
                 }),
             )
             .into_owned();
@@ -55,33 +71,69 @@ pub async fn serve(
     }
 }
 
-fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::full(body.into()));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     reply(status, "text/plain; charset=utf-8", body)
 }
 
-fn handle(
+async fn handle(
     control: &ControlPlane,
+    worker: &Worker,
     token: Option<&AdminToken>,
     peer: SocketAddr,
-    req: &Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    let path = req.uri().path();
-    match (req.method(), path) {
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
-            if control.ready() {
+            if !control.ready() {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy backend that is not draining\n",
+                );
+            }
+            let behind = control.out_of_sync();
+            if behind.is_empty() {
                 text(StatusCode::OK, "ready\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "no backend takes new sessions\n")
+                // Still ready: failing here would take every proxy out of service when every
+                // replica is behind, which leaves zero serving. The balancer prefers replicas
+                // in sync and falls back to these only when none is.
+                reply(
+                    StatusCode::OK,
+                    "text/plain; charset=utf-8",
+                    format!(
+                        "ready; behind on admin writes (no new sessions while another replica is in sync): {}\n",
+                        behind.join(", ")
+                    ),
+                )
             }
+        }
+        (m, p) if p.starts_with(crate::kbs::API_PREFIX) => {
+            let routing = control.proxy().routing();
+            let is_write = routing.admin_fanout.as_ref().is_some_and(|f| f.matches(m, p));
+            if !is_write {
+                return reply(
+                    StatusCode::NOT_FOUND,
+                    "application/json",
+                    crate::kbs::error_body(
+                        "InvalidRequestPath",
+                        "the admin port takes only the KBS admin writes the journal owner broadcasts",
+                    ),
+                );
+            }
+            if control.proxy().journal_owner().is_some() {
+                return ProxyError::JournalLoop.into_response(RouteKind::Admin);
+            }
+            worker.handle(req, &ConnInfo::new(peer, false)).await
         }
         (&Method::GET, "/metrics") => {
             let proxy = control.proxy();
@@ -94,7 +146,7 @@ fn handle(
         }
         (&Method::GET, "/backends") => reply(StatusCode::OK, "application/json", control.backends_json().to_string()),
         (&Method::POST, p) if p.starts_with("/backends/") => {
-            if !write_allowed(token, peer, req) {
+            if !write_allowed(token, peer, &req) {
                 return text(
                     StatusCode::FORBIDDEN,
                     "admin writes need loopback or the admin bearer token\n",
@@ -104,10 +156,11 @@ fn handle(
             let result = match rest.rsplit_once('/') {
                 Some((name, "drain")) => control.drain(name),
                 Some((name, "undrain")) => control.undrain(name),
+                Some((name, "resync")) => control.resync(name).await,
                 _ => {
                     return text(
                         StatusCode::NOT_FOUND,
-                        "POST /backends/NAME/drain or /backends/NAME/undrain\n",
+                        "POST /backends/NAME/drain, /backends/NAME/undrain or /backends/NAME/resync\n",
                     )
                 }
             };
@@ -143,8 +196,11 @@ fn write_allowed(token: Option<&AdminToken>, peer: SocketAddr, req: &Request<Inc
     constant_time_eq(want.0.as_bytes(), got)
 }
 
+/// Equal in time that depends on the lengths only (`subtle`: the compiler is kept from
+/// short-circuiting; a hand-written fold is not guaranteed that).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 #[cfg(test)]

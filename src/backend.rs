@@ -67,7 +67,16 @@ pub struct BackendStats {
     pub went_down: AtomicU64,
     /// Passive ejections after failed connects or timeouts on real traffic.
     pub ejections: AtomicU64,
+    /// Times the replica was found to have (possibly) lost its state and was resynced.
+    pub state_resets: AtomicU64,
+    /// Journal writes replayed to it (catch-ups and reconciliations), by outcome, indexed as
+    /// [`REPLAY_OUTCOMES`].
+    pub replays: [AtomicU64; 4],
 }
+
+/// Replay outcomes: applied; refused for authorization (401/403: not applied, retried);
+/// refused otherwise (4xx: skipped); failed (5xx, no answer: retried).
+pub const REPLAY_OUTCOMES: [&str; 4] = ["applied", "unauthorized", "refused", "failed"];
 
 /// Index of a route kind in [`BackendStats::responses`].
 pub fn route_index(kind: RouteKind) -> usize {

@@ -70,6 +70,11 @@ pub mod defaults {
     pub const ADMIN_BODY_LIMIT: usize = 8 * 1024 * 1024;
     /// `--admin-journal-max`: writes kept in the journal.
     pub const ADMIN_JOURNAL_MAX: usize = 10_000;
+    /// `--admin-reconcile-interval`, seconds: how often the whole compacted journal is re-applied
+    /// to every replica, the floor under the detection of a replica that lost its state. Short
+    /// enough that an undetected empty restart is repaired within half a minute; with a journal
+    /// of 1,000 writes it sends ~33 small idempotent writes per second to each replica.
+    pub const ADMIN_RECONCILE_INTERVAL: u64 = 30;
     /// `--session-table-size`: learned session ids and tokens kept.
     pub const SESSION_TABLE_SIZE: usize = 100_000;
     /// `--session-lifetime`, seconds: the KBS's default `[attestation_service] timeout`.
@@ -167,6 +172,15 @@ pub struct Settings {
     pub admin_journal: Option<PathBuf>,
     /// `admin-journal-max`: writes kept in the journal.
     pub admin_journal_max: Option<usize>,
+    /// `admin-reconcile-interval`: how often the compacted journal is re-applied to every replica.
+    #[serde(default, deserialize_with = "text_or_number")]
+    pub admin_reconcile_interval: Option<String>,
+    /// `admin-replay-token-file`: the proxy's own KBS admin bearer token for replays, re-read at
+    /// each use (a rotating projected service-account token works).
+    pub admin_replay_token_file: Option<PathBuf>,
+    /// `journal-owner`: URL of the journal owner's admin port; this proxy forwards admin writes
+    /// there and takes the replicas' sync state from it.
+    pub journal_owner: Option<String>,
     /// `session-table-size`: learned `kbs-session-id`s and tokens kept.
     pub session_table_size: Option<usize>,
     /// `session-lifetime`: how long a learned session id is kept at most.
@@ -458,6 +472,13 @@ pub struct Config {
     pub admin_journal: Option<PathBuf>,
     /// Writes kept in the admin journal.
     pub admin_journal_max: usize,
+    /// How often the compacted journal is re-applied to every replica.
+    pub admin_reconcile_interval: Duration,
+    /// The proxy's own KBS admin token for replays, re-read at each use; when set, clients'
+    /// `Authorization` headers are not journaled.
+    pub admin_replay_token_file: Option<PathBuf>,
+    /// The journal owner's admin port, when this proxy is not the owner.
+    pub journal_owner: Option<Uri>,
     /// Learned session ids and tokens kept.
     pub session_table_size: usize,
     /// How long a learned session id is kept at most.
@@ -547,6 +568,9 @@ impl Settings {
             admin_body_limit,
             admin_journal,
             admin_journal_max,
+            admin_reconcile_interval,
+            admin_replay_token_file,
+            journal_owner,
             session_table_size,
             session_lifetime,
             tokens_portable,
@@ -779,6 +803,39 @@ impl Settings {
                 "expected a positive number of writes",
             ));
         }
+        let admin_reconcile_interval = duration(
+            "admin-reconcile-interval",
+            self.admin_reconcile_interval,
+            defaults::ADMIN_RECONCILE_INTERVAL,
+        )?;
+        if let Some(path) = &self.admin_replay_token_file {
+            // Read once now so a wrong path fails at start; it is read again at each replay.
+            read_replay_token(path).map_err(|e| invalid("admin-replay-token-file", path.display().to_string(), e))?;
+        }
+        let journal_owner = match self.journal_owner {
+            None => None,
+            Some(text) => {
+                let uri: Uri = text
+                    .parse()
+                    .ok()
+                    .filter(|u: &Uri| matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some())
+                    .ok_or_else(|| {
+                        invalid(
+                            "journal-owner",
+                            text.as_str(),
+                            "expected the owner's admin port as http://HOST:PORT or https://HOST:PORT",
+                        )
+                    })?;
+                if self.admin_journal.is_some() {
+                    return Err(invalid(
+                        "journal-owner",
+                        text.as_str(),
+                        "a proxy with admin-journal owns the journal; set journal-owner only on the others",
+                    ));
+                }
+                Some(uri)
+            }
+        };
         let session_table_size = self.session_table_size.unwrap_or(defaults::SESSION_TABLE_SIZE);
         if session_table_size == 0 {
             return Err(invalid(
@@ -839,6 +896,9 @@ impl Settings {
             admin_fanout,
             admin_journal: self.admin_journal,
             admin_journal_max,
+            admin_reconcile_interval,
+            admin_replay_token_file: self.admin_replay_token_file,
+            journal_owner,
             session_table_size,
             session_lifetime,
             tokens_portable: self.tokens_portable.unwrap_or(false),
@@ -1036,6 +1096,16 @@ fn load_secrets(file: Option<PathBuf>, inline: Option<String>) -> Result<(Vec<Co
         return Err(invalid(key, "<redacted>", "no secret in it"));
     }
     Ok((secrets, false))
+}
+
+/// Reads the replay token file: one bearer token, surrounding whitespace ignored.
+pub fn read_replay_token(path: &Path) -> Result<String, String> {
+    let raw = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let t = raw.trim();
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("expected one bearer token (printable characters, no spaces)".into());
+    }
+    Ok(t.to_owned())
 }
 
 /// Parses `250ms`, `5s`, `2m`, or a bare number of seconds.

@@ -9,9 +9,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use http::Request;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,8 +17,9 @@ use crate::backend::{route_index, ROUTES};
 use crate::config::{BackendSpec, Config, ConfigError};
 use crate::connector::BackendConnector;
 use crate::discovery::{specs_for, Resolve, SystemResolver};
-use crate::proxy::{Proxy, ProxyBody};
+use crate::proxy::Proxy;
 use crate::server::TlsSettings;
+use crate::sync::{ReplicaSync, WATCH_INTERVAL};
 use crate::tls::CertStore;
 
 /// How often certificate and config files are looked at, and drains swept.
@@ -46,8 +44,8 @@ pub struct ControlPlane {
     state: Mutex<State>,
     /// Connections for health checks (same TLS settings as traffic).
     connector: BackendConnector,
-    /// Pooled client for journal replays.
-    client: Client<BackendConnector, ProxyBody>,
+    /// Keeps the replicas' admin state in sync with the journal.
+    sync: ReplicaSync,
     resolver: Box<dyn Resolve>,
     /// Client-facing certificates, when TLS is on.
     certs: Mutex<Option<Arc<CertStore>>>,
@@ -90,10 +88,23 @@ impl ControlPlane {
             Some((c, t)) => (Some(c), Some(t)),
             None => (None, None),
         };
-        let client = Client::builder(TokioExecutor::new()).build(connector.clone());
+        let sync = ReplicaSync::new(
+            proxy.clone(),
+            connector.clone(),
+            config.admin_replay_token_file.clone(),
+            config.admin.as_ref().and_then(|a| a.token.clone()),
+        );
+        if config.journal_owner.is_none() && config.admin_journal.is_none() {
+            tracing::warn!(
+                "admin-journal is not set: admin writes are journaled in memory only and lost when this proxy restarts"
+            );
+        }
+        if config.journal_owner.is_none() && config.admin_replay_token_file.is_none() {
+            tracing::warn!("admin-replay-token-file is not set: replays reuse each write's own Authorization, which the KBS refuses once the token has expired");
+        }
         Self {
             proxy,
-            client,
+            sync,
             state: Mutex::new(State {
                 config,
                 discovered: BTreeMap::new(),
@@ -139,8 +150,21 @@ impl ControlPlane {
         let mut next_dns = Instant::now() + dns_interval;
         let mut next_health = Instant::now() + health_interval;
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
+        let mut next_watch = Instant::now() + WATCH_INTERVAL;
+        // The first reconciliation soon after start: a replica may have restarted empty while
+        // this proxy was down, which no signal shows to a proxy that just started.
+        let mut next_reconcile = Instant::now() + WATCH_INTERVAL;
         loop {
             let now = Instant::now();
+            if now >= next_watch {
+                self.sync.watch(&[]).await;
+                self.sync.catch_up().await;
+                next_watch = Instant::now() + WATCH_INTERVAL;
+            }
+            if now >= next_reconcile {
+                self.sync.reconcile().await;
+                next_reconcile = Instant::now() + self.state().config.admin_reconcile_interval;
+            }
             if now >= next_dns {
                 self.refresh_dns().await;
                 next_dns = Instant::now() + self.state().config.dns_interval;
@@ -153,76 +177,59 @@ impl ControlPlane {
                 self.housekeeping();
                 next_housekeeping = Instant::now() + HOUSEKEEPING;
             }
-            let wake = next_dns.min(next_health).min(next_housekeeping);
+            let wake = next_dns
+                .min(next_health)
+                .min(next_housekeeping)
+                .min(next_watch)
+                .min(next_reconcile);
             tokio::select! {
                 () = tokio::time::sleep_until(wake) => {}
+                () = self.sync.woken() => self.sync.catch_up().await,
                 () = shutdown.cancelled() => return,
             }
         }
     }
 
-    /// Checks every backend once, then catches up the healthy ones that missed admin writes.
+    /// Checks every backend once; those that came back up are resynced (they may have
+    /// restarted empty); then catches up the healthy ones that are behind on admin writes.
     pub async fn check_health(&self) {
         let (health, http2) = {
             let state = self.state();
             (state.config.health.clone(), state.config.backend_http2)
         };
         let routing = self.proxy.routing();
-        crate::health::check_all(&routing, &health, http2, &self.connector).await;
-        self.catch_up().await;
+        let came_up = crate::health::check_all(&routing, &health, http2, &self.connector).await;
+        for backend in &came_up {
+            self.sync.resync(backend, crate::sync::LossSignal::CameBackUp).await;
+        }
+        self.sync.catch_up().await;
     }
 
     /// Replays the journaled admin writes each healthy, non-draining backend has missed, in
-    /// order; it takes new sessions again once it has them all. A replica that refuses a write
-    /// (4xx) has it counted as applied, with a warning, so one bad write cannot block it forever;
-    /// on a 5xx or no answer the replay stops and is tried again at the next round.
+    /// order; see [`ReplicaSync::catch_up`].
     pub async fn catch_up(&self) {
-        let journal = Arc::clone(self.proxy.journal());
-        let routing = self.proxy.routing();
-        for backend in &routing.backends.list {
-            if backend.is_draining() || !backend.is_healthy() || journal.behind(&backend.name) == 0 {
-                continue;
-            }
-            let _order = journal.order().await;
-            for write in journal.pending(&backend.name) {
-                let mut req = Request::new(ProxyBody::full(write.body.clone()));
-                *req.method_mut() = write.method.clone();
-                let Ok(uri) = format!("{}://{}{}", backend.scheme, backend.authority, write.path).parse() else {
-                    break;
-                };
-                *req.uri_mut() = uri;
-                for (name, value) in &write.headers {
-                    req.headers_mut().append(name.clone(), value.clone());
-                }
-                let answer = tokio::time::timeout(routing.response_timeout, self.client.request(req)).await;
-                let status = match answer {
-                    Ok(Ok(resp)) => resp.status(),
-                    Ok(Err(e)) => {
-                        tracing::warn!(backend = backend.name, error = %e, "admin journal replay failed; will retry");
-                        break;
-                    }
-                    Err(_) => {
-                        tracing::warn!(backend = backend.name, "admin journal replay timed out; will retry");
-                        break;
-                    }
-                };
-                if status.is_server_error() {
-                    tracing::warn!(backend = backend.name, %status, "admin journal replay refused by a server error; will retry");
-                    break;
-                }
-                if !status.is_success() {
-                    tracing::warn!(backend = backend.name, %status, seq = write.seq, path = write.path, "replica refused a replayed admin write; skipping it");
-                }
-                if let Err(e) = journal.mark_applied(&backend.name, write.seq) {
-                    tracing::error!(error = %e, "cannot record the admin journal position");
-                    break;
-                }
-            }
-            journal.refresh_lags(&routing.backends);
-            if journal.behind(&backend.name) == 0 {
-                tracing::info!(backend = backend.name, "replica caught up on admin writes");
-            }
+        self.sync.catch_up().await;
+    }
+
+    /// One round of the replica watch (see [`crate::sync`]), then a catch-up: what the control
+    /// plane does every [`WATCH_INTERVAL`].
+    pub async fn watch_replicas(&self) {
+        self.sync.watch(&[]).await;
+        self.sync.catch_up().await;
+    }
+
+    /// Re-applies the whole compacted journal to every in-sync replica; returns the writes sent.
+    pub async fn reconcile(&self) -> u64 {
+        self.sync.reconcile().await
+    }
+
+    /// Resyncs the backend called `name` (it may have lost its state), then catches it up.
+    pub async fn resync(&self, name: &str) -> Result<(), ActionError> {
+        if !self.sync.resync_by_name(name).await {
+            return Err(ActionError::UnknownBackend(name.into()));
         }
+        self.sync.catch_up().await;
+        Ok(())
     }
 
     /// Re-resolves every DNS source and installs the resulting backend set when it changed. A
@@ -377,14 +384,21 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Ready: at least one backend takes new sessions.
+    /// Ready: at least one backend takes new sessions, or (the balancer's fallback, so that
+    /// replicas that cannot be brought in sync never leave zero serving) at least one is healthy
+    /// and not draining although behind on admin writes.
     pub fn ready(&self) -> bool {
         self.proxy
             .routing()
             .backends
             .list
             .iter()
-            .any(|b| b.accepts_new_sessions())
+            .any(|b| b.is_healthy() && !b.is_draining())
+    }
+
+    /// The healthy, non-draining replicas that are behind on admin writes (named in `/readyz`).
+    pub fn out_of_sync(&self) -> Vec<String> {
+        self.sync.out_of_sync()
     }
 
     /// Each backend's name, address, health, drain state and counters.
@@ -405,6 +419,12 @@ impl ControlPlane {
                         (r.as_str().to_owned(), json!(n))
                     })
                     .collect();
+                let sync = self.sync.status(&b.name);
+                let replays: serde_json::Map<String, Value> = crate::backend::REPLAY_OUTCOMES
+                    .iter()
+                    .zip(&b.stats.replays)
+                    .map(|(o, n)| ((*o).to_owned(), json!(n.load(Ordering::Relaxed))))
+                    .collect();
                 json!({
                     "name": b.name,
                     "address": format!("{}://{}", b.scheme, b.authority),
@@ -418,6 +438,11 @@ impl ControlPlane {
                     "sessions_pinned": b.stats.sessions_pinned.load(Ordering::Relaxed),
                     "admin_writes_behind": b.journal_lag(),
                     "in_sync": b.journal_lag() == 0,
+                    "state_resets": b.stats.state_resets.load(Ordering::Relaxed),
+                    "last_state_reset": sync.last_reset,
+                    "replay_error": sync.replay_error,
+                    "has_metrics": sync.has_metrics,
+                    "replays": replays,
                     "pinned_refused": b.stats.pinned_refused.load(Ordering::Relaxed),
                     "requests": requests,
                 })

@@ -92,15 +92,17 @@ where
 }
 
 /// Checks every backend of the current table once, concurrently (HTTP checks in HTTP/2 when
-/// `http2`), and applies the hysteresis; logs each transition.
+/// `http2`), and applies the hysteresis; logs each transition. Returns the backends that came
+/// back up (they may have restarted and lost their state).
 pub async fn check_all(
     routing: &crate::routing::Routing,
     health: &HealthConfig,
     http2: bool,
     connector: &BackendConnector,
-) {
+) -> Vec<std::sync::Arc<Backend>> {
+    let mut came_up = Vec::new();
     if health.mode == HealthMode::Off {
-        return;
+        return came_up;
     }
     let mut set = tokio::task::JoinSet::new();
     for backend in &routing.backends.list {
@@ -110,12 +112,19 @@ pub async fn check_all(
         let (timeout, rise, fall) = (health.timeout, health.rise, health.fall);
         set.spawn(async move {
             let ok = check(&backend, &mode, http2, timeout, &connector).await;
-            match backend.record_check(ok, rise, fall) {
+            let transition = backend.record_check(ok, rise, fall);
+            match transition {
                 Some(Transition::Up) => tracing::info!(backend = backend.name, "backend is up"),
                 Some(Transition::Down) => tracing::warn!(backend = backend.name, "backend is down"),
                 None => {}
             }
+            (transition == Some(Transition::Up)).then_some(backend)
         });
     }
-    while set.join_next().await.is_some() {}
+    while let Some(done) = set.join_next().await {
+        if let Ok(Some(backend)) = done {
+            came_up.push(backend);
+        }
+    }
+    came_up
 }

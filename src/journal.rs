@@ -3,11 +3,20 @@
 //! later) is caught up from here before it takes new sessions.
 //!
 //! With a directory (`--admin-journal DIR`) the journal survives restarts: `journal.jsonl` holds
-//! one write per line (method, path, the headers that matter — the admin `Authorization`
-//! included — and the body, base64), `replicas.json` each replica's applied position. Both are
-//! created with mode 0600 in a 0700 directory: **they hold secrets** (resource contents, admin
-//! tokens). Writes to the same resource path or policy supersede older ones (compaction), and the
-//! journal keeps at most `max_entries` writes; beyond that the oldest are dropped with a warning.
+//! one write per line (method, path, the headers that matter and the body, base64),
+//! `replicas.json` each replica's applied position. Both are created with mode 0600 in a 0700
+//! directory: **they hold secrets** (resource contents; clients' admin tokens too, unless the
+//! proxy replays with its own credential, `--admin-replay-token-file`, in which case
+//! `Authorization` is never kept). Writes to the same resource path, the resource policy or the
+//! same attestation policy id supersede older ones (compaction: the journal is the latest write
+//! per key, in the order they were made), and the journal keeps at most `max_entries` writes;
+//! beyond that the oldest are dropped with a warning.
+//!
+//! A replica that may have lost its state (it restarted empty) is [`Journal::resync`]ed: its
+//! position goes back to zero, so it is behind by the whole journal and takes no new sessions
+//! until it has applied it again, in order. Admin writes are idempotent (a set writes the same
+//! value again; a delete of what is gone is answered "not found", which counts as applied), so
+//! replaying the compacted journal onto any replica state ends in the state of the last writes.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -63,10 +72,27 @@ impl AdminWrite {
     }
 
     /// Writes with the same key supersede each other: the last write to a resource path (set or
-    /// delete) or to the resource policy is the state. Other writes are all kept.
-    fn supersede_key(&self) -> Option<&str> {
+    /// delete), to the resource policy, or to one attestation policy id (Trustee's
+    /// `SetPolicyInput.policy_id`, `default` when absent) is the state. Reference values are all
+    /// kept: an RVPS message may carry several values and the proxy does not parse it.
+    pub fn supersede_key(&self) -> Option<String> {
         let p = self.path.split('?').next().unwrap_or("");
-        (p.starts_with("/kbs/v0/resource/") || p == "/kbs/v0/resource-policy").then_some(p)
+        if p.starts_with("/kbs/v0/resource/") || p == "/kbs/v0/resource-policy" {
+            return Some(p.to_owned());
+        }
+        if p == "/kbs/v0/attestation-policy" {
+            let id = serde_json::from_slice::<serde_json::Value>(&self.body)
+                .ok()
+                .and_then(|v| v.get("policy_id").and_then(|i| i.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| "default".into());
+            return Some(format!("{p}#{id}"));
+        }
+        None
+    }
+
+    /// Whether this write is a delete (a replayed delete answered "not found" is applied).
+    pub fn is_delete(&self) -> bool {
+        self.method == Method::DELETE
     }
 }
 
@@ -134,11 +160,19 @@ pub struct Journal {
     order: tokio::sync::Mutex<()>,
     dir: Option<PathBuf>,
     max_entries: usize,
+    /// Clients' `Authorization` headers are not kept: the proxy replays with its own credential.
+    strip_authorization: bool,
 }
 
 impl Journal {
     /// An in-memory journal, or one kept in `dir` (created 0700 if missing; loaded if present).
     pub fn open(dir: Option<&Path>, max_entries: usize) -> io::Result<Self> {
+        Self::open_with(dir, max_entries, false)
+    }
+
+    /// The same; with `strip_authorization`, clients' `Authorization` headers are neither kept
+    /// nor left in a journal loaded from `dir` (it is rewritten without them).
+    pub fn open_with(dir: Option<&Path>, max_entries: usize, strip_authorization: bool) -> io::Result<Self> {
         let mut state = State::default();
         if let Some(dir) = dir {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
@@ -171,12 +205,28 @@ impl Journal {
                 state.applied = saved;
             }
         }
-        Ok(Self {
+        let mut had_tokens = false;
+        if strip_authorization {
+            for w in &mut state.entries {
+                if w.headers.iter().any(|(n, _)| n == http::header::AUTHORIZATION) {
+                    had_tokens = true;
+                    Arc::make_mut(w)
+                        .headers
+                        .retain(|(n, _)| n != http::header::AUTHORIZATION);
+                }
+            }
+        }
+        let journal = Self {
             state: Mutex::new(state),
             order: tokio::sync::Mutex::new(()),
             dir: dir.map(Path::to_owned),
             max_entries,
-        })
+            strip_authorization,
+        };
+        if had_tokens {
+            journal.persist_entries(&journal.state(), true)?;
+        }
+        Ok(journal)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -212,16 +262,36 @@ impl Journal {
         state.entries.iter().filter(|w| w.seq > applied).cloned().collect()
     }
 
+    /// Whether the journal is kept on disk (else it is lost with the process).
+    pub fn is_durable(&self) -> bool {
+        self.dir.is_some()
+    }
+
+    /// The whole compacted journal, in order: what a reconciliation re-applies.
+    pub fn entries(&self) -> Vec<Arc<AdminWrite>> {
+        self.state().entries.iter().cloned().collect()
+    }
+
+    /// The last sequence number handed out.
+    pub fn last_seq(&self) -> u64 {
+        self.state().last_seq
+    }
+
     /// Appends a write some replicas accepted; returns its sequence number. Older writes it
     /// supersedes are dropped, and the oldest beyond the bound.
     pub fn append(&self, mut write: AdminWrite) -> io::Result<u64> {
+        if self.strip_authorization {
+            write.headers.retain(|(n, _)| n != http::header::AUTHORIZATION);
+        }
         let mut state = self.state();
         state.last_seq += 1;
         write.seq = state.last_seq;
         let mut rewrite = false;
         if let Some(key) = write.supersede_key() {
             let before = state.entries.len();
-            state.entries.retain(|w| w.supersede_key() != Some(key));
+            state
+                .entries
+                .retain(|w| w.supersede_key().as_deref() != Some(key.as_str()));
             rewrite |= state.entries.len() != before;
         }
         while state.entries.len() >= self.max_entries {
@@ -245,6 +315,15 @@ impl Journal {
         let slot = state.applied.entry(replica.to_owned()).or_insert(0);
         *slot = (*slot).max(seq);
         self.persist_applied(&state)
+    }
+
+    /// Forgets what `replica` applied: it may have lost its state, so it is behind by the whole
+    /// journal until it has applied it again. Returns how many writes it is now behind.
+    pub fn resync(&self, replica: &str) -> io::Result<usize> {
+        let mut state = self.state();
+        state.applied.insert(replica.to_owned(), 0);
+        self.persist_applied(&state)?;
+        Ok(state.entries.len())
     }
 
     /// Sets each backend's lag from the journal (new backends start behind when it is not empty).

@@ -22,6 +22,8 @@
 //! - [`control`]: the control plane: [`health`] checks, [`discovery`] by DNS, drains, reloads.
 //! - [`admin`]: the admin port; [`metrics`]: counters and their Prometheus exposition.
 //! - [`journal`]: admin writes broadcast to every replica, and the catch-up of those that missed some.
+//! - [`sync`]: replicas that lost their state (restarted empty) found and resynced; the periodic
+//!   reconciliation; following a journal owner when several proxies run.
 //! - [`sessions`]: affinity learned from `kbs-session-id` cookies and tokens, for cookie-less clients.
 //! - [`demo`]: the `demo` subcommand; [`telemetry`]: logging.
 
@@ -47,5 +49,6 @@ pub mod routing;
 pub mod server;
 pub mod sessions;
 pub mod sim;
+pub mod sync;
 pub mod telemetry;
 pub mod tls;

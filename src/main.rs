@@ -167,6 +167,15 @@ struct ProxyArgs {
     /// Admin writes kept in the journal [default: 10000].
     #[arg(long, value_name = "N")]
     admin_journal_max: Option<usize>,
+    /// How often the whole compacted journal is re-applied to every replica [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    admin_reconcile_interval: Option<String>,
+    /// File with the proxy's own KBS admin bearer token for replays, re-read at each use; clients' tokens are then not journaled.
+    #[arg(long, value_name = "FILE")]
+    admin_replay_token_file: Option<PathBuf>,
+    /// The journal owner's admin port (http://HOST:PORT): forward admin writes there and take the replicas' sync state from it [default: this proxy owns its journal].
+    #[arg(long, value_name = "URL")]
+    journal_owner: Option<String>,
     /// Learned kbs-session-ids and tokens kept, for clients without the route cookie [default: 100000].
     #[arg(long, value_name = "N")]
     session_table_size: Option<usize>,
@@ -237,6 +246,9 @@ impl ProxyArgs {
             admin_body_limit: self.admin_body_limit,
             admin_journal: self.admin_journal,
             admin_journal_max: self.admin_journal_max,
+            admin_reconcile_interval: self.admin_reconcile_interval,
+            admin_replay_token_file: self.admin_replay_token_file,
+            journal_owner: self.journal_owner,
             session_table_size: self.session_table_size,
             session_lifetime: self.session_lifetime,
             tokens_portable: self.tokens_portable.then_some(true),

@@ -318,6 +318,31 @@ impl Collector for ProxyCollector {
             "Journaled admin writes the backend has not applied",
             &lag,
         )?;
+        let resets: Vec<_> = backends
+            .iter()
+            .map(|b| (vec![("backend", b.name.as_str())], load(&b.stats.state_resets)))
+            .collect();
+        counter(
+            &mut encoder,
+            "backend_state_resets",
+            "Times the backend was found to have lost its admin state (restarted empty) and was resynced",
+            &resets,
+        )?;
+        let mut replays = Vec::new();
+        for b in backends {
+            for (i, outcome) in crate::backend::REPLAY_OUTCOMES.iter().enumerate() {
+                replays.push((
+                    vec![("backend", b.name.as_str()), ("outcome", *outcome)],
+                    load(&b.stats.replays[i]),
+                ));
+            }
+        }
+        counter(
+            &mut encoder,
+            "backend_admin_replays",
+            "Journaled admin writes replayed to the backend (catch-up and reconciliation), by outcome",
+            &replays,
+        )?;
         let pinned: Vec<_> = backends
             .iter()
             .map(|b| (vec![("backend", b.name.as_str())], load(&b.stats.sessions_pinned)))

@@ -69,8 +69,11 @@ struct Shared {
     sessions: AffinityTable,
     /// Attestation token (hashed) → backend, learned from `attest` responses.
     tokens: AffinityTable,
-    /// Admin writes accepted so far, and how far each replica applied them.
+    /// Admin writes accepted so far, and how far each replica applied them (empty on a proxy
+    /// that forwards to a journal owner).
     journal: Arc<Journal>,
+    /// The journal owner's admin port, when this proxy forwards admin writes there.
+    journal_owner: Option<http::Uri>,
 }
 
 /// Why the proxy could not be built.
@@ -87,9 +90,10 @@ pub enum InitError {
 impl Proxy {
     /// Builds the proxy from a validated configuration. Binds nothing.
     pub fn new(config: &Config) -> Result<Self, InitError> {
-        let journal = Arc::new(Journal::open(
+        let journal = Arc::new(Journal::open_with(
             config.admin_journal.as_deref(),
             config.admin_journal_max,
+            config.admin_replay_token_file.is_some(),
         )?);
         let routing = Routing::new(config, &[], None);
         journal.refresh_lags(&routing.backends);
@@ -103,6 +107,7 @@ impl Proxy {
                 sessions: AffinityTable::new(config.session_table_size),
                 tokens: AffinityTable::new(config.session_table_size),
                 journal,
+                journal_owner: config.journal_owner.clone(),
             }),
         })
     }
@@ -110,6 +115,11 @@ impl Proxy {
     /// The admin journal.
     pub fn journal(&self) -> &Arc<Journal> {
         &self.shared.journal
+    }
+
+    /// The journal owner's admin port, when this proxy is not the owner.
+    pub fn journal_owner(&self) -> Option<&http::Uri> {
+        self.shared.journal_owner.as_ref()
     }
 
     /// Learned session ids and tokens held now.

@@ -47,6 +47,17 @@ pub enum ProxyError {
         /// Which replicas accepted, refused or missed the write, and why.
         detail: String,
     },
+    /// Us: this proxy forwards admin writes to the journal owner, which could not be reached or
+    /// did not answer; nothing was acknowledged.
+    #[error("{detail}")]
+    JournalOwner {
+        /// What failed, and that the write may not be applied.
+        detail: String,
+    },
+    /// Us: a forwarded admin write reached a proxy that forwards too (`journal-owner` set on
+    /// both): refused rather than sent around in a loop.
+    #[error("this proxy is not the journal owner (journal-owner is set on it too); fix the configuration")]
+    JournalLoop,
     /// Backend: no connection could be made (fast path).
     #[error("KBS replica {backend} is unreachable")]
     Connect {
@@ -99,6 +110,8 @@ impl ProxyError {
             | Self::BackendBody { .. }
             | Self::BadResponse { .. } => (StatusCode::BAD_GATEWAY, "BadGateway"),
             Self::AdminWrite { status, .. } => (*status, "AdminWriteIncomplete"),
+            Self::JournalOwner { .. } => (StatusCode::SERVICE_UNAVAILABLE, "JournalOwnerUnavailable"),
+            Self::JournalLoop => (StatusCode::LOOP_DETECTED, "JournalOwnerLoop"),
             Self::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
         }
     }

@@ -1,5 +1,11 @@
 //! Admin writes sent to every replica (`--admin-writes broadcast`).
 //!
+//! A proxy with `journal-owner` set does none of this itself: it forwards the write to the
+//! journal owner's admin port, which broadcasts and journals it, and passes the owner's answer
+//! on. One writer orders every write, so replicas cannot end with different values when writes
+//! arrive through different proxies. If the owner cannot be reached the answer is a KBS-shaped
+//! 503 and nothing is acknowledged.
+//!
 //! The write goes to every backend that is not draining and has applied the whole journal, all
 //! at once, under the journal's ordering lock so every replica sees writes in one order. The
 //! answer is 2xx only when every replica accepted; otherwise the worst status, with a KBS-shaped
@@ -12,7 +18,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Incoming};
 
@@ -22,6 +28,13 @@ use crate::config::AdminFanout;
 use crate::journal::AdminWrite;
 use crate::kbs::RouteKind;
 use crate::routing::Routing;
+
+/// Marks an admin write a proxy forwarded to its journal owner (a loop guard).
+pub const FORWARDED_HEADER: &str = "kbs-affinity-proxy-forwarded";
+
+/// Says on a broadcast's answer how durable the journal is: `disk`, or `memory` (lost with
+/// the proxy; run the journal owner with `--admin-journal` on a persistent volume).
+pub const JOURNAL_HEADER: &str = "kbs-affinity-proxy-journal";
 
 /// What one replica did with the write.
 enum Outcome {
@@ -100,7 +113,17 @@ impl Worker {
             &parts.headers,
             body.clone(),
         );
+        let forwarded = parts.headers.contains_key(FORWARDED_HEADER);
         let headers = forward_headers(parts.headers, &parts.uri, conn);
+        if let Some(owner) = &self.shared.journal_owner {
+            if forwarded {
+                return Err(ProxyError::JournalLoop);
+            }
+            let timeout = routing.response_timeout;
+            return self
+                .forward_to_owner(owner, parts.method, path, headers, body, timeout)
+                .await;
+        }
 
         let journal = Arc::clone(&self.shared.journal);
         let _order = journal.order().await;
@@ -194,7 +217,13 @@ impl Worker {
             let Some((_, Outcome::Accepted(resp) | Outcome::Refused(resp))) = outcomes.into_iter().next() else {
                 unreachable!("outcomes checked above");
             };
-            let (parts, body) = resp.into_parts();
+            let (mut parts, body) = resp.into_parts();
+            if everyone {
+                let durability = if journal.is_durable() { "disk" } else { "memory" };
+                parts
+                    .headers
+                    .insert(JOURNAL_HEADER, HeaderValue::from_static(durability));
+            }
             return Ok(Response::from_parts(parts, ProxyBody::full(body)));
         }
         let status = outcomes
@@ -206,6 +235,63 @@ impl Worker {
             status,
             detail: describe(&outcomes, accepted.len()),
         })
+    }
+}
+
+impl Worker {
+    /// Sends an admin write to the journal owner and passes its answer on.
+    async fn forward_to_owner(
+        &self,
+        owner: &Uri,
+        method: Method,
+        path: PathAndQuery,
+        mut headers: HeaderMap,
+        body: Bytes,
+        timeout: std::time::Duration,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let unreachable = |why: String| {
+            ProxyError::JournalOwner {
+            detail: format!(
+                "the admin journal owner {owner} {why}; this proxy acknowledges no admin write the owner has not journaled: retry"
+            ),
+        }
+        };
+        let (Some(scheme), Some(authority)) = (owner.scheme_str(), owner.authority()) else {
+            return Err(unreachable("has no usable address".into()));
+        };
+        let Ok(uri) = format!("{scheme}://{authority}{path}").parse::<Uri>() else {
+            return Err(unreachable("cannot be addressed with this path".into()));
+        };
+        headers.insert(FORWARDED_HEADER, HeaderValue::from_static("1"));
+        headers.remove(http::header::HOST);
+        let mut req = Request::new(ProxyBody::full(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers;
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => match collect(resp).await {
+                Ok(resp) => {
+                    let (parts, body) = resp.into_parts();
+                    Ok(Response::from_parts(parts, ProxyBody::full(body)))
+                }
+                Err(e) => Err(unreachable(format!(
+                    "sent an answer that could not be read ({e}); the write may have been applied"
+                ))),
+            },
+            Ok(Err(e)) if e.is_connect() => Err(unreachable(format!(
+                "cannot be reached ({}); the write was not applied",
+                error_chain(&e)
+            ))),
+            Ok(Err(e)) => Err(unreachable(format!(
+                "failed ({}); the write may have been applied",
+                error_chain(&e)
+            ))),
+            Err(_) => Err(unreachable(format!(
+                "did not answer within {} s; the write may have been applied",
+                timeout.as_secs()
+            ))),
+        }
     }
 }
 
