@@ -67,7 +67,15 @@ pub async fn serve(
                 }),
             )
             .into_owned();
-        tokio::spawn(conn);
+        // Connections end with the proxy: a kept-alive peer (another proxy forwarding writes)
+        // must not go on talking to a control plane that has stopped.
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = conn => {}
+                () = shutdown.cancelled() => {}
+            }
+        });
     }
 }
 

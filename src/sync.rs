@@ -643,53 +643,83 @@ fn is_not_found(status: StatusCode, body: &[u8]) -> bool {
     !kind.contains("auth") && (detail.contains("not found") || detail.contains("no such file"))
 }
 
-/// One watch of one replica: the kept-alive connection's fate, then a `/metrics` scrape over it.
-/// Returns the sign of lost state it saw, and whether `/metrics` answered.
+/// One watch of one replica: the kept-alive connection's fate, then a `/metrics` scrape over it
+/// (over a new connection if the kept one turns out closed). Returns the sign of lost state it
+/// saw, and whether `/metrics` answered.
 async fn watch_one(
     backend: &Backend,
     watch: &mut Watch,
     connector: &BackendConnector,
 ) -> (Option<LossSignal>, Option<bool>) {
     let mut signal = None;
-    if let Some(kept) = &watch.conn {
-        let closed = *lock(&kept.closed_at);
-        if let Some(at) = closed {
-            if at.saturating_duration_since(kept.last_used) < KEEPALIVE_FLOOR {
-                signal = Some(LossSignal::ConnectionClosed);
+    for _attempt in 0..2 {
+        if let Some(kept) = &watch.conn {
+            let closed = *lock(&kept.closed_at);
+            if let Some(at) = closed {
+                if at.saturating_duration_since(kept.last_used) < KEEPALIVE_FLOOR {
+                    signal = signal.or(Some(LossSignal::ConnectionClosed));
+                }
+                watch.conn = None;
+            }
+        }
+        if watch.conn.is_none() {
+            let addrs = resolve(backend).await;
+            if !watch.addrs.is_empty() && !addrs.is_empty() && watch.addrs.is_disjoint(&addrs) {
+                signal = signal.or(Some(LossSignal::NewAddress));
+            }
+            if !addrs.is_empty() {
+                watch.addrs = addrs;
+            }
+            let Ok(uri) = format!("{}://{}/", backend.scheme, backend.authority).parse::<Uri>() else {
+                return (signal, None);
+            };
+            match tokio::time::timeout(WATCH_INTERVAL * 2, connect(connector, &uri)).await {
+                Ok(Some(kept)) => watch.conn = Some(kept),
+                _ => return (signal, None),
+            }
+        }
+        let Some(kept) = watch.conn.as_mut() else {
+            return (signal, None);
+        };
+        let Some((status, body)) = scrape(backend, kept).await else {
+            // Failed on the kept connection: note how it ended, then try a fresh one.
+            tokio::task::yield_now().await;
+            let closed = *lock(&kept.closed_at);
+            if closed.is_some_and(|at| at.saturating_duration_since(kept.last_used) < KEEPALIVE_FLOOR) {
+                signal = signal.or(Some(LossSignal::ConnectionClosed));
             }
             watch.conn = None;
+            continue;
+        };
+        kept.last_used = Instant::now();
+        if !status.is_success() {
+            return (signal, Some(false));
         }
+        let now = counters(&String::from_utf8_lossy(&body));
+        if let Some(before) = &watch.counters {
+            if let Some((series, was, is)) = went_back(before, &now) {
+                signal = signal.or(Some(LossSignal::CountersWentBack {
+                    series,
+                    before: was,
+                    now: is,
+                }));
+            }
+        }
+        watch.counters = Some(now);
+        return (signal, Some(true));
     }
-    let Ok(uri) = format!("{}://{}/metrics", backend.scheme, backend.authority).parse::<Uri>() else {
-        return (signal, None);
-    };
-    if watch.conn.is_none() {
-        let addrs = resolve(backend).await;
-        if !watch.addrs.is_empty() && !addrs.is_empty() && watch.addrs.is_disjoint(&addrs) {
-            signal = signal.or(Some(LossSignal::NewAddress));
-        }
-        if !addrs.is_empty() {
-            watch.addrs = addrs;
-        }
-        match tokio::time::timeout(WATCH_INTERVAL * 2, connect(connector, &uri)).await {
-            Ok(Some(kept)) => watch.conn = Some(kept),
-            _ => return (signal, None),
-        }
-    }
-    let Some(kept) = watch.conn.as_mut() else {
-        return (signal, None);
-    };
-    let Ok(host) = HeaderValue::from_str(backend.authority.as_str()) else {
-        return (signal, None);
-    };
-    let Ok(req) = Request::get("/metrics")
+    (signal, None)
+}
+
+/// `GET /metrics` over the kept connection: status and body, or `None` when it failed.
+async fn scrape(backend: &Backend, kept: &mut Kept) -> Option<(StatusCode, Bytes)> {
+    let host = HeaderValue::from_str(backend.authority.as_str()).ok()?;
+    let req = Request::get("/metrics")
         .header(HOST, host)
         .header(USER_AGENT, AGENT)
         .body(Empty::<Bytes>::new())
-    else {
-        return (signal, None);
-    };
-    let scrape = async {
+        .ok()?;
+    let exchange = async {
         kept.sender.ready().await.ok()?;
         let resp = kept.sender.send_request(req).await.ok()?;
         let status = resp.status();
@@ -700,31 +730,7 @@ async fn watch_one(
             .to_bytes();
         Some((status, body))
     };
-    let answer = tokio::time::timeout(WATCH_INTERVAL * 2, scrape).await.ok().flatten();
-    let Some((status, body)) = answer else {
-        // The request failed on a connection used a moment ago: it closed under us.
-        if kept.last_used.elapsed() < KEEPALIVE_FLOOR && lock(&kept.closed_at).is_some() {
-            signal = signal.or(Some(LossSignal::ConnectionClosed));
-        }
-        watch.conn = None;
-        return (signal, None);
-    };
-    kept.last_used = Instant::now();
-    if !status.is_success() {
-        return (signal, Some(false));
-    }
-    let now = counters(&String::from_utf8_lossy(&body));
-    if let Some(before) = &watch.counters {
-        if let Some((series, was, is)) = went_back(before, &now) {
-            signal = signal.or(Some(LossSignal::CountersWentBack {
-                series,
-                before: was,
-                now: is,
-            }));
-        }
-    }
-    watch.counters = Some(now);
-    (signal, Some(true))
+    tokio::time::timeout(WATCH_INTERVAL * 2, exchange).await.ok().flatten()
 }
 
 /// The addresses a backend's authority resolves to now (empty when it does not).

@@ -72,8 +72,36 @@ pub async fn start_proxy(settings: Settings) -> TestProxy {
     start_proxy_with(settings, |c| c).await
 }
 
+/// How a test proxy starts, beyond its settings.
+#[derive(Default)]
+pub struct StartOptions {
+    /// Leave the control plane's loop off: the test runs its rounds (health, watch, catch-up,
+    /// reconciliation) by hand, in the order it wants.
+    pub by_hand: bool,
+    /// Bind the admin port here (a restarted proxy keeps its address) instead of 127.0.0.1:0.
+    pub admin_addr: Option<SocketAddr>,
+}
+
 /// The same, letting the test adjust the control plane (a resolver, a reload source).
 pub async fn start_proxy_with(settings: Settings, adjust: impl FnOnce(ControlPlane) -> ControlPlane) -> TestProxy {
+    start_proxy_opts(settings, adjust, StartOptions::default()).await
+}
+
+/// A proxy whose control plane runs only when the test says (see [`StartOptions::by_hand`]).
+pub async fn start_proxy_by_hand(settings: Settings) -> TestProxy {
+    let opts = StartOptions {
+        by_hand: true,
+        ..StartOptions::default()
+    };
+    start_proxy_opts(settings, |c| c, opts).await
+}
+
+/// The most general start.
+pub async fn start_proxy_opts(
+    settings: Settings,
+    adjust: impl FnOnce(ControlPlane) -> ControlPlane,
+    opts: StartOptions,
+) -> TestProxy {
     let config = settings.validate().expect("valid test config");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -84,10 +112,12 @@ pub async fn start_proxy_with(settings: Settings, adjust: impl FnOnce(ControlPla
     let shutdown = CancellationToken::new();
     control.refresh_dns().await;
     control.check_health().await;
-    tokio::spawn(Arc::clone(&control).run(shutdown.clone()));
+    if !opts.by_hand {
+        tokio::spawn(Arc::clone(&control).run(shutdown.clone()));
+    }
     let admin = match &config.admin {
         Some(a) => {
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let l = bind_again(opts.admin_addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())).await;
             let admin_addr = l.local_addr().unwrap();
             tokio::spawn(admin::serve(l, Arc::clone(&control), a.token.clone(), shutdown.clone()));
             Some(admin_addr)
@@ -103,6 +133,23 @@ pub async fn start_proxy_with(settings: Settings, adjust: impl FnOnce(ControlPla
         control,
         shutdown,
         task,
+    }
+}
+
+/// Binds `addr`; an address a stopped server of this test held may take a moment to be free
+/// again (bounded: 2 s).
+pub async fn bind_again(addr: SocketAddr) -> TcpListener {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::task::yield_now().await;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("cannot bind {addr} again: {e}"),
+        }
     }
 }
 
