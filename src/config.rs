@@ -1192,7 +1192,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let cases: [(Settings, &str); 6] = [
+        let cases: [(Settings, &str); 10] = [
             (
                 Settings {
                     balance: Some("random".into()),
@@ -1228,6 +1228,35 @@ mod tests {
                     ..with_backends()
                 },
                 "`backend-connect-timeout`",
+            ),
+            (
+                Settings {
+                    admin_reconcile_interval: Some("soon".into()),
+                    ..with_backends()
+                },
+                "`admin-reconcile-interval`",
+            ),
+            (
+                Settings {
+                    admin_replay_token_file: Some("/nonexistent/replay-token".into()),
+                    ..with_backends()
+                },
+                "`admin-replay-token-file`",
+            ),
+            (
+                Settings {
+                    journal_owner: Some("owner:9090".into()),
+                    ..with_backends()
+                },
+                "`journal-owner`",
+            ),
+            (
+                Settings {
+                    journal_owner: Some("http://owner:9090".into()),
+                    admin_journal: Some("/var/lib/journal".into()),
+                    ..with_backends()
+                },
+                "`journal-owner`",
             ),
         ];
         for (s, key) in cases {

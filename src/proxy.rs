@@ -561,14 +561,20 @@ fn bearer_token(headers: &(impl HeaderView + ?Sized)) -> Option<&[u8]> {
 }
 
 /// A backend for an unpinned request, skipping `exclude`. Prefers backends that take new
-/// sessions; when none does, tries any healthy-or-not one that is not retired (they may have
-/// come back) rather than refuse outright.
+/// sessions; when none does, a healthy one that is behind on admin writes (so replicas that
+/// cannot be brought in sync never leave zero serving; the control plane reports it), then any
+/// one that is not draining (it may have come back) rather than refuse outright.
 fn balance(routing: &Routing, exclude: &[BackendId]) -> Option<Arc<Backend>> {
     let list = &routing.backends.list;
     let not_excluded = |b: &Backend| !exclude.contains(&b.id);
     routing
         .balancer
         .select(list, |b| b.accepts_new_sessions() && not_excluded(b))
+        .or_else(|| {
+            routing
+                .balancer
+                .select(list, |b| b.is_healthy() && !b.is_draining() && not_excluded(b))
+        })
         .or_else(|| routing.balancer.select(list, |b| !b.is_draining() && not_excluded(b)))
         .cloned()
 }

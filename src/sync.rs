@@ -183,6 +183,9 @@ pub struct ReplicaSync {
     status: Mutex<HashMap<String, ReplicaStatus>>,
     /// Wakes the control plane to catch up now (a resync was requested).
     wake: Notify,
+    /// Whether new sessions go to replicas behind on admin writes (none healthy is in sync),
+    /// as last logged.
+    degraded: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for ReplicaSync {
@@ -214,6 +217,7 @@ impl ReplicaSync {
             watches: Mutex::new(HashMap::new()),
             status: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            degraded: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -280,6 +284,23 @@ impl ReplicaSync {
         }
         if let Some(owner) = self.proxy.journal_owner().cloned() {
             self.follow_owner(&owner).await;
+        }
+        self.report_degraded();
+    }
+
+    /// Logs when new sessions start or stop going to replicas behind on admin writes.
+    fn report_degraded(&self) {
+        let routing = self.proxy.routing();
+        let list = &routing.backends.list;
+        let serving = |b: &&Arc<Backend>| b.is_healthy() && !b.is_draining();
+        let degraded = !list.iter().any(|b| b.accepts_new_sessions()) && list.iter().any(|b| serving(&b));
+        if self.degraded.swap(degraded, Ordering::Relaxed) != degraded {
+            if degraded {
+                let behind: Vec<&str> = list.iter().filter(serving).map(|b| b.name.as_str()).collect();
+                tracing::error!(replicas = behind.join(", "), "no replica is in sync with the admin journal: new sessions go to replicas that are behind rather than to none");
+            } else {
+                tracing::info!("a replica in sync with the admin journal takes new sessions again");
+            }
         }
     }
 
