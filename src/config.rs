@@ -181,6 +181,10 @@ pub struct Settings {
     /// `journal-owner`: URL of the journal owner's admin port; this proxy forwards admin writes
     /// there and takes the replicas' sync state from it.
     pub journal_owner: Option<String>,
+    /// `replica-watch`: `on` (scrape each replica's `/metrics` every second over a kept-alive
+    /// connection to see a restart) or `off`.
+    #[serde(default, deserialize_with = "text_or_bool")]
+    pub replica_watch: Option<String>,
     /// `session-table-size`: learned `kbs-session-id`s and tokens kept.
     pub session_table_size: Option<usize>,
     /// `session-lifetime`: how long a learned session id is kept at most.
@@ -479,6 +483,8 @@ pub struct Config {
     pub admin_replay_token_file: Option<PathBuf>,
     /// The journal owner's admin port, when this proxy is not the owner.
     pub journal_owner: Option<Uri>,
+    /// Each replica watched every second for signs of a restart.
+    pub replica_watch: bool,
     /// Learned session ids and tokens kept.
     pub session_table_size: usize,
     /// How long a learned session id is kept at most.
@@ -571,6 +577,7 @@ impl Settings {
             admin_reconcile_interval,
             admin_replay_token_file,
             journal_owner,
+            replica_watch,
             session_table_size,
             session_lifetime,
             tokens_portable,
@@ -899,6 +906,11 @@ impl Settings {
             admin_reconcile_interval,
             admin_replay_token_file: self.admin_replay_token_file,
             journal_owner,
+            replica_watch: match self.replica_watch.as_deref().unwrap_or("on") {
+                "on" | "true" => true,
+                "off" | "false" => false,
+                other => return Err(invalid("replica-watch", other, "expected on or off")),
+            },
             session_table_size,
             session_lifetime,
             tokens_portable: self.tokens_portable.unwrap_or(false),

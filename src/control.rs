@@ -91,8 +91,12 @@ impl ControlPlane {
         let sync = ReplicaSync::new(
             proxy.clone(),
             connector.clone(),
-            config.admin_replay_token_file.clone(),
-            config.admin.as_ref().and_then(|a| a.token.clone()),
+            crate::sync::SyncSettings {
+                replay_token: config.admin_replay_token_file.clone(),
+                owner_token: config.admin.as_ref().and_then(|a| a.token.clone()),
+                watch: config.replica_watch,
+                http2: config.backend_http2,
+            },
         );
         if config.journal_owner.is_none() && config.admin_journal.is_none() {
             tracing::warn!(
@@ -263,6 +267,7 @@ impl ControlPlane {
                 state.discovered = found;
                 let discovered: Vec<BackendSpec> = state.discovered.values().flatten().cloned().collect();
                 self.proxy.set_backends(&state.config.backends, &discovered);
+                self.sync.backends_changed();
             }
             changed
         };
@@ -284,6 +289,7 @@ impl ControlPlane {
             let state = self.state();
             let discovered: Vec<BackendSpec> = state.discovered.values().flatten().cloned().collect();
             self.proxy.set_backends(&state.config.backends, &discovered);
+            self.sync.backends_changed();
         }
         let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(store) = certs {
@@ -353,6 +359,7 @@ impl ControlPlane {
         let mut state = self.state();
         let discovered: Vec<BackendSpec> = state.discovered.values().flatten().cloned().collect();
         self.proxy.apply(&config, &discovered);
+        self.sync.backends_changed();
         state.config = config;
         tracing::info!("configuration reloaded");
         Ok(())

@@ -176,6 +176,9 @@ struct ProxyArgs {
     /// The journal owner's admin port (http://HOST:PORT): forward admin writes there and take the replicas' sync state from it [default: this proxy owns its journal].
     #[arg(long, value_name = "URL")]
     journal_owner: Option<String>,
+    /// Watch each replica every second (its /metrics over a kept-alive connection) for a restart that lost its state: on or off [default: on].
+    #[arg(long, value_name = "on|off")]
+    replica_watch: Option<String>,
     /// Learned kbs-session-ids and tokens kept, for clients without the route cookie [default: 100000].
     #[arg(long, value_name = "N")]
     session_table_size: Option<usize>,
@@ -249,6 +252,7 @@ impl ProxyArgs {
             admin_reconcile_interval: self.admin_reconcile_interval,
             admin_replay_token_file: self.admin_replay_token_file,
             journal_owner: self.journal_owner,
+            replica_watch: self.replica_watch,
             session_table_size: self.session_table_size,
             session_lifetime: self.session_lifetime,
             tokens_portable: self.tokens_portable.then_some(true),

@@ -42,7 +42,6 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, HOST, USER_AGENT};
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::Client;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -148,9 +147,15 @@ pub struct ReplicaStatus {
     pub has_metrics: Option<bool>,
 }
 
+/// The sending half of the watch's connection, in the replicas' protocol.
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
 /// The watch's kept-alive connection to one replica.
 struct Kept {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: Sender,
     /// When the connection's task ended (the peer closed it, or it failed).
     closed_at: Arc<Mutex<Option<Instant>>>,
     /// When it last carried a request.
@@ -169,20 +174,34 @@ struct Watch {
     addrs: HashSet<SocketAddr>,
 }
 
+/// How [`ReplicaSync`] works, from the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct SyncSettings {
+    /// The proxy's own KBS admin token for replays (`admin-replay-token-file`), re-read each
+    /// round.
+    pub replay_token: Option<PathBuf>,
+    /// Sent to the journal owner's admin port with resync requests (`admin-token-file`).
+    pub owner_token: Option<AdminToken>,
+    /// Watch each replica every [`WATCH_INTERVAL`] (`replica-watch`).
+    pub watch: bool,
+    /// The replicas speak HTTP/2 (`backend-protocol = "http2"`): so does the watch.
+    pub http2: bool,
+}
+
 /// Keeps the replicas in sync with the journal; owned by the control plane.
 pub struct ReplicaSync {
     proxy: Proxy,
     /// Pooled client for replays and the journal owner.
     client: Client<BackendConnector, ProxyBody>,
     connector: BackendConnector,
-    /// The proxy's own KBS admin token for replays (re-read each round).
-    replay_token: Option<PathBuf>,
-    /// Sent to the journal owner's admin port with resync requests.
-    owner_token: Option<AdminToken>,
+    settings: SyncSettings,
     watches: Mutex<HashMap<String, Watch>>,
     status: Mutex<HashMap<String, ReplicaStatus>>,
     /// Wakes the control plane to catch up now (a resync was requested).
     wake: Notify,
+    /// On a follower: each replica's lag as the owner last reported it (replicas it did not
+    /// list count as behind).
+    owner_lags: Mutex<Option<HashMap<String, u64>>>,
     /// Whether new sessions go to replicas behind on admin writes (none healthy is in sync),
     /// as last logged.
     degraded: std::sync::atomic::AtomicBool,
@@ -199,24 +218,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ReplicaSync {
-    /// Sync for `proxy`, replaying with the token in `replay_token` when given, and sending
-    /// `owner_token` to the journal owner when this proxy follows one.
-    pub fn new(
-        proxy: Proxy,
-        connector: BackendConnector,
-        replay_token: Option<PathBuf>,
-        owner_token: Option<AdminToken>,
-    ) -> Self {
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector.clone());
+    /// Sync for `proxy`, connecting to the replicas with `connector`.
+    pub fn new(proxy: Proxy, connector: BackendConnector, settings: SyncSettings) -> Self {
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(settings.http2)
+            .build(connector.clone());
         Self {
             proxy,
             client,
             connector,
-            replay_token,
-            owner_token,
+            settings,
             watches: Mutex::new(HashMap::new()),
             status: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            owner_lags: Mutex::new(None),
             degraded: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -250,16 +265,17 @@ impl ReplicaSync {
             .map(|b| (Arc::clone(b), LossSignal::CameBackUp))
             .collect();
         let mut set = tokio::task::JoinSet::new();
-        for backend in &routing.backends.list {
+        for backend in routing.backends.list.iter().filter(|_| self.settings.watch) {
             if backend.is_retired() {
                 continue;
             }
             let watch = lock(&self.watches).remove(&backend.name).unwrap_or_default();
             let backend = Arc::clone(backend);
             let connector = self.connector.clone();
+            let http2 = self.settings.http2;
             set.spawn(async move {
                 let mut watch = watch;
-                let (signal, has_metrics) = watch_one(&backend, &mut watch, &connector).await;
+                let (signal, has_metrics) = watch_one(&backend, &mut watch, &connector, http2).await;
                 (backend, watch, signal, has_metrics)
             });
         }
@@ -355,7 +371,7 @@ impl ReplicaSync {
 
     /// The replay credential, read now; `Err` says why there is none although one is configured.
     fn replay_credential(&self) -> Result<Option<HeaderValue>, String> {
-        let Some(path) = &self.replay_token else {
+        let Some(path) = &self.settings.replay_token else {
             return Ok(None);
         };
         let token = crate::config::read_replay_token(path)
@@ -472,20 +488,22 @@ impl ReplicaSync {
     ) -> Replayed {
         let outcome = self.send_replay(backend, write, credential, timeout).await;
         backend.stats.replays[outcome.index()].fetch_add(1, Ordering::Relaxed);
+        // The path without its query: query strings are never logged.
+        let path = write.path.split('?').next().unwrap_or("");
         let problem = match &outcome {
             Replayed::Applied => None,
             Replayed::Unauthorized(status) => {
-                tracing::error!(backend = backend.name, %status, seq = write.seq, path = write.path, "replica refused a replayed admin write for authorization; not applied, will retry (check admin-replay-token-file and the KBS admin policy)");
+                tracing::error!(backend = backend.name, %status, seq = write.seq, path, "replica refused a replayed admin write for authorization; not applied, will retry (check admin-replay-token-file and the KBS admin policy)");
                 Some(format!(
                     "replay of {} {} refused with {status}: the replay credential is not accepted; retrying",
-                    write.method, write.path
+                    write.method, path
                 ))
             }
             Replayed::Refused(status) => {
-                tracing::warn!(backend = backend.name, %status, seq = write.seq, path = write.path, "replica refused a replayed admin write; skipping it");
+                tracing::warn!(backend = backend.name, %status, seq = write.seq, path, "replica refused a replayed admin write; skipping it");
                 Some(format!(
                     "replay of {} {} refused with {status}; skipped",
-                    write.method, write.path
+                    write.method, path
                 ))
             }
             Replayed::Failed(why) => {
@@ -494,10 +512,7 @@ impl ReplicaSync {
                     error = why,
                     "admin journal replay failed; will retry"
                 );
-                Some(format!(
-                    "replay of {} {} failed: {why}; retrying",
-                    write.method, write.path
-                ))
+                Some(format!("replay of {} {} failed: {why}; retrying", write.method, path))
             }
         };
         if let Some(p) = problem {
@@ -548,7 +563,7 @@ impl ReplicaSync {
         let mut req = Request::new(ProxyBody::Empty);
         *req.method_mut() = Method::POST;
         *req.uri_mut() = uri;
-        if let Some(t) = &self.owner_token {
+        if let Some(t) = &self.settings.owner_token {
             if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", t.0)) {
                 v.set_sensitive(true);
                 req.headers_mut().insert(AUTHORIZATION, v);
@@ -596,13 +611,37 @@ impl ReplicaSync {
             tracing::warn!("the journal owner's /backends is not a list; keeping the last known sync states");
             return;
         };
-        let lags: HashMap<&str, u64> = list
+        let lags: HashMap<String, u64> = list
             .iter()
-            .filter_map(|b| Some((b.get("name")?.as_str()?, b.get("admin_writes_behind")?.as_u64()?)))
+            .filter_map(|b| {
+                Some((
+                    b.get("name")?.as_str()?.to_owned(),
+                    b.get("admin_writes_behind")?.as_u64()?,
+                ))
+            })
             .collect();
+        *lock(&self.owner_lags) = Some(lags);
+        self.apply_owner_lags();
+    }
+
+    /// Sets every replica's lag from the owner's last report; one it did not list counts as
+    /// behind (a replica just discovered must not take sessions before the owner has it).
+    fn apply_owner_lags(&self) {
+        let lags = lock(&self.owner_lags);
+        let Some(lags) = lags.as_ref() else { return };
         for backend in &self.proxy.routing().backends.list {
-            let lag = lags.get(backend.name.as_str()).copied().unwrap_or(1);
+            let lag = lags.get(&backend.name).copied().unwrap_or(1);
             backend.set_journal_lag(lag);
+        }
+    }
+
+    /// The backend set changed (discovery, reload): a new replica is behind until it has the
+    /// journal (on a follower: until the owner says it is in sync), from the first request on.
+    pub fn backends_changed(&self) {
+        if self.is_owner() {
+            self.proxy.journal().refresh_lags(&self.proxy.routing().backends);
+        } else {
+            self.apply_owner_lags();
         }
     }
 
@@ -671,6 +710,7 @@ async fn watch_one(
     backend: &Backend,
     watch: &mut Watch,
     connector: &BackendConnector,
+    http2: bool,
 ) -> (Option<LossSignal>, Option<bool>) {
     let mut signal = None;
     for _attempt in 0..2 {
@@ -694,7 +734,7 @@ async fn watch_one(
             let Ok(uri) = format!("{}://{}/", backend.scheme, backend.authority).parse::<Uri>() else {
                 return (signal, None);
             };
-            match tokio::time::timeout(WATCH_INTERVAL * 2, connect(connector, &uri)).await {
+            match tokio::time::timeout(WATCH_INTERVAL * 2, connect(connector, &uri, http2)).await {
                 Ok(Some(kept)) => watch.conn = Some(kept),
                 _ => return (signal, None),
             }
@@ -734,15 +774,28 @@ async fn watch_one(
 
 /// `GET /metrics` over the kept connection: status and body, or `None` when it failed.
 async fn scrape(backend: &Backend, kept: &mut Kept) -> Option<(StatusCode, Bytes)> {
-    let host = HeaderValue::from_str(backend.authority.as_str()).ok()?;
-    let req = Request::get("/metrics")
-        .header(HOST, host)
-        .header(USER_AGENT, AGENT)
-        .body(Empty::<Bytes>::new())
-        .ok()?;
     let exchange = async {
-        kept.sender.ready().await.ok()?;
-        let resp = kept.sender.send_request(req).await.ok()?;
+        let resp = match &mut kept.sender {
+            Sender::Http1(sender) => {
+                let host = HeaderValue::from_str(backend.authority.as_str()).ok()?;
+                let req = Request::get("/metrics")
+                    .header(HOST, host)
+                    .header(USER_AGENT, AGENT)
+                    .body(Empty::<Bytes>::new())
+                    .ok()?;
+                sender.ready().await.ok()?;
+                sender.send_request(req).await.ok()?
+            }
+            Sender::Http2(sender) => {
+                // HTTP/2 carries the authority in the target, and no Host field.
+                let req = Request::get(format!("{}://{}/metrics", backend.scheme, backend.authority))
+                    .header(USER_AGENT, AGENT)
+                    .body(Empty::<Bytes>::new())
+                    .ok()?;
+                sender.ready().await.ok()?;
+                sender.send_request(req).await.ok()?
+            }
+        };
         let status = resp.status();
         let body = Limited::new(resp.into_body(), BODY_LIMIT)
             .collect()
@@ -771,16 +824,28 @@ async fn resolve(backend: &Backend) -> HashSet<SocketAddr> {
     }
 }
 
-/// A kept-alive HTTP/1.1 connection whose end is noted.
-async fn connect(connector: &BackendConnector, uri: &Uri) -> Option<Kept> {
+/// A kept-alive connection (HTTP/1.1, or HTTP/2 when the replicas speak it) whose end is noted.
+async fn connect(connector: &BackendConnector, uri: &Uri, http2: bool) -> Option<Kept> {
     let stream = connector.connect(uri).await.ok()?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(stream).await.ok()?;
     let closed_at = Arc::new(Mutex::new(None));
     let noted = Arc::clone(&closed_at);
-    let driver = tokio::spawn(async move {
-        let _ = conn.await;
-        *lock(&noted) = Some(Instant::now());
-    });
+    let note_end = move || *lock(&noted) = Some(Instant::now());
+    let (sender, driver) = if http2 {
+        let executor = hyper_util::rt::TokioExecutor::new();
+        let (sender, conn) = hyper::client::conn::http2::handshake(executor, stream).await.ok()?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+            note_end();
+        });
+        (Sender::Http2(sender), driver)
+    } else {
+        let (sender, conn) = hyper::client::conn::http1::handshake(stream).await.ok()?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+            note_end();
+        });
+        (Sender::Http1(sender), driver)
+    };
     Some(Kept {
         sender,
         closed_at,

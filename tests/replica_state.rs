@@ -441,3 +441,48 @@ async fn a_follower_refuses_admin_writes_it_cannot_journal() {
     .await;
     assert_eq!(parts.status, StatusCode::LOOP_DETECTED);
 }
+
+#[tokio::test]
+async fn the_watch_speaks_http2_to_replicas_that_do_and_can_be_turned_off() {
+    // backend-protocol = http2: the simulated KBS answers h2 with prior knowledge.
+    let sims = sims_with(2, |c| c).await;
+    let proxy = start_proxy_by_hand(Settings {
+        backend_protocol: Some("http2".into()),
+        ..by_hand(backends_of(&sims))
+    })
+    .await;
+    write_all_kinds(&proxy.url(), None).await;
+    let before = state(&sims[0]);
+    proxy.control.watch_replicas().await;
+    assert_eq!(
+        backend(&proxy, "kbs-0").await["has_metrics"],
+        true,
+        "scraped over HTTP/2"
+    );
+    let restarted = sims[0].restart_empty().await.unwrap();
+    proxy.control.watch_replicas().await;
+    assert_eq!(state(&restarted), before);
+    assert_eq!(backend(&proxy, "kbs-0").await["state_resets"], 1);
+
+    // replica-watch = off: no scrape, no sign seen; the reconciliation is what is left.
+    let sims = sims_with(2, |c| c).await;
+    let proxy = start_proxy_by_hand(Settings {
+        replica_watch: Some("off".into()),
+        ..by_hand(backends_of(&sims))
+    })
+    .await;
+    write_all_kinds(&proxy.url(), None).await;
+    let before = state(&sims[1]);
+    proxy.control.watch_replicas().await;
+    let restarted = sims[1].restart_empty().await.unwrap();
+    proxy.control.watch_replicas().await;
+    let b = backend(&proxy, "kbs-1").await;
+    assert_eq!(
+        (b["state_resets"].as_u64(), b["has_metrics"].is_null()),
+        (Some(0), true),
+        "{b}"
+    );
+    assert_ne!(state(&restarted), before);
+    proxy.control.reconcile().await;
+    assert_eq!(state(&restarted), before);
+}
