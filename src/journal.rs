@@ -347,9 +347,14 @@ impl Journal {
             let last = state.entries.back().expect("just appended");
             let mut line = serde_json::to_string(&Line::from_write(last)).map_err(io::Error::other)?;
             line.push('\n');
+            let created = !path.exists();
             let mut f = OpenOptions::new().create(true).append(true).mode(0o600).open(&path)?;
             f.write_all(line.as_bytes())?;
-            f.sync_data()
+            f.sync_data()?;
+            if created {
+                sync_dir(dir)?;
+            }
+            Ok(())
         }
     }
 
@@ -371,7 +376,15 @@ fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
         .open(&tmp)?;
     f.write_all(data)?;
     f.sync_data()?;
-    fs::rename(&tmp, path)
+    fs::rename(&tmp, path)?;
+    // The rename is durable only once the directory is: a write acknowledged to a client must
+    // survive a power loss right after.
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Flushes a directory's entries (a file created or renamed in it) to disk.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
