@@ -161,7 +161,7 @@ impl ControlPlane {
         loop {
             let now = Instant::now();
             if now >= next_watch {
-                self.sync.watch(&[]).await;
+                self.sync.watch().await;
                 self.sync.catch_up().await;
                 next_watch = Instant::now() + WATCH_INTERVAL;
             }
@@ -218,7 +218,7 @@ impl ControlPlane {
     /// One round of the replica watch (see [`crate::sync`]), then a catch-up: what the control
     /// plane does every [`WATCH_INTERVAL`].
     pub async fn watch_replicas(&self) {
-        self.sync.watch(&[]).await;
+        self.sync.watch().await;
         self.sync.catch_up().await;
     }
 

@@ -257,24 +257,18 @@ impl ReplicaSync {
 
     /// One watch round: looks at every replica for a sign of lost state (see the module docs),
     /// resyncs those that show one, and (on a proxy that follows an owner) takes the sync
-    /// states from the owner. `came_up` are the replicas the health check just saw come back.
-    pub async fn watch(&self, came_up: &[Arc<Backend>]) {
+    /// states from the owner.
+    pub async fn watch(&self) {
         let routing = self.proxy.routing();
-        let mut signals: Vec<(Arc<Backend>, LossSignal)> = came_up
-            .iter()
-            .map(|b| (Arc::clone(b), LossSignal::CameBackUp))
-            .collect();
+        let mut signals: Vec<(Arc<Backend>, LossSignal)> = Vec::new();
         let mut set = tokio::task::JoinSet::new();
-        for backend in routing.backends.list.iter().filter(|_| self.settings.watch) {
-            if backend.is_retired() {
-                continue;
-            }
-            let watch = lock(&self.watches).remove(&backend.name).unwrap_or_default();
+        let watched = routing.backends.list.iter().filter(|b| !b.is_retired());
+        for backend in watched.filter(|_| self.settings.watch) {
+            let mut watch = lock(&self.watches).remove(&backend.name).unwrap_or_default();
             let backend = Arc::clone(backend);
             let connector = self.connector.clone();
             let http2 = self.settings.http2;
             set.spawn(async move {
-                let mut watch = watch;
                 let (signal, has_metrics) = watch_one(&backend, &mut watch, &connector, http2).await;
                 (backend, watch, signal, has_metrics)
             });
@@ -288,9 +282,7 @@ impl ReplicaSync {
                 self.set_status(&backend.name, |s| s.has_metrics = has_metrics);
             }
             if let Some(signal) = signal {
-                if !signals.iter().any(|(b, _)| Arc::ptr_eq(b, &backend)) {
-                    signals.push((backend, signal));
-                }
+                signals.push((backend, signal));
             }
         }
         // Forget replicas that left the set.
@@ -645,13 +637,7 @@ impl ReplicaSync {
         }
     }
 
-    /// Forgets the watch of every replica (tests restart the proxy's view this way).
-    pub fn forget_watches(&self) {
-        lock(&self.watches).clear();
-    }
-
-    /// Counts of the replicas' state, for logs and `/readyz`: the healthy, non-draining
-    /// replicas that are not in sync.
+    /// The healthy, non-draining replicas that are not in sync (for `/readyz`).
     pub fn out_of_sync(&self) -> Vec<String> {
         self.proxy
             .routing()
