@@ -635,19 +635,42 @@ impl AccessLog {
 
     fn finish(self, kind: RouteKind, status: u16, elapsed: std::time::Duration) {
         if self.enabled {
-            tracing::info!(
-                target: "access",
-                method = %self.method,
-                path = self.path.as_deref().unwrap_or(""),
+            let path = self.path.as_deref().unwrap_or("");
+            let backend = self.backend.as_deref().unwrap_or("-");
+            log_request(
+                self.method.as_str(),
+                path,
                 status,
-                backend = self.backend.as_deref().unwrap_or("-"),
-                route = kind.as_str(),
-                decision = self.decision,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                "request"
+                backend,
+                kind,
+                self.decision,
+                elapsed,
             );
         }
     }
+}
+
+/// Writes one access-log line: the one format both transports use.
+fn log_request(
+    method: &str,
+    path: &str,
+    status: u16,
+    backend: &str,
+    kind: RouteKind,
+    decision: &str,
+    elapsed: std::time::Duration,
+) {
+    tracing::info!(
+        target: "access",
+        method = %method,
+        path,
+        status,
+        backend,
+        route = kind.as_str(),
+        decision,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
 }
 
 /// The parts of a request that go to a backend, kept whole until the last attempt.

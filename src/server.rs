@@ -31,8 +31,8 @@ use crate::proxy::{ConnInfo, Proxy, Rewind, Worker};
 
 /// Streams one HTTP/2 client may have open at once.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
-/// Header fields in one HTTP/1.1 request; more gets 431.
-const MAX_HEADERS: usize = 100;
+/// Header fields per request head, on both transports; more is 431.
+pub(crate) const MAX_HEADERS: usize = 100;
 /// HTTP/2 streams reset by the client before the server saw them (rapid-reset bound).
 const H2_MAX_PENDING_RESETS: usize = 20;
 /// HTTP/2 streams the server may reset for protocol errors before it closes the connection.

@@ -51,8 +51,7 @@ use crate::kbs::RouteKind;
 use crate::route_cookie::{BackendId, Pin as RoutePin, Rejection, RouteCookieCodec, ENCODED_LEN};
 use crate::routing::{CookieIssuer, Routing};
 
-/// Header fields per message the fast path parses; more is 431 (as hyper).
-const MAX_HEADERS: usize = 100;
+use crate::server::MAX_HEADERS;
 /// Largest backend response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Idle connections kept per backend per worker.
@@ -129,6 +128,9 @@ enum Prepared {
         close: bool,
         kind: RouteKind,
         is_head: bool,
+        /// For the access log only (method, path without query, the backend it was pinned to,
+        /// the decision), as the hyper path logs its own answers.
+        log: Option<LocalLog>,
     },
     /// Not for the fast path: hyper takes the connection over.
     Handoff,
@@ -136,6 +138,15 @@ enum Prepared {
     Reject(StatusCode),
     /// Bytes hyper's HTTP/1 server closes on without an answer: close.
     Close,
+}
+
+/// The access log's view of an answer the proxy made itself.
+#[derive(Debug)]
+struct LocalLog {
+    method: String,
+    path: String,
+    backend: Option<String>,
+    decision: &'static str,
 }
 
 /// A request ready to forward.
@@ -501,13 +512,21 @@ impl Worker {
                         close,
                         kind,
                         is_head,
+                        log,
                     } => {
                         // Skip (discard) the request body, then answer.
                         let keep = match self.discard_body(&mut stream, &mut buf, head_len, body_len).await {
                             Ok(()) => !close,
                             Err(()) => false,
                         };
-                        self.shared.stats.count_local(kind, resp.status().as_u16());
+                        let status = resp.status().as_u16();
+                        self.shared.stats.count_local(kind, status);
+                        let elapsed = started.elapsed();
+                        self.shared.stats.observe_latency(kind, elapsed.as_secs_f64());
+                        if let Some(l) = &log {
+                            let backend = l.backend.as_deref().unwrap_or("-");
+                            super::log_request(&l.method, &l.path, status, backend, kind, l.decision, elapsed);
+                        }
                         let answer = local_answer(resp, is_head, !keep);
                         if stream.write_all(&answer).await.is_err() || !keep {
                             return;
@@ -633,7 +652,18 @@ impl Worker {
             decision,
         } = match self.route(headers, kind, routing, now, verify) {
             Ok(route) => route,
-            Err((err, _)) => {
+            Err((err, backend)) => {
+                let decision = if matches!(err, ProxyError::SessionLost) {
+                    "session-lost"
+                } else {
+                    "none"
+                };
+                let log = routing.access_log.then(|| LocalLog {
+                    method: method.to_string(),
+                    path: path.to_owned(),
+                    backend,
+                    decision,
+                });
                 let resp = err.into_response(kind);
                 return Prepared::Local {
                     resp,
@@ -642,6 +672,7 @@ impl Worker {
                     close: client_close,
                     kind,
                     is_head: method == Method::HEAD,
+                    log,
                 };
             }
         };
@@ -1297,16 +1328,14 @@ fn local_answer(resp: Response<ProxyBody>, head: bool, close: bool) -> Vec<u8> {
 
 fn log_access(plan: &Plan, status: u16, elapsed: Duration) {
     if let Some((method, path)) = &plan.log {
-        tracing::info!(
-            target: "access",
-            method = method.as_str(),
-            path = path.as_str(),
+        super::log_request(
+            method,
+            path,
             status,
-            backend = plan.backend.name.as_str(),
-            route = plan.kind.as_str(),
-            decision = plan.decision,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            "request"
+            &plan.backend.name,
+            plan.kind,
+            plan.decision,
+            elapsed,
         );
     }
 }

@@ -1,0 +1,193 @@
+//! The two transports (the fast path and hyper) must not drift: the same requests give the
+//! same answers, the same access-log lines and the same metrics. Each scenario runs through a
+//! proxy with the fast path on and through one with it off, and the observations are compared.
+
+mod support;
+
+use std::io::Write;
+use std::sync::{Mutex, OnceLock};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use kbs_affinity_proxy::config::Settings;
+use kbs_affinity_proxy::route_cookie::BackendId;
+use kbs_affinity_proxy::sim::{SimConfig, SimKbs};
+use support::*;
+
+/// Every log line of this test binary (JSON, one event per line).
+static LINES: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LINES.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the process-wide subscriber once: the fast path logs from its own threads, so a
+/// thread-local one would not see it.
+fn capture_logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(|| Capture)
+            .with_max_level(tracing::Level::INFO)
+            .init();
+    });
+}
+
+/// The access-log lines whose path contains `marker`, without the duration, the marker made
+/// neutral so the two transports compare.
+fn access_lines(marker: &str) -> Vec<serde_json::Value> {
+    let text = String::from_utf8_lossy(&LINES.lock().unwrap()).into_owned();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "access" && v["path"].as_str().is_some_and(|p| p.contains(marker)))
+        .map(|mut v| {
+            let obj = v.as_object_mut().unwrap();
+            assert!(
+                obj.remove("duration_ms").is_some_and(|d| d.is_f64()),
+                "a duration: {obj:?}"
+            );
+            for k in ["timestamp", "level", "threadId", "threadName"] {
+                obj.remove(k);
+            }
+            let path = obj["path"].as_str().unwrap().replace(marker, "TRANSPORT");
+            obj.insert("path".into(), path.into());
+            v
+        })
+        .collect()
+}
+
+/// The request counters and the latency histogram's counts from `/metrics`.
+async fn request_metrics(proxy: &TestProxy) -> Vec<String> {
+    let (_, body) = send(
+        Request::get(format!("{}/metrics", proxy.admin_url()))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    let mut lines: Vec<String> = String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| {
+            l.starts_with("kbs_proxy_requests_total")
+                || l.starts_with("kbs_proxy_request_duration_seconds_count")
+                || l.starts_with("kbs_proxy_pinned_refused_total")
+                || l.starts_with("kbs_proxy_cookies_")
+        })
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// What a client saw of one request.
+#[derive(Debug, PartialEq)]
+struct Answer {
+    status: StatusCode,
+    content_type: Option<String>,
+    body: Bytes,
+}
+
+async fn get(proxy: &TestProxy, path: &str, route: Option<&str>) -> Answer {
+    let mut req = Request::get(format!("{}{path}", proxy.url()));
+    if let Some(v) = route {
+        req = req.header("cookie", format!("route={v}"));
+    }
+    let (parts, body) = send(req.body(Full::default()).unwrap()).await;
+    Answer {
+        status: parts.status,
+        content_type: parts
+            .headers
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        body,
+    }
+}
+
+/// Runs every scenario through a proxy with the fast path `on` or `off`, in front of `live`
+/// and a replica that is down; returns the answers and the metrics.
+async fn scenarios(fast: &str, live: &SimKbs, dead: std::net::SocketAddr) -> (Vec<Answer>, Vec<String>) {
+    let marker = format!("via-{fast}");
+    let proxy = start_proxy_by_hand(Settings {
+        fast_path: Some(fast.into()),
+        access_log: Some("on".into()),
+        health_check: Some("tcp".into()),
+        health_check_interval: Some("3600s".into()),
+        health_fall: Some(1),
+        admin_listen: Some("127.0.0.1:0".into()),
+        // Round-robin over one live replica: every unpinned request goes to it.
+        ..settings(vec![format!("kbs-0={}", live.url()), format!("kbs-1=http://{dead}")])
+    })
+    .await;
+    proxy.control.check_health().await; // kbs-1 is seen down
+    let path = |what: &str| format!("/kbs/v0/resource/{marker}/key/{what}");
+    let pinned_live = route_value(BackendId::from_name("kbs-0"));
+    let pinned_dead = route_value(BackendId::from_name("kbs-1"));
+    let answers = vec![
+        // Unpinned: balanced to the live replica, which answers its own 401 (no session).
+        get(&proxy, &path("unpinned"), None).await,
+        // Pinned to the live replica: forwarded there.
+        get(&proxy, &path("pinned"), Some(&pinned_live)).await,
+        // Pinned to the replica that is down: the proxy answers the KBS 401 itself.
+        get(&proxy, &path("lost"), Some(&pinned_dead)).await,
+        // A forged route cookie: treated as absent, balanced.
+        get(&proxy, &path("forged"), Some("not-a-cookie")).await,
+        // Outside the KBS API: proxied, the replica's 404.
+        get(&proxy, &format!("/{marker}/other"), None).await,
+    ];
+    (answers, request_metrics(&proxy).await)
+}
+
+#[tokio::test]
+async fn both_transports_answer_log_and_count_alike() {
+    capture_logs();
+    let live = SimKbs::start_local(SimConfig::new("kbs-0")).await.unwrap();
+    let dead = dead_addr().await;
+    let (fast_answers, fast_metrics) = scenarios("on", &live, dead).await;
+    let (hyper_answers, hyper_metrics) = scenarios("off", &live, dead).await;
+
+    assert_eq!(fast_answers.len(), 5);
+    for (i, (f, h)) in fast_answers.iter().zip(&hyper_answers).enumerate() {
+        assert_eq!(f.status, h.status, "scenario {i}");
+        assert_eq!(f.content_type, h.content_type, "scenario {i}");
+        // Bodies name the request path in some answers: compare them with it made neutral.
+        let neutral = |a: &Answer, m: &str| String::from_utf8_lossy(&a.body).replace(m, "TRANSPORT");
+        assert_eq!(neutral(f, "via-on"), neutral(h, "via-off"), "scenario {i}");
+    }
+    assert_eq!(fast_answers[2].status, StatusCode::UNAUTHORIZED, "session lost");
+
+    // Both proxies answered from the same starting point: the same counts.
+    assert!(!fast_metrics.is_empty());
+    assert_eq!(fast_metrics, hyper_metrics);
+
+    // The log is written after the answer: wait (bounded) until both transports' lines are in.
+    eventually(std::time::Duration::from_secs(5), || {
+        access_lines("via-on").len() == 5 && access_lines("via-off").len() == 5
+    })
+    .await;
+    let (f, h) = (access_lines("via-on"), access_lines("via-off"));
+    assert_eq!(
+        f.len(),
+        5,
+        "one line per request on the fast path, local answers too: {f:#?}"
+    );
+    assert_eq!(f, h);
+    let lost = f
+        .iter()
+        .find(|l| l["path"].as_str().unwrap().ends_with("/lost"))
+        .unwrap();
+    assert_eq!(
+        (lost["backend"].as_str(), lost["decision"].as_str()),
+        (Some("kbs-1"), Some("session-lost"))
+    );
+    let _ = std::io::stderr().flush();
+}
