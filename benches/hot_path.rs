@@ -146,6 +146,65 @@ fn bench(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         )
     });
+
+    latency(c);
+}
+
+/// The latency histogram per request: prometheus-client's `Histogram` (a write lock shared by
+/// every worker) against a worker's own shard, alone and with a second thread observing at the
+/// same time (two workers on two cores).
+fn latency(c: &mut Criterion) {
+    use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let elapsed = Duration::from_micros(700);
+    let shared = Arc::new(Histogram::new(exponential_buckets(0.000_25, 2.0, 16)));
+    let stats = kbs_affinity_proxy::metrics::ProxyStats::default();
+    let mine = stats.latency_shard();
+    c.bench_function("latency_shared_histogram", |b| {
+        b.iter(|| shared.observe(black_box(elapsed).as_secs_f64()))
+    });
+    c.bench_function("latency_worker_shard", |b| {
+        b.iter(|| mine.observe(RouteKind::Resource, black_box(elapsed)))
+    });
+    // The same with another worker observing all the while: `mine` is measured, `theirs`
+    // runs on a second thread.
+    let contended = |name: &str, mine: Box<dyn Fn()>, theirs: Box<dyn Fn() + Send>, c: &mut Criterion| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let other = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    theirs();
+                }
+            })
+        };
+        c.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    mine();
+                }
+                start.elapsed()
+            })
+        });
+        stop.store(true, Ordering::Relaxed);
+        other.join().expect("the other worker");
+    };
+    let (a, b) = (Arc::clone(&shared), Arc::clone(&shared));
+    contended(
+        "latency_shared_histogram_2_workers",
+        Box::new(move || a.observe(black_box(elapsed).as_secs_f64())),
+        Box::new(move || b.observe(black_box(elapsed).as_secs_f64())),
+        c,
+    );
+    let (a, b) = (stats.latency_shard(), stats.latency_shard());
+    contended(
+        "latency_worker_shard_2_workers",
+        Box::new(move || a.observe(RouteKind::Resource, black_box(elapsed))),
+        Box::new(move || b.observe(RouteKind::Resource, black_box(elapsed))),
+        c,
+    );
 }
 
 #[allow(missing_docs)] // the macro generates an undocumented function

@@ -3,7 +3,7 @@
 //!
 //! Why not tokio there: side by side in `benches/compare.sh`, a relay that does nothing costs
 //! 0.7 µs of user time per request on a `current_thread` tokio runtime and 0.2 µs on a bare
-//! epoll loop (docs/benchmarks.md), in a proxy whose whole user time per request was 1.3–1.4 µs.
+//! epoll loop (docs/history/tuning-journal.md), in a proxy whose whole user time per request was 1.3–1.4 µs.
 //! tokio's general machinery (readiness and task states kept in atomics, waiter lists under
 //! locks, the cooperative budget) serves any number of tasks on any threads; the fast path has
 //! one task per client connection, on one thread, and needs much less:

@@ -3,12 +3,11 @@
 //! backend set).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
@@ -62,8 +61,60 @@ pub struct ProxyStats {
     pub active_connections: AtomicI64,
     /// Requests pinned without a valid route cookie: by a learned session id, by a learned token.
     learned: [AtomicU64; 2],
-    /// Time to the response head, per route kind.
-    latency: [Histogram; 5],
+    /// Time to the response head: one shard per worker, summed at scrape time.
+    latency: Mutex<Vec<Arc<LatencyShard>>>,
+}
+
+/// Number of latency buckets: 0.25 ms doubling 16 times (to ~8.2 s), then +Inf.
+const LATENCY_BUCKETS: usize = 17;
+/// The first bucket's upper bound, nanoseconds.
+const LATENCY_FIRST_NS: u64 = 250_000;
+
+/// One worker's latency histograms, per route kind. Only that worker's threads (its fast-path
+/// loop and its tokio runtime) write it, with relaxed atomics on lines other workers do not
+/// write; a scrape reads every shard and sums them.
+/// prometheus-client's `Histogram` takes a write lock per observation, one lock shared by every
+/// worker: a cross-core handoff per request (`benches/hot_path.rs`: `latency_*`).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct LatencyShard {
+    routes: [RouteLatency; 5],
+}
+
+#[derive(Debug, Default)]
+struct RouteLatency {
+    /// Per bucket (not cumulative): observations at most its bound and above the one before.
+    /// Their total is the count (one atomic less per request).
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+    sum_ns: AtomicU64,
+}
+
+impl LatencyShard {
+    /// Records the time to a response head for a request of `kind`.
+    pub fn observe(&self, kind: RouteKind, elapsed: std::time::Duration) {
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let r = &self.routes[route_index(kind)];
+        r.buckets[latency_bucket(ns)].fetch_add(1, Ordering::Relaxed);
+        r.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+/// The bucket of an observation of `ns`: bucket `i` holds (bound(i-1), bound(i)] with
+/// bound(i) = 0.25 ms × 2^i; the last is +Inf.
+fn latency_bucket(ns: u64) -> usize {
+    // ceil(ns / first bound), at least 1; its base-2 ceiling logarithm is the bucket.
+    let q = ns.div_ceil(LATENCY_FIRST_NS).max(1);
+    let i = (u64::BITS - (q - 1).leading_zeros()) as usize;
+    i.min(LATENCY_BUCKETS - 1)
+}
+
+/// The upper bound of latency bucket `i`, seconds (`f64::MAX` for +Inf, as prometheus-client).
+fn latency_bound(i: usize) -> f64 {
+    if i + 1 == LATENCY_BUCKETS {
+        f64::MAX
+    } else {
+        (LATENCY_FIRST_NS << i) as f64 / 1e9
+    }
 }
 
 impl Default for ProxyStats {
@@ -75,7 +126,7 @@ impl Default for ProxyStats {
             repinned: AtomicU64::new(0),
             active_connections: AtomicI64::new(0),
             learned: Default::default(),
-            latency: std::array::from_fn(|_| Histogram::new(exponential_buckets(0.000_25, 2.0, 16))),
+            latency: Mutex::new(Vec::new()),
         }
     }
 }
@@ -101,9 +152,31 @@ impl ProxyStats {
         self.learned[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records the time to a response head.
-    pub fn observe_latency(&self, kind: RouteKind, seconds: f64) {
-        self.latency[route_index(kind)].observe(seconds);
+    /// A new latency shard for one worker, read at every scrape from now on.
+    pub fn latency_shard(&self) -> Arc<LatencyShard> {
+        let shard = Arc::new(LatencyShard::default());
+        self.latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::clone(&shard));
+        shard
+    }
+
+    /// Every shard's histogram of `kind`, summed: (sum in seconds, count, per-bucket counts).
+    fn latency_sum(&self, kind: RouteKind) -> (f64, u64, Vec<(f64, u64)>) {
+        let shards = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buckets: Vec<(f64, u64)> = (0..LATENCY_BUCKETS).map(|i| (latency_bound(i), 0)).collect();
+        let (mut sum_ns, mut count) = (0u64, 0u64);
+        for shard in shards.iter() {
+            let r = &shard.routes[route_index(kind)];
+            for (slot, b) in buckets.iter_mut().zip(&r.buckets) {
+                let n = b.load(Ordering::Relaxed);
+                slot.1 += n;
+                count += n;
+            }
+            sum_ns = sum_ns.wrapping_add(r.sum_ns.load(Ordering::Relaxed));
+        }
+        (sum_ns as f64 / 1e9, count, buckets)
     }
 
     /// Route cookies refused for `why` so far.
@@ -203,8 +276,11 @@ impl Collector for ProxyCollector {
             None,
             MetricType::Histogram,
         )?;
-        for (ri, route) in ROUTES.iter().enumerate() {
-            s.latency[ri].encode(latency.encode_family(&[("route", route.as_str())])?)?;
+        for route in ROUTES {
+            let (sum, count, buckets) = s.latency_sum(route);
+            latency
+                .encode_family(&[("route", route.as_str())])?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
         }
 
         counter(
@@ -354,5 +430,46 @@ impl Collector for ProxyCollector {
             &pinned,
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn latency_buckets_follow_the_le_bounds() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(250_000), 0, "at the bound: le");
+        assert_eq!(latency_bucket(250_001), 1);
+        assert_eq!(latency_bucket(500_000), 1);
+        assert_eq!(latency_bucket(500_001), 2);
+        assert_eq!(latency_bucket(1_000_000), 2);
+        assert_eq!(latency_bucket(250_000 << 15), 15);
+        assert_eq!(latency_bucket((250_000 << 15) + 1), 16, "+Inf");
+        assert_eq!(latency_bucket(u64::MAX), 16);
+        for i in 0..LATENCY_BUCKETS - 1 {
+            let bound_ns = (latency_bound(i) * 1e9).round() as u64;
+            assert_eq!(latency_bucket(bound_ns), i);
+            assert_eq!(latency_bucket(bound_ns + 1), i + 1);
+        }
+    }
+
+    #[test]
+    fn shards_are_summed_at_scrape() {
+        let stats = ProxyStats::default();
+        let (a, b) = (stats.latency_shard(), stats.latency_shard());
+        a.observe(RouteKind::Resource, Duration::from_micros(100));
+        b.observe(RouteKind::Resource, Duration::from_millis(3));
+        b.observe(RouteKind::Auth, Duration::from_secs(60));
+        let (sum, count, buckets) = stats.latency_sum(RouteKind::Resource);
+        assert_eq!(count, 2);
+        assert!((sum - 0.0031).abs() < 1e-9, "{sum}");
+        assert_eq!(buckets[0].1, 1);
+        assert_eq!(buckets[4].1, 1, "3 ms is in (2 ms, 4 ms]");
+        assert_eq!(buckets.iter().map(|b| b.1).sum::<u64>(), 2);
+        let (_, count, buckets) = stats.latency_sum(RouteKind::Auth);
+        assert_eq!((count, buckets[LATENCY_BUCKETS - 1].1), (1, 1));
     }
 }

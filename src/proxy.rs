@@ -183,6 +183,7 @@ impl Proxy {
             .http2_only(self.shared.backend_http2)
             .build(connector);
         Worker {
+            latency: self.shared.stats.latency_shard(),
             shared: Arc::clone(&self.shared),
             client,
             fast: fast::FastState::default(),
@@ -216,6 +217,8 @@ pub struct Worker {
     client: Client<BackendConnector, ProxyBody>,
     /// The HTTP/1.1 fast path's idle backend connections and spare buffers.
     fast: fast::FastState,
+    /// This worker's latency histograms (no lock shared with other workers).
+    latency: Arc<crate::metrics::LatencyShard>,
 }
 
 impl Worker {
@@ -255,7 +258,7 @@ impl Worker {
             }
         };
         let elapsed = started.elapsed();
-        self.shared.stats.observe_latency(kind, elapsed.as_secs_f64());
+        self.latency.observe(kind, elapsed);
         log.finish(kind, resp.status().as_u16(), elapsed);
         resp
     }

@@ -522,7 +522,7 @@ impl Worker {
                         let status = resp.status().as_u16();
                         self.shared.stats.count_local(kind, status);
                         let elapsed = started.elapsed();
-                        self.shared.stats.observe_latency(kind, elapsed.as_secs_f64());
+                        self.latency.observe(kind, elapsed);
                         if let Some(l) = &log {
                             let backend = l.backend.as_deref().unwrap_or("-");
                             super::log_request(&l.method, &l.path, status, backend, kind, l.decision, elapsed);
@@ -910,7 +910,7 @@ impl Worker {
         backend.record_success();
         let done = loop_now();
         let elapsed = done.saturating_duration_since(started);
-        self.shared.stats.observe_latency(plan.kind, elapsed.as_secs_f64());
+        self.latency.observe(plan.kind, elapsed);
         match result {
             Ok((status, reuse_backend, keep_client)) => {
                 if reuse_backend {
@@ -1101,9 +1101,7 @@ impl Worker {
             let resp = err.into_response(plan.kind);
             let status = resp.status().as_u16();
             self.shared.stats.count_local(plan.kind, status);
-            self.shared
-                .stats
-                .observe_latency(plan.kind, started.elapsed().as_secs_f64());
+            self.latency.observe(plan.kind, started.elapsed());
             log_access(plan, status, started.elapsed());
             // The body may not have been read in full: close after answering.
             buf.clear();
