@@ -1120,23 +1120,19 @@ pub fn read_replay_token(path: &Path) -> Result<String, String> {
     Ok(t.to_owned())
 }
 
-/// Parses `250ms`, `5s`, `2m`, or a bare number of seconds.
+/// Parses a duration as `humantime` does (`250ms`, `5s`, `2m`, `1h 30m`), or a bare number of
+/// seconds; it must be positive.
 fn duration(key: &'static str, value: Option<String>, default_secs: u64) -> Result<Duration, ConfigError> {
     let Some(text) = value else {
         return Ok(Duration::from_secs(default_secs));
     };
     let t = text.trim();
-    let (num, unit_ms) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60_000)
-    } else {
-        (t, 1000)
+    let parsed = match t.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(t),
     };
-    match num.trim().parse::<u64>() {
-        Ok(n) if n > 0 => Ok(Duration::from_millis(n.saturating_mul(unit_ms))),
+    match parsed {
+        Ok(d) if !d.is_zero() => Ok(d),
         _ => Err(invalid(
             key,
             text,
@@ -1322,7 +1318,10 @@ mod tests {
         );
         assert_eq!(duration("k", Some("2m".into()), 1).unwrap(), Duration::from_secs(120));
         assert_eq!(duration("k", Some("7".into()), 1).unwrap(), Duration::from_secs(7));
-        assert!(duration("k", Some("-1s".into()), 1).is_err());
+        assert_eq!(duration("k", Some("1h 30m".into()), 1).unwrap(), Duration::from_secs(5400));
+        for bad in ["-1s", "0", "0s", "soon", "5 parsecs", ""] {
+            assert!(duration("k", Some(bad.into()), 1).is_err(), "{bad}");
+        }
     }
 
     #[test]
