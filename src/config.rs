@@ -1318,7 +1318,10 @@ mod tests {
         );
         assert_eq!(duration("k", Some("2m".into()), 1).unwrap(), Duration::from_secs(120));
         assert_eq!(duration("k", Some("7".into()), 1).unwrap(), Duration::from_secs(7));
-        assert_eq!(duration("k", Some("1h 30m".into()), 1).unwrap(), Duration::from_secs(5400));
+        assert_eq!(
+            duration("k", Some("1h 30m".into()), 1).unwrap(),
+            Duration::from_secs(5400)
+        );
         for bad in ["-1s", "0", "0s", "soon", "5 parsecs", ""] {
             assert!(duration("k", Some(bad.into()), 1).is_err(), "{bad}");
         }

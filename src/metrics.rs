@@ -61,9 +61,15 @@ pub struct ProxyStats {
     pub active_connections: AtomicI64,
     /// Requests pinned without a valid route cookie: by a learned session id, by a learned token.
     learned: [AtomicU64; 2],
+    /// Fast-path exchanges that ended their client connection early, by reason
+    /// (`proxy::fast::Abort`).
+    aborted: [AtomicU64; 4],
     /// Time to the response head: one shard per worker, summed at scrape time.
     latency: Mutex<Vec<Arc<LatencyShard>>>,
 }
+
+/// The labels of [`ProxyStats::count_aborted`]'s reasons, by index.
+const ABORT_REASONS: [&str; 4] = ["client_body", "backend_body", "response_body", "client_gone"];
 
 /// Number of latency buckets: 0.25 ms doubling 16 times (to ~8.2 s), then +Inf.
 const LATENCY_BUCKETS: usize = 17;
@@ -126,6 +132,7 @@ impl Default for ProxyStats {
             repinned: AtomicU64::new(0),
             active_connections: AtomicI64::new(0),
             learned: Default::default(),
+            aborted: Default::default(),
             latency: Mutex::new(Vec::new()),
         }
     }
@@ -150,6 +157,11 @@ impl ProxyStats {
             crate::affinity::Learned::Token(_) => 1,
         };
         self.learned[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an aborted fast-path exchange (reason index: see `proxy::fast::Abort::reason`).
+    pub fn count_aborted(&self, reason: usize) {
+        self.aborted[reason].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A new latency shard for one worker, read at every scrape from now on.
@@ -323,6 +335,16 @@ impl Collector for ProxyCollector {
                 (vec![("by", "session_id")], load(&s.learned[0])),
                 (vec![("by", "token")], load(&s.learned[1])),
             ],
+        )?;
+        counter(
+            &mut encoder,
+            "aborted_exchanges",
+            "Exchanges that ended the client connection early after the answer or a body began to move, by reason",
+            &ABORT_REASONS
+                .iter()
+                .zip(&s.aborted)
+                .map(|(r, n)| (vec![("reason", *r)], load(n)))
+                .collect::<Vec<_>>(),
         )?;
         gauge(
             &mut encoder,

@@ -191,3 +191,85 @@ async fn both_transports_answer_log_and_count_alike() {
     );
     let _ = std::io::stderr().flush();
 }
+
+/// A backend that answers every request with a head promising 100 bytes, sends 10 and closes.
+async fn start_truncating_backend() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends one GET over a raw connection and reads until the proxy closes it.
+async fn raw_get(proxy: &TestProxy, path: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: kbs\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out));
+    let _ = read
+        .await
+        .expect("the proxy closes a connection whose answer broke off");
+    out
+}
+
+#[tokio::test]
+async fn a_response_body_that_breaks_off_is_logged_with_its_status_and_counted() {
+    capture_logs();
+    let backend = start_truncating_backend().await;
+    let mut lines = Vec::new();
+    for fast in ["on", "off"] {
+        let proxy = start_proxy_by_hand(Settings {
+            fast_path: Some(fast.into()),
+            access_log: Some("on".into()),
+            admin_listen: Some("127.0.0.1:0".into()),
+            ..settings(vec![format!("kbs-0=http://{backend}")])
+        })
+        .await;
+        let marker = format!("broken-{fast}");
+        let got = raw_get(&proxy, &format!("/kbs/v0/resource/{marker}/key/x")).await;
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+        assert!(
+            got.ends_with(b"0123456789"),
+            "the client gets what came, then the close"
+        );
+        eventually(std::time::Duration::from_secs(5), || access_lines(&marker).len() == 1).await;
+        lines.push(access_lines(&marker));
+        if fast == "on" {
+            let (_, body) = send(
+                Request::get(format!("{}/metrics", proxy.admin_url()))
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await;
+            let text = String::from_utf8_lossy(&body);
+            assert!(
+                text.contains("kbs_proxy_aborted_exchanges_total{reason=\"response_body\"} 1"),
+                "{text}"
+            );
+        }
+    }
+    assert_eq!(lines[0], lines[1], "both transports log the status the client was sent");
+    assert_eq!(lines[0][0]["status"], 200);
+}

@@ -204,7 +204,7 @@ struct Fields<'a> {
     /// goes to hyper, or is refused).
     tokens: Option<Tokens<'a>>,
     /// The single Content-Length; `Err` when invalid or conflicting.
-    content_length: Result<Option<u64>, ()>,
+    content_length: Result<Option<u64>, BadContentLength>,
     /// The last `Transfer-Encoding` field, if any.
     transfer_encoding: Option<&'a [u8]>,
     /// How many `Host` fields.
@@ -368,27 +368,35 @@ fn has_token(tokens: &[&[u8]], token: &[u8]) -> bool {
     tokens.iter().any(|t| t.eq_ignore_ascii_case(token))
 }
 
+/// No response head within the response timeout.
+#[derive(Debug, Clone, Copy)]
+struct NoHeadInTime;
+
+/// A `Content-Length` that is not one non-negative number, or that disagrees with another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BadContentLength;
+
 /// Adds one `Content-Length` field value to what earlier ones said: `Err` when invalid or
 /// conflicting. A list ("5, 5") is refused, as hyper refuses it: forwarding it as it is would be
 /// wrong (RFC 9110 §8.6); equal values in separate fields are allowed.
-fn add_content_length(len: Option<u64>, value: &[u8]) -> Result<Option<u64>, ()> {
+fn add_content_length(len: Option<u64>, value: &[u8]) -> Result<Option<u64>, BadContentLength> {
     let digits = value.trim_ascii();
     if digits.is_empty() {
-        return Err(());
+        return Err(BadContentLength);
     }
     // Digits only, leading zeros allowed, no overflow: as hyper reads it.
     let mut n: u64 = 0;
     for &b in digits {
         if !b.is_ascii_digit() {
-            return Err(());
+            return Err(BadContentLength);
         }
         n = n
             .checked_mul(10)
             .and_then(|n| n.checked_add(u64::from(b - b'0')))
-            .ok_or(())?;
+            .ok_or(BadContentLength)?;
     }
     match len {
-        Some(prev) if prev != n => Err(()),
+        Some(prev) if prev != n => Err(BadContentLength),
         _ => Ok(Some(n)),
     }
 }
@@ -517,7 +525,10 @@ impl Worker {
                         // Skip (discard) the request body, then answer.
                         let keep = match self.discard_body(&mut stream, &mut buf, head_len, body_len).await {
                             Ok(()) => !close,
-                            Err(()) => false,
+                            Err(abort) => {
+                                self.aborted(abort, "-");
+                                false
+                            }
                         };
                         let status = resp.status().as_u16();
                         self.shared.stats.count_local(kind, status);
@@ -528,7 +539,11 @@ impl Worker {
                             super::log_request(&l.method, &l.path, status, backend, kind, l.decision, elapsed);
                         }
                         let answer = local_answer(resp, is_head, !keep);
-                        if stream.write_all(&answer).await.is_err() || !keep {
+                        if stream.write_all(&answer).await.is_err() {
+                            self.aborted(Abort::ClientGone, "-");
+                            return;
+                        }
+                        if !keep {
                             return;
                         }
                         last = loop_now();
@@ -538,7 +553,8 @@ impl Worker {
                         let exchange = self.forward(&mut stream, &mut buf, &conn, plan, started, &mut alarm);
                         match exchange.await {
                             Ok(Some(done)) if !close => last = done,
-                            Ok(_) | Err(()) => {
+                            // An abort was counted and logged where it happened.
+                            Ok(_) | Err(_) => {
                                 let _ = stream.shutdown_write();
                                 return;
                             }
@@ -615,7 +631,7 @@ impl Worker {
         }
         let body_len = match fields.content_length {
             Ok(n) => n.unwrap_or(0),
-            Err(()) => return Prepared::Reject(StatusCode::BAD_REQUEST),
+            Err(BadContentLength) => return Prepared::Reject(StatusCode::BAD_REQUEST),
         };
         let method_str = method;
         let Ok(method) = Method::from_bytes(method.as_bytes()) else {
@@ -757,7 +773,7 @@ impl Worker {
         buf: &mut Vec<u8>,
         head_len: usize,
         len: u64,
-    ) -> Result<(), ()> {
+    ) -> Result<(), Abort> {
         let in_buf = (buf.len() - head_len) as u64;
         if in_buf >= len {
             buf.drain(..head_len + len as usize);
@@ -766,9 +782,9 @@ impl Worker {
         let mut left = len - in_buf;
         buf.clear();
         while left > 0 {
-            let n = stream.read_vec(buf).await.map_err(|_| ())?;
+            let n = stream.read_vec(buf).await.map_err(|_| Abort::ClientBody)?;
             if n == 0 {
-                return Err(());
+                return Err(Abort::ClientBody);
             }
             let take = (n as u64).min(left);
             left -= take;
@@ -787,7 +803,7 @@ impl Worker {
         plan: &mut Plan,
         started: Instant,
         alarm: &mut AlarmHandle<'_>,
-    ) -> Result<Option<Instant>, ()> {
+    ) -> Result<Option<Instant>, Abort> {
         let in_buf = (buf.len() - plan.head_len) as u64;
         let body_in_buf = in_buf.min(plan.body_len) as usize;
         let whole_body_here = in_buf >= plan.body_len;
@@ -848,8 +864,8 @@ impl Worker {
                     let more = plan.body_len - body_in_buf as u64;
                     let mut sent_at = started;
                     if more > 0 {
-                        if self.stream_request_body(client, &mut bc, more).await.is_err() {
-                            return Err(());
+                        if let Err(abort) = self.stream_request_body(client, &mut bc, more).await {
+                            return Err(self.aborted(abort, &plan.backend.name));
                         }
                         sent_at = loop_now();
                     }
@@ -858,7 +874,7 @@ impl Worker {
                     tokio::select! {
                         biased;
                         head = read_response_head(&mut bc, &mut rbuf) => Ok(head),
-                        () = alarm.rung(false) => Err(()),
+                        () = alarm.rung(false) => Err(NoHeadInTime),
                     }
                 }
                 Err(_) => Ok(Err(HeadError::Closed)),
@@ -884,7 +900,7 @@ impl Worker {
                     };
                     return self.fail(client, buf, plan, err, started).await;
                 }
-                Err(_elapsed) => {
+                Err(NoHeadInTime) => {
                     backend.record_failure();
                     let err = ProxyError::Timeout {
                         backend: backend.name.clone(),
@@ -919,8 +935,22 @@ impl Worker {
                 log_access(plan, status, elapsed);
                 Ok(keep_client.then_some(done))
             }
-            Err(_) => Err(()),
+            Err(Relay::Broken(status)) => {
+                // As on the hyper path, whose access line is written at the head: the status
+                // the client was sent.
+                log_access(plan, status, elapsed);
+                Err(self.aborted(Abort::ResponseBody(status), &plan.backend.name))
+            }
+            Err(Relay::BadHead) => unreachable!("answered above"),
         }
+    }
+
+    /// Counts and logs an aborted exchange (with `backend`, or `-`); returns it for the caller
+    /// to close on.
+    fn aborted(&self, abort: Abort, backend: &str) -> Abort {
+        self.shared.stats.count_aborted(abort.reason().0);
+        tracing::debug!(backend, error = %abort, "exchange aborted; closing the client connection");
+        abort
     }
 
     async fn connect(&self, backend: &Backend) -> io::Result<TcpStream> {
@@ -939,16 +969,16 @@ impl Worker {
         client: &mut TcpStream,
         backend: &mut TcpStream,
         mut more: u64,
-    ) -> Result<(), ()> {
+    ) -> Result<(), Abort> {
         let mut chunk = Buf::take();
         chunk.resize(STREAM_CHUNK, 0);
         while more > 0 {
             let limit = usize::try_from(more).unwrap_or(usize::MAX).min(STREAM_CHUNK);
-            let n = client.read(&mut chunk[..limit]).await.map_err(|_| ())?;
+            let n = client.read(&mut chunk[..limit]).await.map_err(|_| Abort::ClientBody)?;
             if n == 0 {
-                return Err(());
+                return Err(Abort::ClientBody);
             }
-            backend.write_all(&chunk[..n]).await.map_err(|_| ())?;
+            backend.write_all(&chunk[..n]).await.map_err(|_| Abort::BackendBody)?;
             more -= n as u64;
         }
         Ok(())
@@ -991,7 +1021,7 @@ impl Worker {
                 match fields.content_length {
                     Ok(Some(n)) => Framing::Length(n),
                     Ok(None) => Framing::Close,
-                    Err(()) => return Err(Relay::BadHead),
+                    Err(BadContentLength) => return Err(Relay::BadHead),
                 }
             };
             let backend_close = has_token(tokens, b"close") || resp.version == Some(0);
@@ -1081,7 +1111,7 @@ impl Worker {
         };
         match result {
             Ok((clean, keep)) => Ok((status, clean && !backend_close, keep)),
-            Err(_) => Err(Relay::Broken),
+            Err(_) => Err(Relay::Broken(status)),
         }
     }
 
@@ -1095,7 +1125,7 @@ impl Worker {
         plan: &'a Plan,
         err: ProxyError,
         started: Instant,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<Instant>, ()>> + Send + 'a>> {
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Instant>, Abort>> + Send + 'a>> {
         Box::pin(async move {
             tracing::debug!(route = plan.kind.as_str(), error = %err, "answered by the proxy");
             let resp = err.into_response(plan.kind);
@@ -1115,8 +1145,39 @@ impl Worker {
 enum Relay {
     /// The head is not one the fast path can frame; nothing was sent to the client yet.
     BadHead,
-    /// A connection failed midway.
-    Broken,
+    /// A connection failed midway, after the head with this status went to the client.
+    Broken(u16),
+}
+
+/// Why an exchange on the fast path ended its client connection early (after the answer was
+/// begun, or while a request body was moving). Counted in `kbs_proxy_aborted_exchanges_total`
+/// and logged at debug: the client sees its connection close, as hyper closes it.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub(crate) enum Abort {
+    /// The client closed or failed while its request body was read.
+    #[error("the client closed or failed while sending its request body")]
+    ClientBody,
+    /// The backend failed while taking the request body.
+    #[error("the KBS replica failed while taking the request body")]
+    BackendBody,
+    /// The response body broke off (either side) after its head was sent.
+    #[error("the response body broke off after a {0} head was sent")]
+    ResponseBody(u16),
+    /// The client went away while its answer was written.
+    #[error("the client went away before its answer was written")]
+    ClientGone,
+}
+
+impl Abort {
+    /// Index in [`crate::metrics::ProxyStats`]'s aborted counters, and the label.
+    pub(crate) fn reason(self) -> (usize, &'static str) {
+        match self {
+            Self::ClientBody => (0, "client_body"),
+            Self::BackendBody => (1, "backend_body"),
+            Self::ResponseBody(_) => (2, "response_body"),
+            Self::ClientGone => (3, "client_gone"),
+        }
+    }
 }
 
 /// Why no response head was read.
