@@ -144,7 +144,21 @@ async fn scenarios(fast: &str, live: &SimKbs, dead: std::net::SocketAddr) -> (Ve
         // Outside the KBS API: proxied, the replica's 404.
         get(&proxy, &format!("/{marker}/other"), None).await,
     ];
-    (answers, request_metrics(&proxy).await)
+    // The proxy finishes its accounting just after the client has the last byte: wait
+    // (bounded) until every request is in the latency histogram before reading the metrics.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let metrics = request_metrics(&proxy).await;
+        let timed: u64 = metrics
+            .iter()
+            .filter(|l| l.starts_with("kbs_proxy_request_duration_seconds_count"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        if timed == answers.len() as u64 || std::time::Instant::now() > deadline {
+            return (answers, metrics);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
 
 #[tokio::test]
