@@ -188,7 +188,7 @@ impl ControlPlane {
                 .min(next_reconcile);
             tokio::select! {
                 () = tokio::time::sleep_until(wake) => {}
-                () = self.sync.woken() => self.sync.catch_up().await,
+                () = self.sync.woken() => self.sync.on_wake().await,
                 () = shutdown.cancelled() => return,
             }
         }

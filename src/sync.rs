@@ -205,6 +205,16 @@ pub struct ReplicaSync {
     /// Whether new sessions go to replicas behind on admin writes (none healthy is in sync),
     /// as last logged.
     degraded: std::sync::atomic::AtomicBool,
+    /// Each replica's `scheme://authority` when the backend set last changed: a name that comes
+    /// back with another address is another replica, which has none of the journal.
+    addresses: Mutex<HashMap<String, String>>,
+    /// Replicas to resync at the next wake (found where no await is possible).
+    pending: Mutex<Vec<String>>,
+}
+
+/// A backend's address as the proxy reaches it.
+fn address_of(b: &Backend) -> String {
+    format!("{}://{}", b.scheme, b.authority)
 }
 
 impl fmt::Debug for ReplicaSync {
@@ -224,7 +234,6 @@ impl ReplicaSync {
             .http2_only(settings.http2)
             .build(connector.clone());
         Self {
-            proxy,
             client,
             connector,
             settings,
@@ -233,6 +242,26 @@ impl ReplicaSync {
             wake: Notify::new(),
             owner_lags: Mutex::new(None),
             degraded: std::sync::atomic::AtomicBool::new(false),
+            addresses: Mutex::new(proxy_addresses(&proxy)),
+            pending: Mutex::new(Vec::new()),
+            proxy,
+        }
+    }
+
+    /// Resyncs the replicas found changed since the last wake, then catches up: what the
+    /// control plane runs when woken.
+    pub async fn on_wake(&self) {
+        self.resync_pending().await;
+        self.catch_up().await;
+    }
+
+    async fn resync_pending(&self) {
+        let names = std::mem::take(&mut *lock(&self.pending));
+        let routing = self.proxy.routing();
+        for name in names {
+            if let Some(backend) = routing.backends.by_name(&name) {
+                self.resync(backend, LossSignal::NewAddress).await;
+            }
         }
     }
 
@@ -259,6 +288,7 @@ impl ReplicaSync {
     /// resyncs those that show one, and (on a proxy that follows an owner) takes the sync
     /// states from the owner.
     pub async fn watch(&self) {
+        self.resync_pending().await;
         let routing = self.proxy.routing();
         let mut signals: Vec<(Arc<Backend>, LossSignal)> = Vec::new();
         let mut set = tokio::task::JoinSet::new();
@@ -630,10 +660,41 @@ impl ReplicaSync {
     /// The backend set changed (discovery, reload): a new replica is behind until it has the
     /// journal (on a follower: until the owner says it is in sync), from the first request on.
     pub fn backends_changed(&self) {
+        let routing = self.proxy.routing();
+        let now = proxy_addresses(&self.proxy);
+        let moved: Vec<String> = {
+            let mut known = lock(&self.addresses);
+            let moved = now
+                .iter()
+                .filter(|(name, addr)| known.get(*name).is_some_and(|a| a != *addr))
+                .map(|(name, _)| name.clone())
+                .collect();
+            *known = now;
+            moved
+        };
         if self.is_owner() {
-            self.proxy.journal().refresh_lags(&self.proxy.routing().backends);
+            let journal = self.proxy.journal();
+            for name in &moved {
+                // At once, so it takes no new session; again under the order lock at the wake,
+                // in case a fan-out in flight marked the old replica's position meanwhile.
+                tracing::warn!(
+                    backend = name,
+                    "replica has a new address: another replica, given the whole journal before new sessions"
+                );
+                if let Err(e) = journal.resync(name) {
+                    tracing::error!(backend = name, error = %e, "cannot record a resync in the journal");
+                }
+            }
+            journal.refresh_lags(&routing.backends);
         } else {
             self.apply_owner_lags();
+            for b in routing.backends.list.iter().filter(|b| moved.contains(&b.name)) {
+                b.set_journal_lag(b.journal_lag().max(1));
+            }
+        }
+        if !moved.is_empty() {
+            lock(&self.pending).extend(moved);
+            self.wake.notify_one();
         }
     }
 
@@ -648,6 +709,19 @@ impl ReplicaSync {
             .map(|b| b.name.clone())
             .collect()
     }
+}
+
+/// Every current backend's name and address (retired ones, still draining under a name that
+/// may have a new address, left out).
+fn proxy_addresses(proxy: &Proxy) -> HashMap<String, String> {
+    proxy
+        .routing()
+        .backends
+        .list
+        .iter()
+        .filter(|b| !b.is_retired())
+        .map(|b| (b.name.clone(), address_of(b)))
+        .collect()
 }
 
 /// `scheme://authority` of the owner's admin URL.

@@ -486,3 +486,51 @@ async fn the_watch_speaks_http2_to_replicas_that_do_and_can_be_turned_off() {
     proxy.control.reconcile().await;
     assert_eq!(state(&restarted), before);
 }
+
+#[tokio::test]
+async fn a_name_that_comes_back_with_a_new_address_gets_the_whole_journal_first() {
+    let sims = sims_with(2, |c| c).await;
+    // A new pod for kbs-1 elsewhere, empty; a reload will point kbs-1 at it.
+    let replacement = SimKbs::start_local(SimConfig::new("kbs-1")).await.unwrap();
+    let backends = std::sync::Arc::new(std::sync::Mutex::new(backends_of(&sims)));
+    let source = {
+        let backends = std::sync::Arc::clone(&backends);
+        move || by_hand(backends.lock().unwrap().clone()).validate()
+    };
+    let proxy = start_proxy_opts(
+        by_hand(backends_of(&sims)),
+        |c| c.with_reload(Box::new(source), None),
+        StartOptions {
+            by_hand: true,
+            ..StartOptions::default()
+        },
+    )
+    .await;
+    write_all_kinds(&proxy.url(), None).await;
+    let before = state(&sims[1]);
+
+    *backends.lock().unwrap() = vec![
+        format!("kbs-0={}", sims[0].url()),
+        format!("kbs-1={}", replacement.url()),
+    ];
+    proxy.control.reload().unwrap();
+    // From the reload on, the new kbs-1 takes no new session: it has none of the journal.
+    let b = proxy
+        .proxy
+        .routing()
+        .backends
+        .by_name("kbs-1")
+        .map(|b| (b.journal_lag(), b.accepts_new_sessions()))
+        .unwrap();
+    assert_eq!(b, (4, false), "behind by the whole journal");
+    for _ in 0..4 {
+        let mut c = KbsClient::new(proxy.url());
+        c.handshake().await.unwrap();
+        assert_eq!(c.replicas().last().cloned().flatten().as_deref(), Some("kbs-0"));
+    }
+    proxy.control.watch_replicas().await;
+    assert_eq!(state(&replacement), before, "caught up");
+    let b = backend(&proxy, "kbs-1").await;
+    assert_eq!(b["in_sync"], true, "{b}");
+    assert!(b["last_state_reset"].as_str().unwrap().contains("new address"), "{b}");
+}
