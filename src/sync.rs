@@ -210,6 +210,8 @@ pub struct ReplicaSync {
     addresses: Mutex<HashMap<String, String>>,
     /// Replicas to resync at the next wake (found where no await is possible).
     pending: Mutex<Vec<String>>,
+    /// On a follower: whether the owner answered the last poll (to log changes only).
+    owner_reachable: std::sync::atomic::AtomicBool,
 }
 
 /// A backend's address as the proxy reaches it.
@@ -244,6 +246,7 @@ impl ReplicaSync {
             degraded: std::sync::atomic::AtomicBool::new(false),
             addresses: Mutex::new(proxy_addresses(&proxy)),
             pending: Mutex::new(Vec::new()),
+            owner_reachable: std::sync::atomic::AtomicBool::new(true),
             proxy,
         }
     }
@@ -612,27 +615,32 @@ impl ReplicaSync {
         let mut req = Request::new(ProxyBody::Empty);
         *req.uri_mut() = uri;
         let answer = match tokio::time::timeout(WATCH_INTERVAL * 5, self.client.request(req)).await {
-            Ok(Ok(r)) if r.status().is_success() => r,
-            Ok(Ok(r)) => {
-                tracing::warn!(status = %r.status(), "the journal owner's /backends failed; keeping the last known sync states");
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "the journal owner cannot be reached; keeping the last known sync states");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!("the journal owner did not answer; keeping the last known sync states");
-                return;
-            }
+            Ok(Ok(r)) if r.status().is_success() => Ok(r),
+            Ok(Ok(r)) => Err(format!("its /backends answered {}", r.status())),
+            Ok(Err(e)) => Err(format!("it cannot be reached: {e}")),
+            Err(_) => Err("it did not answer in time".to_owned()),
         };
-        let Ok(body) = Limited::new(answer.into_body(), BODY_LIMIT).collect().await else {
-            return;
+        let list = match answer {
+            Ok(r) => match Limited::new(r.into_body(), BODY_LIMIT).collect().await {
+                Ok(body) => match serde_json::from_slice(&body.to_bytes()) {
+                    Ok(serde_json::Value::Array(list)) => Ok(list),
+                    _ => Err("its /backends is not a list".to_owned()),
+                },
+                Err(_) => Err("its /backends could not be read".to_owned()),
+            },
+            Err(e) => Err(e),
         };
-        let Ok(serde_json::Value::Array(list)) = serde_json::from_slice(&body.to_bytes()) else {
-            tracing::warn!("the journal owner's /backends is not a list; keeping the last known sync states");
-            return;
-        };
+        // Said once when it changes, not every second.
+        let reachable = list.is_ok();
+        if self.owner_reachable.swap(reachable, Ordering::Relaxed) != reachable {
+            match &list {
+                Ok(_) => tracing::info!(owner = %owner, "the journal owner answers again"),
+                Err(e) => {
+                    tracing::error!(owner = %owner, error = e, "the journal owner is unavailable: admin writes are refused with 503, and the last known sync states are kept")
+                }
+            }
+        }
+        let Ok(list) = list else { return };
         let lags: HashMap<String, u64> = list
             .iter()
             .filter_map(|b| {
