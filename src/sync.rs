@@ -516,32 +516,36 @@ impl ReplicaSync {
         // The path without its query: query strings are never logged.
         let path = write.path.split('?').next().unwrap_or("");
         let problem = match &outcome {
-            Replayed::Applied => None,
-            Replayed::Unauthorized(status) => {
-                tracing::error!(backend = backend.name, %status, seq = write.seq, path, "replica refused a replayed admin write for authorization; not applied, will retry (check admin-replay-token-file and the KBS admin policy)");
-                Some(format!(
-                    "replay of {} {} refused with {status}: the replay credential is not accepted; retrying",
-                    write.method, path
-                ))
-            }
-            Replayed::Refused(status) => {
-                tracing::warn!(backend = backend.name, %status, seq = write.seq, path, "replica refused a replayed admin write; skipping it");
-                Some(format!(
-                    "replay of {} {} refused with {status}; skipped",
-                    write.method, path
-                ))
-            }
-            Replayed::Failed(why) => {
-                tracing::warn!(
-                    backend = backend.name,
-                    error = why,
-                    "admin journal replay failed; will retry"
-                );
-                Some(format!("replay of {} {} failed: {why}; retrying", write.method, path))
-            }
+            Replayed::Applied => return outcome,
+            Replayed::Unauthorized(status) => format!(
+                "replay of {} {path} refused with {status}: the replay credential is not accepted (check admin-replay-token-file and the KBS admin policy); not applied, retrying",
+                write.method
+            ),
+            Replayed::Refused(status) => format!("replay of {} {path} refused with {status}; skipped", write.method),
+            Replayed::Failed(why) => format!("replay of {} {path} failed: {why}; retrying", write.method),
         };
-        if let Some(p) = problem {
-            self.set_status(&backend.name, |s| s.replay_error = Some(p));
+        // Retried every second: said when it changes, not at each retry (the metric counts each).
+        let mut repeated = false;
+        self.set_status(&backend.name, |s| {
+            repeated = s.replay_error.as_deref() == Some(problem.as_str());
+            s.replay_error = Some(problem.clone());
+        });
+        if repeated {
+            tracing::debug!(backend = backend.name, problem, "admin journal replay problem persists");
+        } else if matches!(outcome, Replayed::Unauthorized(_)) {
+            tracing::error!(
+                backend = backend.name,
+                seq = write.seq,
+                problem,
+                "replica refused a replayed admin write for authorization"
+            );
+        } else {
+            tracing::warn!(
+                backend = backend.name,
+                seq = write.seq,
+                problem,
+                "admin journal replay did not apply"
+            );
         }
         outcome
     }
