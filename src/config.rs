@@ -825,12 +825,13 @@ impl Settings {
                 let uri: Uri = text
                     .parse()
                     .ok()
-                    .filter(|u: &Uri| matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some())
+                    // The admin port speaks plain HTTP (keep it on the pod network, see SECURITY.md).
+                    .filter(|u: &Uri| u.scheme_str() == Some("http") && u.authority().is_some())
                     .ok_or_else(|| {
                         invalid(
                             "journal-owner",
                             text.as_str(),
-                            "expected the owner's admin port as http://HOST:PORT or https://HOST:PORT",
+                            "expected the owner's admin port as http://HOST:PORT (it speaks plain HTTP)",
                         )
                     })?;
                 if self.admin_journal.is_some() {
@@ -1200,7 +1201,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let cases: [(Settings, &str); 10] = [
+        let cases: [(Settings, &str); 11] = [
             (
                 Settings {
                     balance: Some("random".into()),
@@ -1254,6 +1255,13 @@ mod tests {
             (
                 Settings {
                     journal_owner: Some("owner:9090".into()),
+                    ..with_backends()
+                },
+                "`journal-owner`",
+            ),
+            (
+                Settings {
+                    journal_owner: Some("https://owner:9090".into()),
                     ..with_backends()
                 },
                 "`journal-owner`",
