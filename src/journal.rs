@@ -53,6 +53,9 @@ pub struct AdminWrite {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The body.
     pub body: Bytes,
+    /// What it supersedes (see [`AdminWrite::supersede_key`]), worked out once: every append
+    /// compares it with every entry.
+    key: Option<String>,
 }
 
 impl AdminWrite {
@@ -68,26 +71,34 @@ impl AdminWrite {
             path,
             headers,
             body,
+            key: None,
         }
+        .keyed()
     }
 
     /// Writes with the same key supersede each other: the last write to a resource path (set or
     /// delete), to the resource policy, or to one attestation policy id (Trustee's
     /// `SetPolicyInput.policy_id`, `default` when absent) is the state. Reference values are all
     /// kept: an RVPS message may carry several values and the proxy does not parse it.
-    pub fn supersede_key(&self) -> Option<String> {
+    pub fn supersede_key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// Works out [`Self::supersede_key`] from the path and body.
+    fn keyed(mut self) -> Self {
         let p = self.path.split('?').next().unwrap_or("");
-        if p.starts_with("/kbs/v0/resource/") || p == "/kbs/v0/resource-policy" {
-            return Some(p.to_owned());
-        }
-        if p == "/kbs/v0/attestation-policy" {
+        self.key = if p.starts_with("/kbs/v0/resource/") || p == "/kbs/v0/resource-policy" {
+            Some(p.to_owned())
+        } else if p == "/kbs/v0/attestation-policy" {
             let id = serde_json::from_slice::<serde_json::Value>(&self.body)
                 .ok()
                 .and_then(|v| v.get("policy_id").and_then(|i| i.as_str()).map(str::to_owned))
                 .unwrap_or_else(|| "default".into());
-            return Some(format!("{p}#{id}"));
-        }
-        None
+            Some(format!("{p}#{id}"))
+        } else {
+            None
+        };
+        self
     }
 
     /// Whether this write is a delete (a replayed delete answered "not found" is applied).
@@ -132,13 +143,17 @@ impl Line {
                 ))
             })
             .collect::<Option<Vec<_>>>()?;
-        Some(AdminWrite {
-            seq: self.seq,
-            method: Method::from_bytes(self.method.as_bytes()).ok()?,
-            path: self.path,
-            headers,
-            body: Bytes::from(STANDARD.decode(self.body).ok()?),
-        })
+        Some(
+            AdminWrite {
+                seq: self.seq,
+                method: Method::from_bytes(self.method.as_bytes()).ok()?,
+                path: self.path,
+                headers,
+                body: Bytes::from(STANDARD.decode(self.body).ok()?),
+                key: None,
+            }
+            .keyed(),
+        )
     }
 }
 
@@ -149,6 +164,15 @@ struct State {
     last_seq: u64,
     /// Per replica name: the position up to which it has applied the journal.
     applied: HashMap<String, u64>,
+}
+
+impl State {
+    /// Index of the first entry `replica` has not applied (entries are in sequence order, so a
+    /// binary search: the lags are refreshed every second).
+    fn first_pending(&self, replica: &str) -> usize {
+        let applied = self.applied.get(replica).copied().unwrap_or(0);
+        self.entries.partition_point(|w| w.seq <= applied)
+    }
 }
 
 /// The journal. Its `order` lock serializes fan-outs and replays so every replica applies the
@@ -251,15 +275,13 @@ impl Journal {
     /// How many journaled writes `replica` has not applied.
     pub fn behind(&self, replica: &str) -> usize {
         let state = self.state();
-        let applied = state.applied.get(replica).copied().unwrap_or(0);
-        state.entries.iter().filter(|w| w.seq > applied).count()
+        state.entries.len() - state.first_pending(replica)
     }
 
     /// The writes `replica` has not applied, in order.
     pub fn pending(&self, replica: &str) -> Vec<Arc<AdminWrite>> {
         let state = self.state();
-        let applied = state.applied.get(replica).copied().unwrap_or(0);
-        state.entries.iter().filter(|w| w.seq > applied).cloned().collect()
+        state.entries.range(state.first_pending(replica)..).cloned().collect()
     }
 
     /// Whether the journal is kept on disk (else it is lost with the process).
@@ -272,11 +294,6 @@ impl Journal {
         self.state().entries.iter().cloned().collect()
     }
 
-    /// The last sequence number handed out.
-    pub fn last_seq(&self) -> u64 {
-        self.state().last_seq
-    }
-
     /// Appends a write some replicas accepted; returns its sequence number. Older writes it
     /// supersedes are dropped, and the oldest beyond the bound.
     pub fn append(&self, mut write: AdminWrite) -> io::Result<u64> {
@@ -287,11 +304,9 @@ impl Journal {
         state.last_seq += 1;
         write.seq = state.last_seq;
         let mut rewrite = false;
-        if let Some(key) = write.supersede_key() {
+        if let Some(key) = write.key.as_deref() {
             let before = state.entries.len();
-            state
-                .entries
-                .retain(|w| w.supersede_key().as_deref() != Some(key.as_str()));
+            state.entries.retain(|w| w.supersede_key() != Some(key));
             rewrite |= state.entries.len() != before;
         }
         while state.entries.len() >= self.max_entries {
@@ -547,7 +562,7 @@ mod tests {
             compacted.iter().for_each(|w| restarted.apply(w));
             proptest::prop_assert_eq!(&restarted, &truth);
             // And the journal is the latest write per key: no two entries share one.
-            let mut keys: Vec<String> = compacted.iter().filter_map(|w| w.supersede_key()).collect();
+            let mut keys: Vec<String> = compacted.iter().filter_map(|w| w.supersede_key().map(str::to_owned)).collect();
             let n = keys.len();
             keys.sort();
             keys.dedup();
