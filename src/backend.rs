@@ -163,7 +163,13 @@ impl Backend {
 
     /// Whether new sessions may be sent here: healthy, not draining, and not missing admin writes.
     pub fn accepts_new_sessions(&self) -> bool {
-        self.is_healthy() && !self.is_draining() && self.journal_lag() == 0
+        self.is_serving() && self.journal_lag() == 0
+    }
+
+    /// Healthy and not draining, whether or not it has every admin write: replays go to it, and
+    /// new sessions too when no replica in sync is serving.
+    pub fn is_serving(&self) -> bool {
+        self.is_healthy() && !self.is_draining()
     }
 
     /// Admin writes it has not applied yet.

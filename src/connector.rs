@@ -106,6 +106,16 @@ impl tower_service::Service<Uri> for BackendConnector {
 #[derive(Debug)]
 pub struct BackendStream(Inner);
 
+impl BackendStream {
+    /// The address it is connected to.
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        match &self.0 {
+            Inner::Plain(tcp) => tcp.inner().peer_addr(),
+            Inner::Tls(tls) => tls.inner().get_ref().0.peer_addr(),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Inner {
     Plain(TokioIo<TcpStream>),

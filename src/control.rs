@@ -391,16 +391,10 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Ready: at least one backend takes new sessions, or (the balancer's fallback, so that
-    /// replicas that cannot be brought in sync never leave zero serving) at least one is healthy
-    /// and not draining although behind on admin writes.
+    /// Ready: at least one backend is serving (healthy, not draining), in sync with the admin
+    /// journal or not: the balancer falls back to replicas behind rather than to none.
     pub fn ready(&self) -> bool {
-        self.proxy
-            .routing()
-            .backends
-            .list
-            .iter()
-            .any(|b| b.is_healthy() && !b.is_draining())
+        self.proxy.routing().backends.list.iter().any(|b| b.is_serving())
     }
 
     /// The healthy, non-draining replicas that are behind on admin writes (named in `/readyz`).

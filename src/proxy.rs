@@ -573,11 +573,7 @@ fn balance(routing: &Routing, exclude: &[BackendId]) -> Option<Arc<Backend>> {
     routing
         .balancer
         .select(list, |b| b.accepts_new_sessions() && not_excluded(b))
-        .or_else(|| {
-            routing
-                .balancer
-                .select(list, |b| b.is_healthy() && !b.is_draining() && not_excluded(b))
-        })
+        .or_else(|| routing.balancer.select(list, |b| b.is_serving() && not_excluded(b)))
         .or_else(|| routing.balancer.select(list, |b| !b.is_draining() && not_excluded(b)))
         .cloned()
 }
@@ -717,7 +713,7 @@ impl Outgoing {
 
 /// `scheme://authority/path` of `backend`: rewriting the authority gives each backend its own
 /// keep-alive pool in the client.
-fn backend_uri(backend: &Backend, path: PathAndQuery) -> Uri {
+pub(crate) fn backend_uri(backend: &Backend, path: PathAndQuery) -> Uri {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(backend.scheme.clone());
     parts.authority = Some(backend.authority.clone());

@@ -30,7 +30,7 @@
 //! replica when they see one of the signs themselves, and take each replica's sync state from
 //! the owner's `/backends` at every watch round.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,6 +40,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, HOST, USER_AGENT};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
@@ -136,6 +137,17 @@ impl Replayed {
     }
 }
 
+/// How a run of replays to one replica ended.
+#[derive(Debug, Default)]
+struct ReplayRun {
+    /// Writes sent.
+    sent: u64,
+    /// The last write applied (or skipped as refused) before the run stopped.
+    applied_to: Option<u64>,
+    /// It stopped at a 401/403.
+    unauthorized: bool,
+}
+
 /// What `/backends` shows of a replica's sync, beyond its lag.
 #[derive(Debug, Clone, Default)]
 pub struct ReplicaStatus {
@@ -164,14 +176,23 @@ struct Kept {
     _driver: tokio_util::task::AbortOnDropHandle<()>,
 }
 
+impl Kept {
+    /// `None` while open; once it ended, whether that was while in use (within
+    /// [`KEEPALIVE_FLOOR`] of its last request: not the server's keep-alive timeout).
+    fn ended_in_use(&self) -> Option<bool> {
+        let closed = *lock(&self.closed_at);
+        closed.map(|at| at.saturating_duration_since(self.last_used) < KEEPALIVE_FLOOR)
+    }
+}
+
 /// What the watch remembers of one replica.
 #[derive(Default)]
 struct Watch {
     conn: Option<Kept>,
     /// Counter series and their values at the last scrape.
     counters: Option<HashMap<String, f64>>,
-    /// The addresses its authority resolved to when the watch last connected.
-    addrs: HashSet<SocketAddr>,
+    /// The address the watch's last connection reached.
+    peer: Option<SocketAddr>,
 }
 
 /// How [`ReplicaSync`] works, from the configuration.
@@ -333,11 +354,14 @@ impl ReplicaSync {
     fn report_degraded(&self) {
         let routing = self.proxy.routing();
         let list = &routing.backends.list;
-        let serving = |b: &&Arc<Backend>| b.is_healthy() && !b.is_draining();
-        let degraded = !list.iter().any(|b| b.accepts_new_sessions()) && list.iter().any(|b| serving(&b));
+        let degraded = !list.iter().any(|b| b.accepts_new_sessions()) && list.iter().any(|b| b.is_serving());
         if self.degraded.swap(degraded, Ordering::Relaxed) != degraded {
             if degraded {
-                let behind: Vec<&str> = list.iter().filter(serving).map(|b| b.name.as_str()).collect();
+                let behind: Vec<&str> = list
+                    .iter()
+                    .filter(|b| b.is_serving())
+                    .map(|b| b.name.as_str())
+                    .collect();
                 tracing::error!(replicas = behind.join(", "), "no replica is in sync with the admin journal: new sessions go to replicas that are behind rather than to none");
             } else {
                 tracing::info!("a replica in sync with the admin journal takes new sessions again");
@@ -415,32 +439,37 @@ impl ReplicaSync {
         let journal = Arc::clone(self.proxy.journal());
         let routing = self.proxy.routing();
         journal.refresh_lags(&routing.backends);
-        for backend in &routing.backends.list {
-            if backend.is_draining() || !backend.is_healthy() || journal.behind(&backend.name) == 0 {
-                continue;
-            }
-            let credential = match self.replay_credential() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = e, "no replay credential; replicas behind cannot be caught up");
-                    self.set_status(&backend.name, |s| s.replay_error = Some(e.clone()));
-                    continue;
+        let behind: Vec<&Arc<Backend>> = routing
+            .backends
+            .list
+            .iter()
+            .filter(|b| b.is_serving() && journal.behind(&b.name) > 0)
+            .collect();
+        if behind.is_empty() {
+            return;
+        }
+        let credential = match self.replay_credential() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = e, "no replay credential; replicas behind cannot be caught up");
+                for b in behind {
+                    self.set_status(&b.name, |s| s.replay_error = Some(e.clone()));
                 }
-            };
-            let _order = journal.order().await;
-            let mut applied_to = None;
-            for write in journal.pending(&backend.name) {
-                let outcome = self
-                    .replay(backend, &write, credential.as_ref(), routing.response_timeout)
+                return;
+            }
+        };
+        for backend in behind {
+            {
+                // Held through the position's record: a resync must not land between them.
+                let _order = journal.order().await;
+                let pending = journal.pending(&backend.name);
+                let run = self
+                    .replay_in_order(backend, &pending, credential.as_ref(), routing.response_timeout)
                     .await;
-                match outcome {
-                    Replayed::Applied | Replayed::Refused(_) => applied_to = Some(write.seq),
-                    Replayed::Unauthorized(_) | Replayed::Failed(_) => break,
-                }
-            }
-            if let Some(seq) = applied_to {
-                if let Err(e) = journal.mark_applied(&backend.name, seq) {
-                    tracing::error!(error = %e, "cannot record the admin journal position");
+                if let Some(seq) = run.applied_to {
+                    if let Err(e) = journal.mark_applied(&backend.name, seq) {
+                        tracing::error!(error = %e, "cannot record the admin journal position");
+                    }
                 }
             }
             journal.refresh_lags(&routing.backends);
@@ -471,29 +500,17 @@ impl ReplicaSync {
         };
         let mut sent = 0;
         for backend in &routing.backends.list {
-            if backend.is_draining() || !backend.is_healthy() || journal.behind(&backend.name) != 0 {
+            if !backend.is_serving() || journal.behind(&backend.name) != 0 {
                 continue;
             }
-            let refused = {
+            let run = {
                 let _order = journal.order().await;
-                let mut refused = false;
-                for write in journal.entries() {
-                    sent += 1;
-                    match self
-                        .replay(backend, &write, credential.as_ref(), routing.response_timeout)
-                        .await
-                    {
-                        Replayed::Applied | Replayed::Refused(_) => {}
-                        Replayed::Unauthorized(_) => {
-                            refused = true;
-                            break;
-                        }
-                        Replayed::Failed(_) => break,
-                    }
-                }
-                refused
+                let entries = journal.entries();
+                self.replay_in_order(backend, &entries, credential.as_ref(), routing.response_timeout)
+                    .await
             };
-            if refused {
+            sent += run.sent;
+            if run.unauthorized {
                 self.resync(backend, LossSignal::ReplayRefused).await;
             }
         }
@@ -501,6 +518,30 @@ impl ReplicaSync {
             tracing::debug!(writes = sent, "admin journal reconciled");
         }
         sent
+    }
+
+    /// Replays `writes` to `backend` in order, stopping at the first that was neither applied
+    /// nor skipped. The caller holds the journal's order lock.
+    async fn replay_in_order(
+        &self,
+        backend: &Backend,
+        writes: &[Arc<AdminWrite>],
+        credential: Option<&HeaderValue>,
+        timeout: Duration,
+    ) -> ReplayRun {
+        let mut run = ReplayRun::default();
+        for write in writes {
+            run.sent += 1;
+            match self.replay(backend, write, credential, timeout).await {
+                Replayed::Applied | Replayed::Refused(_) => run.applied_to = Some(write.seq),
+                Replayed::Unauthorized(_) => {
+                    run.unauthorized = true;
+                    break;
+                }
+                Replayed::Failed(_) => break,
+            }
+        }
+        run
     }
 
     /// Sends one journaled write to `backend` and classifies the answer; counts and reports it.
@@ -557,12 +598,12 @@ impl ReplicaSync {
         credential: Option<&HeaderValue>,
         timeout: Duration,
     ) -> Replayed {
-        let Ok(uri) = format!("{}://{}{}", backend.scheme, backend.authority, write.path).parse::<Uri>() else {
+        let Ok(path) = PathAndQuery::try_from(write.path.as_str()) else {
             return Replayed::Refused(StatusCode::BAD_REQUEST);
         };
         let mut req = Request::new(ProxyBody::full(write.body.clone()));
         *req.method_mut() = write.method.clone();
-        *req.uri_mut() = uri;
+        *req.uri_mut() = crate::proxy::backend_uri(backend, path);
         for (name, value) in &write.headers {
             req.headers_mut().append(name.clone(), value.clone());
         }
@@ -586,7 +627,7 @@ impl ReplicaSync {
 
     /// Asks the journal owner to resync `name`.
     async fn ask_owner_to_resync(&self, owner: &Uri, name: &str) {
-        let Ok(uri) = format!("{}/backends/{name}/resync", owner_base(owner)).parse::<Uri>() else {
+        let Some(uri) = owner_url(owner, &format!("/backends/{name}/resync")) else {
             return;
         };
         let mut req = Request::new(ProxyBody::Empty);
@@ -613,7 +654,7 @@ impl ReplicaSync {
     /// Takes each replica's lag from the journal owner's `/backends`. Replicas the owner does
     /// not list count as behind; when the owner cannot be reached the last known lags stay.
     async fn follow_owner(&self, owner: &Uri) {
-        let Ok(uri) = format!("{}/backends", owner_base(owner)).parse::<Uri>() else {
+        let Some(uri) = owner_url(owner, "/backends") else {
             return;
         };
         let mut req = Request::new(ProxyBody::Empty);
@@ -717,7 +758,7 @@ impl ReplicaSync {
             .backends
             .list
             .iter()
-            .filter(|b| b.is_healthy() && !b.is_draining() && b.journal_lag() > 0)
+            .filter(|b| b.is_serving() && b.journal_lag() > 0)
             .map(|b| b.name.clone())
             .collect()
     }
@@ -736,13 +777,13 @@ fn proxy_addresses(proxy: &Proxy) -> HashMap<String, String> {
         .collect()
 }
 
-/// `scheme://authority` of the owner's admin URL.
-fn owner_base(owner: &Uri) -> String {
-    format!(
-        "{}://{}",
-        owner.scheme_str().unwrap_or("http"),
-        owner.authority().map_or("", |a| a.as_str())
-    )
+/// `path` on the journal owner's admin port (`owner` is its validated `http://HOST:PORT`).
+pub(crate) fn owner_url(owner: &Uri, path: &str) -> Option<Uri> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = owner.scheme().cloned();
+    parts.authority = owner.authority().cloned();
+    parts.path_and_query = Some(PathAndQuery::try_from(path).ok()?);
+    Uri::from_parts(parts).ok()
 }
 
 /// How a replica's answer to a replayed write counts. A delete of something already gone
@@ -786,39 +827,33 @@ async fn watch_one(
 ) -> (Option<LossSignal>, Option<bool>) {
     let mut signal = None;
     for _attempt in 0..2 {
-        if let Some(kept) = &watch.conn {
-            let closed = *lock(&kept.closed_at);
-            if let Some(at) = closed {
-                if at.saturating_duration_since(kept.last_used) < KEEPALIVE_FLOOR {
-                    signal = signal.or(Some(LossSignal::ConnectionClosed));
-                }
-                watch.conn = None;
+        // A connection that ended: a sign when it was in use, and a new one either way.
+        if let Some(in_use) = watch.conn.as_ref().and_then(Kept::ended_in_use) {
+            if in_use {
+                signal = signal.or(Some(LossSignal::ConnectionClosed));
             }
+            watch.conn = None;
         }
         if watch.conn.is_none() {
-            let addrs = resolve(backend).await;
-            if !watch.addrs.is_empty() && !addrs.is_empty() && watch.addrs.is_disjoint(&addrs) {
-                signal = signal.or(Some(LossSignal::NewAddress));
-            }
-            if !addrs.is_empty() {
-                watch.addrs = addrs;
-            }
-            let Ok(uri) = format!("{}://{}/", backend.scheme, backend.authority).parse::<Uri>() else {
+            let uri = crate::proxy::backend_uri(backend, PathAndQuery::from_static("/"));
+            let Ok(Some((kept, peer))) =
+                tokio::time::timeout(WATCH_INTERVAL * 2, connect(connector, &uri, http2)).await
+            else {
                 return (signal, None);
             };
-            match tokio::time::timeout(WATCH_INTERVAL * 2, connect(connector, &uri, http2)).await {
-                Ok(Some(kept)) => watch.conn = Some(kept),
-                _ => return (signal, None),
+            if watch.peer.is_some_and(|p| p != peer) {
+                signal = signal.or(Some(LossSignal::NewAddress));
             }
+            watch.peer = Some(peer);
+            watch.conn = Some(kept);
         }
         let Some(kept) = watch.conn.as_mut() else {
             return (signal, None);
         };
         let Some((status, body)) = scrape(backend, kept).await else {
-            // Failed on the kept connection: note how it ended, then try a fresh one.
+            // Failed on the kept connection: let its task note the end, then try a fresh one.
             tokio::task::yield_now().await;
-            let closed = *lock(&kept.closed_at);
-            if closed.is_some_and(|at| at.saturating_duration_since(kept.last_used) < KEEPALIVE_FLOOR) {
+            if kept.ended_in_use() == Some(true) {
                 signal = signal.or(Some(LossSignal::ConnectionClosed));
             }
             watch.conn = None;
@@ -829,14 +864,8 @@ async fn watch_one(
             return (signal, Some(false));
         }
         let now = counters(&String::from_utf8_lossy(&body));
-        if let Some(before) = &watch.counters {
-            if let Some((series, was, is)) = went_back(before, &now) {
-                signal = signal.or(Some(LossSignal::CountersWentBack {
-                    series,
-                    before: was,
-                    now: is,
-                }));
-            }
+        if let Some((series, before, now)) = watch.counters.as_ref().and_then(|b| went_back(b, &now)) {
+            signal = signal.or(Some(LossSignal::CountersWentBack { series, before, now }));
         }
         watch.counters = Some(now);
         return (signal, Some(true));
@@ -879,26 +908,11 @@ async fn scrape(backend: &Backend, kept: &mut Kept) -> Option<(StatusCode, Bytes
     tokio::time::timeout(WATCH_INTERVAL * 2, exchange).await.ok().flatten()
 }
 
-/// The addresses a backend's authority resolves to now (empty when it does not).
-async fn resolve(backend: &Backend) -> HashSet<SocketAddr> {
-    let port = backend
-        .authority
-        .port_u16()
-        .unwrap_or(if backend.scheme == http::uri::Scheme::HTTPS {
-            443
-        } else {
-            80
-        });
-    let host = backend.authority.host().trim_start_matches('[').trim_end_matches(']');
-    match tokio::net::lookup_host((host, port)).await {
-        Ok(addrs) => addrs.collect(),
-        Err(_) => HashSet::new(),
-    }
-}
-
-/// A kept-alive connection (HTTP/1.1, or HTTP/2 when the replicas speak it) whose end is noted.
-async fn connect(connector: &BackendConnector, uri: &Uri, http2: bool) -> Option<Kept> {
+/// A kept-alive connection (HTTP/1.1, or HTTP/2 when the replicas speak it) whose end is
+/// noted, and the address it reached.
+async fn connect(connector: &BackendConnector, uri: &Uri, http2: bool) -> Option<(Kept, SocketAddr)> {
     let stream = connector.connect(uri).await.ok()?;
+    let peer = stream.peer_addr().ok()?;
     let closed_at = Arc::new(Mutex::new(None));
     let noted = Arc::clone(&closed_at);
     let note_end = move || *lock(&noted) = Some(Instant::now());
@@ -918,12 +932,13 @@ async fn connect(connector: &BackendConnector, uri: &Uri, http2: bool) -> Option
         });
         (Sender::Http1(sender), driver)
     };
-    Some(Kept {
+    let kept = Kept {
         sender,
         closed_at,
         last_used: Instant::now(),
         _driver: tokio_util::task::AbortOnDropHandle::new(driver),
-    })
+    };
+    Some((kept, peer))
 }
 
 /// Counter series of a Prometheus text exposition (`*_total` and histograms' `*_count`), by

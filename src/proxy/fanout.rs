@@ -107,23 +107,23 @@ impl Worker {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        if let Some(owner) = &self.shared.journal_owner {
+            if parts.headers.contains_key(FORWARDED_HEADER) {
+                return Err(ProxyError::JournalLoop);
+            }
+            let headers = forward_headers(parts.headers, &parts.uri, conn);
+            let timeout = routing.response_timeout;
+            return self
+                .forward_to_owner(owner, parts.method, path, headers, body, timeout)
+                .await;
+        }
         let write = AdminWrite::new(
             parts.method.clone(),
             path.as_str().to_owned(),
             &parts.headers,
             body.clone(),
         );
-        let forwarded = parts.headers.contains_key(FORWARDED_HEADER);
         let headers = forward_headers(parts.headers, &parts.uri, conn);
-        if let Some(owner) = &self.shared.journal_owner {
-            if forwarded {
-                return Err(ProxyError::JournalLoop);
-            }
-            let timeout = routing.response_timeout;
-            return self
-                .forward_to_owner(owner, parts.method, path, headers, body, timeout)
-                .await;
-        }
 
         let journal = Arc::clone(&self.shared.journal);
         let _order = journal.order().await;
@@ -256,10 +256,7 @@ impl Worker {
             ),
         }
         };
-        let (Some(scheme), Some(authority)) = (owner.scheme_str(), owner.authority()) else {
-            return Err(unreachable("has no usable address".into()));
-        };
-        let Ok(uri) = format!("{scheme}://{authority}{path}").parse::<Uri>() else {
+        let Some(uri) = crate::sync::owner_url(owner, path.as_str()) else {
             return Err(unreachable("cannot be addressed with this path".into()));
         };
         headers.insert(FORWARDED_HEADER, HeaderValue::from_static("1"));
