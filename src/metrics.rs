@@ -61,15 +61,45 @@ pub struct ProxyStats {
     pub active_connections: AtomicI64,
     /// Requests pinned without a valid route cookie: by a learned session id, by a learned token.
     learned: [AtomicU64; 2],
-    /// Fast-path exchanges that ended their client connection early, by reason
-    /// (`proxy::fast::Abort`).
-    aborted: [AtomicU64; 4],
+    /// Exchanges that ended their client connection early, by [`AbortReason`].
+    aborted: [AtomicU64; AbortReason::ALL.len()],
     /// Time to the response head: one shard per worker, summed at scrape time.
     latency: Mutex<Vec<Arc<LatencyShard>>>,
 }
 
-/// The labels of [`ProxyStats::count_aborted`]'s reasons, by index.
-const ABORT_REASONS: [&str; 4] = ["client_body", "backend_body", "response_body", "client_gone"];
+/// Why an exchange ended its client connection early, after the answer or a body began to
+/// move: the `reason` of `kbs_proxy_aborted_exchanges_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortReason {
+    /// The client closed or failed while its request body was read.
+    ClientBody,
+    /// The backend failed while taking the request body.
+    BackendBody,
+    /// The response body broke off after its head was sent.
+    ResponseBody,
+    /// The client went away before its answer was written.
+    ClientGone,
+}
+
+impl AbortReason {
+    /// Every reason, in counter order.
+    pub const ALL: [Self; 4] = [
+        Self::ClientBody,
+        Self::BackendBody,
+        Self::ResponseBody,
+        Self::ClientGone,
+    ];
+
+    /// Its label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::ClientBody => "client_body",
+            Self::BackendBody => "backend_body",
+            Self::ResponseBody => "response_body",
+            Self::ClientGone => "client_gone",
+        }
+    }
+}
 
 /// Number of latency buckets: 0.25 ms doubling 16 times (to ~8.2 s), then +Inf.
 const LATENCY_BUCKETS: usize = 17;
@@ -159,9 +189,9 @@ impl ProxyStats {
         self.learned[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts an aborted fast-path exchange (reason index: see `proxy::fast::Abort::reason`).
-    pub fn count_aborted(&self, reason: usize) {
-        self.aborted[reason].fetch_add(1, Ordering::Relaxed);
+    /// Counts an exchange that ended its client connection early.
+    pub fn count_aborted(&self, why: AbortReason) {
+        self.aborted[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A new latency shard for one worker, read at every scrape from now on.
@@ -340,10 +370,10 @@ impl Collector for ProxyCollector {
             &mut encoder,
             "aborted_exchanges",
             "Exchanges that ended the client connection early after the answer or a body began to move, by reason",
-            &ABORT_REASONS
+            &AbortReason::ALL
                 .iter()
                 .zip(&s.aborted)
-                .map(|(r, n)| (vec![("reason", *r)], load(n)))
+                .map(|(r, n)| (vec![("reason", r.label())], load(n)))
                 .collect::<Vec<_>>(),
         )?;
         gauge(

@@ -248,9 +248,7 @@ impl Worker {
         let resp = match self.handle_inner(req, kind, conn, &routing, &mut log).await {
             Ok(resp) => resp,
             Err(err) => {
-                if let ProxyError::SessionLost = err {
-                    log.decision = "session-lost";
-                }
+                log.answered_locally(&err);
                 tracing::debug!(route = kind.as_str(), error = %err, cause = ?std::error::Error::source(&err), "answered by the proxy");
                 let resp = err.into_response(kind);
                 self.shared.stats.count_local(kind, resp.status().as_u16());
@@ -623,12 +621,25 @@ struct AccessLog {
 
 impl AccessLog {
     fn begin(enabled: bool, req: &Request<Incoming>) -> Self {
+        Self::new(enabled, req.method().clone(), req.uri().path())
+    }
+
+    /// The line of a request `method path` (the path without its query), recorded when
+    /// `enabled`; for either transport.
+    fn new(enabled: bool, method: Method, path: &str) -> Self {
         Self {
             enabled,
-            method: req.method().clone(),
-            path: enabled.then(|| req.uri().path().to_owned()),
+            method,
+            path: enabled.then(|| path.to_owned()),
             backend: None,
             decision: "none",
+        }
+    }
+
+    /// The proxy answers `err` itself: the decision says so when the pinned session is lost.
+    fn answered_locally(&mut self, err: &ProxyError) {
+        if let ProxyError::SessionLost = err {
+            self.decision = "session-lost";
         }
     }
 

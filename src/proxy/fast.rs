@@ -51,6 +51,7 @@ use crate::kbs::RouteKind;
 use crate::route_cookie::{BackendId, Pin as RoutePin, Rejection, RouteCookieCodec, ENCODED_LEN};
 use crate::routing::{CookieIssuer, Routing};
 
+use crate::metrics::AbortReason;
 use crate::server::MAX_HEADERS;
 /// Largest backend response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -128,9 +129,8 @@ enum Prepared {
         close: bool,
         kind: RouteKind,
         is_head: bool,
-        /// For the access log only (method, path without query, the backend it was pinned to,
-        /// the decision), as the hyper path logs its own answers.
-        log: Option<LocalLog>,
+        /// Its access-log line, as the hyper path logs its own answers.
+        log: super::AccessLog,
     },
     /// Not for the fast path: hyper takes the connection over.
     Handoff,
@@ -138,15 +138,6 @@ enum Prepared {
     Reject(StatusCode),
     /// Bytes hyper's HTTP/1 server closes on without an answer: close.
     Close,
-}
-
-/// The access log's view of an answer the proxy made itself.
-#[derive(Debug)]
-struct LocalLog {
-    method: String,
-    path: String,
-    backend: Option<String>,
-    decision: &'static str,
 }
 
 /// A request ready to forward.
@@ -534,10 +525,7 @@ impl Worker {
                         self.shared.stats.count_local(kind, status);
                         let elapsed = started.elapsed();
                         self.latency.observe(kind, elapsed);
-                        if let Some(l) = &log {
-                            let backend = l.backend.as_deref().unwrap_or("-");
-                            super::log_request(&l.method, &l.path, status, backend, kind, l.decision, elapsed);
-                        }
+                        log.finish(kind, status, elapsed);
                         let answer = local_answer(resp, is_head, !keep);
                         if stream.write_all(&answer).await.is_err() {
                             self.aborted(Abort::ClientGone, "-");
@@ -669,17 +657,9 @@ impl Worker {
         } = match self.route(headers, kind, routing, now, verify) {
             Ok(route) => route,
             Err((err, backend)) => {
-                let decision = if matches!(err, ProxyError::SessionLost) {
-                    "session-lost"
-                } else {
-                    "none"
-                };
-                let log = routing.access_log.then(|| LocalLog {
-                    method: method.to_string(),
-                    path: path.to_owned(),
-                    backend,
-                    decision,
-                });
+                let mut log = super::AccessLog::new(routing.access_log, method.clone(), path);
+                log.backend = backend;
+                log.answered_locally(&err);
                 let resp = err.into_response(kind);
                 return Prepared::Local {
                     resp,
@@ -948,7 +928,7 @@ impl Worker {
     /// Counts and logs an aborted exchange (with `backend`, or `-`); returns it for the caller
     /// to close on.
     fn aborted(&self, abort: Abort, backend: &str) -> Abort {
-        self.shared.stats.count_aborted(abort.reason().0);
+        self.shared.stats.count_aborted(abort.reason());
         tracing::debug!(backend, error = %abort, "exchange aborted; closing the client connection");
         abort
     }
@@ -1153,7 +1133,7 @@ enum Relay {
 /// begun, or while a request body was moving). Counted in `kbs_proxy_aborted_exchanges_total`
 /// and logged at debug: the client sees its connection close, as hyper closes it.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
-pub(crate) enum Abort {
+enum Abort {
     /// The client closed or failed while its request body was read.
     #[error("the client closed or failed while sending its request body")]
     ClientBody,
@@ -1169,13 +1149,13 @@ pub(crate) enum Abort {
 }
 
 impl Abort {
-    /// Index in [`crate::metrics::ProxyStats`]'s aborted counters, and the label.
-    pub(crate) fn reason(self) -> (usize, &'static str) {
+    /// Its counter's reason.
+    fn reason(self) -> AbortReason {
         match self {
-            Self::ClientBody => (0, "client_body"),
-            Self::BackendBody => (1, "backend_body"),
-            Self::ResponseBody(_) => (2, "response_body"),
-            Self::ClientGone => (3, "client_gone"),
+            Self::ClientBody => AbortReason::ClientBody,
+            Self::BackendBody => AbortReason::BackendBody,
+            Self::ResponseBody(_) => AbortReason::ResponseBody,
+            Self::ClientGone => AbortReason::ClientGone,
         }
     }
 }
