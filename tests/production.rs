@@ -234,23 +234,13 @@ fn manual_health(mode: &str) -> Settings {
 }
 
 async fn backends_json(proxy: &TestProxy) -> serde_json::Value {
-    let (_, body) = send(
-        Request::get(format!("{}/backends", proxy.admin_url()))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    let (_, body) = admin_get(proxy, "/backends").await;
     serde_json::from_slice(&body).unwrap()
 }
 
 async fn metrics(proxy: &TestProxy) -> String {
-    let (parts, body) = send(
-        Request::get(format!("{}/metrics", proxy.admin_url()))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(parts.status, StatusCode::OK);
+    let (status, body) = admin_get(proxy, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
     String::from_utf8(body.to_vec()).unwrap()
 }
 

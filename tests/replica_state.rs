@@ -39,13 +39,8 @@ async fn write(
     (parts.status, parts.headers, body)
 }
 
-async fn get_json(url: String) -> serde_json::Value {
-    let (_, body) = send(Request::get(url).body(Full::default()).unwrap()).await;
-    serde_json::from_slice(&body).unwrap()
-}
-
 async fn backend(proxy: &TestProxy, name: &str) -> serde_json::Value {
-    let list = get_json(format!("{}/backends", proxy.admin_url())).await;
+    let list: serde_json::Value = serde_json::from_slice(&admin_get(proxy, "/backends").await.1).unwrap();
     list.as_array()
         .unwrap()
         .iter()
@@ -55,25 +50,12 @@ async fn backend(proxy: &TestProxy, name: &str) -> serde_json::Value {
 }
 
 async fn metrics(proxy: &TestProxy) -> String {
-    let (_, body) = send(
-        Request::get(format!("{}/metrics", proxy.admin_url()))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
-    String::from_utf8_lossy(&body).into_owned()
+    String::from_utf8_lossy(&admin_get(proxy, "/metrics").await.1).into_owned()
 }
 
 /// Health checks by hand (TCP), the admin port on.
 fn by_hand(backends: Vec<String>) -> Settings {
-    Settings {
-        health_check: Some("tcp".into()),
-        health_check_interval: Some("3600s".into()),
-        health_fall: Some(1),
-        health_rise: Some(1),
-        admin_listen: Some("127.0.0.1:0".into()),
-        ..settings(backends)
-    }
+    health_by_hand(settings(backends))
 }
 
 async fn sims_with(n: usize, config: impl Fn(SimConfig) -> SimConfig) -> Vec<SimKbs> {
@@ -227,12 +209,7 @@ async fn a_replica_that_cannot_be_replayed_to_takes_no_new_sessions_until_it_can
     assert!(metrics(&proxy)
         .await
         .contains("kbs_proxy_backend_admin_replays_total{backend=\"kbs-1\",outcome=\"unauthorized\"}"));
-    let (_, ready) = send(
-        Request::get(format!("{}/readyz", proxy.admin_url()))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    let (_, ready) = admin_get(&proxy, "/readyz").await;
     assert!(String::from_utf8_lossy(&ready).contains("kbs-1"), "readyz names it");
     // It takes no new session while kbs-0 is in sync.
     for _ in 0..6 {

@@ -69,12 +69,7 @@ fn access_lines(marker: &str) -> Vec<serde_json::Value> {
 
 /// The request counters and the latency histogram's counts from `/metrics`.
 async fn request_metrics(proxy: &TestProxy) -> Vec<String> {
-    let (_, body) = send(
-        Request::get(format!("{}/metrics", proxy.admin_url()))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    let (_, body) = admin_get(proxy, "/metrics").await;
     let mut lines: Vec<String> = String::from_utf8_lossy(&body)
         .lines()
         .filter(|l| {
@@ -271,12 +266,7 @@ async fn a_response_body_that_breaks_off_is_logged_with_its_status_and_counted()
         eventually(std::time::Duration::from_secs(5), || access_lines(&marker).len() == 1).await;
         lines.push(access_lines(&marker));
         if fast == "on" {
-            let (_, body) = send(
-                Request::get(format!("{}/metrics", proxy.admin_url()))
-                    .body(Full::default())
-                    .unwrap(),
-            )
-            .await;
+            let (_, body) = admin_get(&proxy, "/metrics").await;
             let text = String::from_utf8_lossy(&body);
             assert!(
                 text.contains("kbs_proxy_aborted_exchanges_total{reason=\"response_body\"} 1"),

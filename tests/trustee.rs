@@ -28,24 +28,8 @@ async fn admin(proxy: &TestProxy, method: Method, path: &str, body: &'static str
     )
 }
 
-fn health_by_hand(s: Settings) -> Settings {
-    Settings {
-        health_check: Some("tcp".into()),
-        health_check_interval: Some("3600s".into()),
-        health_fall: Some(1),
-        health_rise: Some(1),
-        admin_listen: Some("127.0.0.1:0".into()),
-        ..s
-    }
-}
-
 async fn backends_json(proxy: &TestProxy) -> Vec<serde_json::Value> {
-    let (_, body) = send(
-        Request::get(format!("{}/backends", proxy.admin_url()))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    let (_, body) = admin_get(proxy, "/backends").await;
     serde_json::from_slice::<serde_json::Value>(&body)
         .unwrap()
         .as_array()

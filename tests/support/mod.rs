@@ -50,6 +50,30 @@ impl Drop for TestProxy {
     }
 }
 
+/// `s` with health checks driven by hand (TCP, one result flips the verdict; the interval is
+/// an hour) and the admin port on.
+pub fn health_by_hand(s: Settings) -> Settings {
+    Settings {
+        health_check: Some("tcp".into()),
+        health_check_interval: Some("3600s".into()),
+        health_fall: Some(1),
+        health_rise: Some(1),
+        admin_listen: Some("127.0.0.1:0".into()),
+        ..s
+    }
+}
+
+/// `GET path` on the proxy's admin port: status and body.
+pub async fn admin_get(proxy: &TestProxy, path: &str) -> (http::StatusCode, Bytes) {
+    let (parts, body) = send(
+        Request::get(format!("{}{path}", proxy.admin_url()))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    (parts.status, body)
+}
+
 /// Settings for a proxy in front of `backends` (`NAME=URL` each), with the test secret.
 pub fn settings(backends: Vec<String>) -> Settings {
     Settings {
