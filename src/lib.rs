@@ -10,7 +10,6 @@
 //! - [`server`]: listeners (SO_REUSEPORT), one single-threaded runtime per worker, HTTP/1.1+h2c.
 //! - [`proxy`]: the request path: cookie → decision → forward → response; errors in one place;
 //!   the HTTP/1.1 fast path (`proxy/fast.rs`) and hyper for everything else.
-//! - [`evloop`]: the fast path's own event loop (epoll, a single-threaded executor), one per worker.
 //! - [`affinity`]: the decision, one `match` over the route cookie's states.
 //! - [`route_cookie`]: the signed cookie codec and the `Cookie` header scanner.
 //! - [`backend`], [`balance`]: the replicas, their load and passive health; choosing one.
@@ -36,7 +35,6 @@ pub mod connector;
 pub mod control;
 pub mod demo;
 pub mod discovery;
-pub mod evloop;
 pub mod health;
 pub mod journal;
 pub mod kbs;

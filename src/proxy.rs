@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use body::ProxyBody;
 pub use error::ProxyError;
-pub use fast::{fast_buffers_in_use, Rewind};
+pub use fast::{fast_buffers_in_use, FastRuntime, FastState, Pool, Rewind};
 
 use crate::affinity::{decide, read_route_cookie_with, CookieState, Decision, HeaderView, Learned};
 use crate::backend::Backend;

@@ -4,7 +4,7 @@
 //! One `current_thread` runtime per core costs less per request than tokio's multi-thread
 //! runtime: no work stealing, and a connection, its requests and its pooled backend connections
 //! all stay on one thread. With the fast path on (plain TCP), each worker's listener is served
-//! by an event loop of the fast path's own ([`evloop`]) on a second thread, cheaper per request
+//! by an event loop of the fast path's own ([`rt::own`]) on a second thread, cheaper per request
 //! still; what it hands over (HTTP/2, HTTP/1.0, `auth`/`attest`, admin writes, ...) hyper serves
 //! on the worker's runtime.
 
@@ -26,8 +26,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientLimits, Config};
-use crate::evloop;
+use crate::proxy::FastRuntime;
 use crate::proxy::{ConnInfo, Proxy, Rewind, Worker};
+use rt::{Listener as _, Stream as _};
 
 /// Streams one HTTP/2 client may have open at once.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
@@ -300,7 +301,7 @@ struct HandedOver {
     guard: ConnGuard,
 }
 
-/// Serves plain-TCP clients with the fast path: an event loop of its own ([`evloop`]), on a
+/// Serves plain-TCP clients with the fast path: an event loop of its own ([`rt::own`]), on a
 /// thread of its own, accepts and serves HTTP/1.1; what it hands over, hyper serves here, on
 /// this runtime, whose handle the loop's thread enters (tokio's timers and DNS lookups work
 /// there). Stops as [`serve`] does.
@@ -320,25 +321,47 @@ async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions
     let (to_hyper, mut handed_over) = tokio::sync::mpsc::unbounded_channel();
     // `stop`: the grace ran out, the loop ends now; `ended`: it has ended.
     let (stop, ended) = (CancellationToken::new(), CancellationToken::new());
-    let event_loop = {
-        let (worker, shutdown, stop, ended) = (Arc::clone(&worker), shutdown.clone(), stop.clone(), ended.clone());
+    let (accept_worker, accept_shutdown, accept_stop) = (Arc::clone(&worker), shutdown.clone(), stop.clone());
+    let accept = accept_fast::<rt::own::Own>;
+    // Temporary, to measure both runtimes side by side in `benches/compare.sh`.
+    let on_tokio = std::env::var_os("KBS_PROXY_FAST_RUNTIME").is_some_and(|v| v == "tokio");
+    let event_loop = if on_tokio {
+        let ended = ended.clone();
+        tokio::spawn(async move {
+            let _ended = ended.drop_guard();
+            let accept = accept_fast::<rt::tokio::Tokio>;
+            if let Err(e) = accept(accept_worker, listener, limits, accept_shutdown, accept_stop, to_hyper).await {
+                tracing::error!(error = %e, "the fast path's accept loop failed");
+            }
+        });
+        None
+    } else {
+        let ended = ended.clone();
         let handle = tokio::runtime::Handle::current();
         let name = format!("{}-fast", std::thread::current().name().unwrap_or("worker"));
-        std::thread::Builder::new().name(name).spawn(move || {
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
             let _ended = ended.drop_guard();
             let _entered = handle.enter();
-            let served = evloop::Runtime::new()
-                .and_then(|rt| rt.block_on(accept_fast(worker, listener, limits, shutdown, stop, to_hyper)));
+            let served = rt::own::Runtime::new().and_then(|rt| {
+                rt.block_on(accept(
+                    accept_worker,
+                    listener,
+                    limits,
+                    accept_shutdown,
+                    accept_stop,
+                    to_hyper,
+                ))
+            });
             if let Err(e) = served.and_then(|r| r) {
                 tracing::error!(error = %e, "the fast path's event loop failed");
             }
-        })
-    };
-    let event_loop = match event_loop {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the fast path's event loop");
-            return;
+        });
+        match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the fast path's event loop");
+                return;
+            }
         }
     };
     let builder = Arc::new(hyper_builder(&limits));
@@ -389,12 +412,14 @@ async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions
         }
     }
     // The loop has ended or is ending now: its thread exits without waiting on anything.
-    let _ = tokio::task::spawn_blocking(move || event_loop.join()).await;
+    if let Some(event_loop) = event_loop {
+        let _ = tokio::task::spawn_blocking(move || event_loop.join()).await;
+    }
 }
 
 /// The fast path's accept loop, on its event loop: serves each connection as a task of the loop
 /// until `shutdown`, then waits for them to finish the request in flight (or for `stop`).
-async fn accept_fast(
+async fn accept_fast<R: FastRuntime>(
     worker: Arc<Worker>,
     listener: std::net::TcpListener,
     limits: ClientLimits,
@@ -402,7 +427,7 @@ async fn accept_fast(
     stop: CancellationToken,
     to_hyper: tokio::sync::mpsc::UnboundedSender<HandedOver>,
 ) -> io::Result<()> {
-    let listener = evloop::TcpListener::from_std(listener)?;
+    let listener = R::listener(listener)?;
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let Some((stream, peer, slot)) = next_connection(&slots, &shutdown, || listener.accept()).await else {
@@ -423,7 +448,7 @@ async fn accept_fast(
         };
         let (idle, max_head) = (limits.idle_timeout, limits.max_header_bytes);
         // Spawned as it is (no block around it): every idle connection holds this state.
-        evloop::spawn(Arc::clone(&worker).serve_fast(stream, info, idle, max_head, shutdown.clone(), handoff));
+        R::spawn(Arc::clone(&worker).serve_fast::<R>(stream, info, idle, max_head, shutdown.clone(), handoff));
     }
     drop(listener);
     // Connections finish their request in flight and stop (they watch `shutdown`); each holds a

@@ -4,7 +4,7 @@
 //! buffer; routing is decided from those bytes (the same [`decide`] as the hyper path); the head
 //! is rewritten for the backend while copying (hop-by-hop fields dropped, `X-Forwarded-*` set)
 //! and written with the body to a pooled backend connection **in the same task**, on the
-//! worker's own event loop ([`crate::evloop`], not tokio: less work per wake-up); the response
+//! runtime the worker runs the fast path on ([`FastRuntime`]: its own event loop or tokio); the response
 //! head is rewritten the same way and the body streamed back by its framing. No `HeaderMap`, no
 //! channel between tasks, no timer per connection (deadlines are numbers a sweeper per worker
 //! checks: [`alarm`]), buffers reused from a per-worker free list, and an idle client connection
@@ -46,10 +46,10 @@ use self::clock::WallClock;
 use self::lines::Lines;
 use super::{body::ProxyBody, ConnInfo, ProxyError, Worker};
 use crate::backend::{Backend, InFlight};
-use crate::evloop::TcpStream;
 use crate::kbs::RouteKind;
 use crate::route_cookie::{BackendId, Pin as RoutePin, Rejection, RouteCookieCodec, ENCODED_LEN};
 use crate::routing::{CookieIssuer, Routing};
+use rt::Stream;
 
 use crate::metrics::AbortReason;
 use crate::server::MAX_HEADERS;
@@ -60,30 +60,64 @@ const IDLE_PER_BACKEND: usize = 512;
 /// How long an idle backend connection is kept.
 const BACKEND_IDLE: Duration = Duration::from_secs(60);
 
-/// The fast path's per-worker state: idle backend connections, most recently used last, and
-/// the client connections' deadlines.
+/// A runtime the fast path runs on: what [`rt::Runtime`] gives, and which of the worker's
+/// pools keeps its idle backend connections.
+pub trait FastRuntime: rt::Runtime {
+    /// This runtime's pool in `state`.
+    fn pool(state: &FastState) -> &Pool<Self::Stream>;
+}
+
+impl FastRuntime for rt::own::Own {
+    fn pool(state: &FastState) -> &Pool<Self::Stream> {
+        &state.own
+    }
+}
+
+impl FastRuntime for rt::tokio::Tokio {
+    fn pool(state: &FastState) -> &Pool<Self::Stream> {
+        &state.tokio
+    }
+}
+
+/// The fast path's per-worker state: idle backend connections and the client connections'
+/// deadlines.
 #[derive(Debug, Default)]
 pub struct FastState {
-    /// Per backend (a few; searched in order, no hashing): connections and reuse deadlines.
-    idle: Mutex<Vec<(BackendId, IdleList)>>,
+    /// Idle backend connections, when the worker runs the fast path on its own loop.
+    own: Pool<rt::own::TcpStream>,
+    /// Idle backend connections, when the worker runs the fast path on tokio.
+    tokio: Pool<rt::tokio::TcpStream>,
     alarms: Alarms,
     /// Unix time for route cookies, from each request's monotonic reading.
     clock: WallClock,
 }
 
-/// Idle connections to one backend and until when each may be reused.
-type IdleList = Vec<(TcpStream, Instant)>;
+/// One worker's idle backend connections, most recently used last, per backend (a few;
+/// searched in order, no hashing), each with until when it may be reused.
+#[derive(Debug)]
+pub struct Pool<S> {
+    idle: Mutex<Vec<(BackendId, IdleList<S>)>>,
+}
+
+/// Idle connections to one backend, each with until when it may be reused.
+type IdleList<S> = Vec<(S, Instant)>;
+
+impl<S> Default for Pool<S> {
+    fn default() -> Self {
+        Self { idle: Mutex::default() }
+    }
+}
 
 /// A backend connection whose response head is in `head`, counted in flight until dropped.
-struct Upstream<'b> {
-    conn: TcpStream,
+struct Upstream<'b, S> {
+    conn: S,
     head: Buf,
     _in_flight: InFlight<&'b Backend>,
 }
 
-impl FastState {
+impl<S> Pool<S> {
     /// The most recently used idle connection to `id` that has not been idle too long at `now`.
-    fn take_conn(&self, id: BackendId, now: Instant) -> Option<TcpStream> {
+    fn take(&self, id: BackendId, now: Instant) -> Option<S> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let at = idle.iter().position(|(b, _)| *b == id)?;
         let list = &mut idle[at].1;
@@ -96,7 +130,7 @@ impl FastState {
         }
     }
 
-    fn put_conn(&self, id: BackendId, conn: TcpStream, now: Instant) {
+    fn put(&self, id: BackendId, conn: S, now: Instant) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = match idle.iter().position(|(b, _)| *b == id) {
             Some(at) => &mut idle[at].1,
@@ -324,9 +358,9 @@ impl CookieCache {
     }
 }
 
-/// The time of the event loop's turn (see [`crate::evloop::now`]): no clock read per request.
-fn loop_now() -> Instant {
-    Instant::from_std(crate::evloop::now())
+/// The time of the runtime's turn (see [`rt::Runtime::now`]): no clock read per request.
+fn loop_now<R: rt::Runtime>() -> Instant {
+    Instant::from_std(R::now())
 }
 
 /// A request-target byte the fast path forwards as it is: unreserved, sub-delims, `:@/?%`
@@ -406,9 +440,9 @@ impl Worker {
     // An async block, not an async fn: an async fn keeps its arguments twice in its state (moved
     // into locals beside the captured ones: 136 bytes here), and every idle connection holds it.
     #[allow(clippy::manual_async_fn)]
-    pub fn serve_fast(
+    pub fn serve_fast<R: FastRuntime>(
         self: Arc<Self>,
-        mut stream: TcpStream,
+        mut stream: R::Stream,
         conn: Arc<ConnInfo>,
         idle_timeout: Duration,
         max_head: usize,
@@ -422,7 +456,7 @@ impl Worker {
             // The connection's deadline (idle waits, heads, response deadlines) and shutdown waiter.
             let mut alarm = self.fast.alarms.register();
             // When the connection last finished something: idle time counts from here.
-            let mut last = loop_now();
+            let mut last = loop_now::<R>();
             // No request read yet: the bytes are the connection's first.
             let mut first = true;
             loop {
@@ -456,7 +490,7 @@ impl Worker {
                     return; // pipelined requests are not started once stopping
                 }
                 // The request's time (the loop's turn's): its deadlines and timings count from here.
-                let started = loop_now();
+                let started = loop_now::<R>();
                 let arrival = Arrival {
                     first,
                     unix: self.fast.clock.unix_secs(started),
@@ -534,11 +568,11 @@ impl Worker {
                         if !keep {
                             return;
                         }
-                        last = loop_now();
+                        last = loop_now::<R>();
                     }
                     Prepared::Forward(ref mut plan) => {
                         let close = plan.client_close;
-                        let exchange = self.forward(&mut stream, &mut buf, &conn, plan, started, &mut alarm);
+                        let exchange = self.forward::<R>(&mut stream, &mut buf, &conn, plan, started, &mut alarm);
                         match exchange.await {
                             Ok(Some(done)) if !close => last = done,
                             // An abort was counted and logged where it happened.
@@ -747,9 +781,9 @@ impl Worker {
     }
 
     /// Reads and drops a request body of `len` bytes following the head.
-    async fn discard_body(
+    async fn discard_body<S: Stream>(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         buf: &mut Vec<u8>,
         head_len: usize,
         len: u64,
@@ -775,9 +809,9 @@ impl Worker {
 
     /// Forwards one planned request and streams the response back. `Ok(Some(t))`: done at `t`,
     /// and the client connection can take another request; `Ok(None)`/`Err`: close it.
-    async fn forward(
+    async fn forward<R: FastRuntime>(
         &self,
-        client: &mut TcpStream,
+        client: &mut R::Stream,
         buf: &mut Buf,
         conn: &ConnInfo,
         plan: &mut Plan,
@@ -802,7 +836,7 @@ impl Worker {
             let pooled_conn = if fresh_only {
                 None
             } else {
-                self.fast.take_conn(backend.id, started)
+                R::pool(&self.fast).take(backend.id, started)
             };
             let (pooled, mut bc) = match pooled_conn {
                 Some(c) => (true, c),
@@ -847,7 +881,7 @@ impl Worker {
                         if let Err(abort) = self.stream_request_body(client, &mut bc, more).await {
                             return Err(self.aborted(abort, &plan.backend.name));
                         }
-                        sent_at = loop_now();
+                        sent_at = loop_now::<R>();
                     }
                     // The response head is due within the response timeout of the request sent.
                     alarm.set(sent_at + plan.routing.response_timeout);
@@ -904,13 +938,13 @@ impl Worker {
             return self.fail(client, buf, plan, err, started).await;
         }
         backend.record_success();
-        let done = loop_now();
+        let done = loop_now::<R>();
         let elapsed = done.saturating_duration_since(started);
         self.latency.observe(plan.kind, elapsed);
         match result {
             Ok((status, reuse_backend, keep_client)) => {
                 if reuse_backend {
-                    self.fast.put_conn(backend.id, up.conn, done);
+                    R::pool(&self.fast).put(backend.id, up.conn, done);
                 }
                 log_access(plan, status, elapsed);
                 Ok(keep_client.then_some(done))
@@ -933,9 +967,9 @@ impl Worker {
         abort
     }
 
-    async fn connect(&self, backend: &Backend) -> io::Result<TcpStream> {
+    async fn connect<S: Stream>(&self, backend: &Backend) -> io::Result<S> {
         let timeout = self.shared.connect_timeout;
-        let s = tokio::time::timeout(timeout, connect_authority(backend.authority.as_str()))
+        let s: S = tokio::time::timeout(timeout, connect_authority(backend.authority.as_str()))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         s.set_nodelay(true)?;
@@ -944,10 +978,10 @@ impl Worker {
 
     /// Copies `more` request body bytes from the client to the backend (the buffer held only
     /// body bytes, all sent already).
-    async fn stream_request_body(
+    async fn stream_request_body<S: Stream>(
         &self,
-        client: &mut TcpStream,
-        backend: &mut TcpStream,
+        client: &mut S,
+        backend: &mut S,
         mut more: u64,
     ) -> Result<(), Abort> {
         let mut chunk = Buf::take();
@@ -967,10 +1001,10 @@ impl Worker {
     /// Writes the response head (rewritten) and streams the body. Returns (status, whether the
     /// backend connection can be reused, whether the client connection can); nothing is
     /// written when the head is refused.
-    async fn relay_response(
+    async fn relay_response<S: Stream>(
         &self,
-        client: &mut TcpStream,
-        up: &mut Upstream<'_>,
+        client: &mut S,
+        up: &mut Upstream<'_, S>,
         mut out: Buf,
         conn: &ConnInfo,
         plan: &Plan,
@@ -1098,9 +1132,9 @@ impl Worker {
     /// Answers an error of our own before any response byte was sent. Boxed: rare, and its
     /// state (the error) would otherwise enlarge the exchange's future, which is part of every
     /// connection's task.
-    fn fail<'a>(
+    fn fail<'a, S: Stream>(
         &'a self,
-        client: &'a mut TcpStream,
+        client: &'a mut S,
         buf: &'a mut Vec<u8>,
         plan: &'a Plan,
         err: ProxyError,
@@ -1170,7 +1204,7 @@ enum HeadError {
 
 /// Reads a response head into `rbuf`, skipping 1xx informational responses. Only finds where
 /// the head ends: it is parsed (and judged) once, when relayed.
-async fn read_response_head(bc: &mut TcpStream, rbuf: &mut Vec<u8>) -> Result<(), HeadError> {
+async fn read_response_head<S: Stream>(bc: &mut S, rbuf: &mut Vec<u8>) -> Result<(), HeadError> {
     loop {
         if let Some(end) = head_end(rbuf) {
             // "HTTP/1.1 1xx": informational, parsed to be sure (rare).
@@ -1243,15 +1277,15 @@ fn could_be_response_head(head: &[u8]) -> bool {
 }
 
 /// Connects to a backend's `host:port`: an address as written straight away, a name through a
-/// lookup (tokio's, on the runtime whose handle the loop's thread entered), each address it
+/// lookup (tokio's: the own loop's thread enters a tokio runtime's handle), each address it
 /// gives in turn until one connects.
-async fn connect_authority(authority: &str) -> io::Result<TcpStream> {
+async fn connect_authority<S: Stream>(authority: &str) -> io::Result<S> {
     if let Ok(addr) = authority.parse::<SocketAddr>() {
-        return TcpStream::connect(addr).await;
+        return S::connect(addr).await;
     }
     let mut last = None;
     for addr in tokio::net::lookup_host(authority).await? {
-        match TcpStream::connect(addr).await {
+        match S::connect(addr).await {
             Ok(s) => return Ok(s),
             Err(e) => last = Some(e),
         }
@@ -1270,7 +1304,7 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// Copies exactly `n` bytes from `from` to `to`.
-async fn copy_exact(from: &TcpStream, to: &TcpStream, mut n: u64, scratch: &mut Vec<u8>) -> io::Result<()> {
+async fn copy_exact<S: Stream>(from: &S, to: &S, mut n: u64, scratch: &mut Vec<u8>) -> io::Result<()> {
     if n == 0 {
         return Ok(()); // the common case: the whole body came with the head
     }
@@ -1288,9 +1322,9 @@ async fn copy_exact(from: &TcpStream, to: &TcpStream, mut n: u64, scratch: &mut 
 }
 
 /// Copies a chunked body until its end; `Ok(false)` when the backend sent bytes past it.
-async fn copy_chunked(
-    from: &TcpStream,
-    to: &TcpStream,
+async fn copy_chunked<S: Stream>(
+    from: &S,
+    to: &S,
     scanner: &mut ChunkedScanner,
     scratch: &mut Vec<u8>,
 ) -> io::Result<bool> {
@@ -1313,7 +1347,7 @@ async fn copy_chunked(
 }
 
 /// Copies until `from` closes.
-async fn copy_to_eof(from: &TcpStream, to: &TcpStream, scratch: &mut Vec<u8>) -> io::Result<()> {
+async fn copy_to_eof<S: Stream>(from: &S, to: &S, scratch: &mut Vec<u8>) -> io::Result<()> {
     init_scratch(scratch);
     loop {
         let got = from.read(scratch).await?;

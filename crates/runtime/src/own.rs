@@ -1,9 +1,10 @@
 //! The fast path's own event loop: an edge-triggered epoll reactor and a single-threaded
 //! executor, run by one thread per worker.
 //!
-//! Why not tokio there: side by side in `benches/compare.sh`, a relay that does nothing costs
-//! 0.7 µs of user time per request on a `current_thread` tokio runtime and 0.2 µs on a bare
-//! epoll loop (docs/history/tuning-journal.md), in a proxy whose whole user time per request was 1.3–1.4 µs.
+//! Why not tokio there: a relay that does nothing spends about three times the user time per
+//! request on a `current_thread` tokio runtime as on a bare epoll loop (the tuning journal,
+//! docs/history/tuning-journal.md, has the figures; [`crate::tokio`] is the same fast path on
+//! tokio, to measure it again).
 //! tokio's general machinery (readiness and task states kept in atomics, waiter lists under
 //! locks, the cooperative budget) serves any number of tasks on any threads; the fast path has
 //! one task per client connection, on one thread, and needs much less:
@@ -47,8 +48,6 @@ use slab::Slab;
 const EVENTS_PER_WAIT: usize = 256;
 /// The token of the eventfd through which other threads wake the loop.
 const WAKE_TOKEN: u64 = u64::MAX;
-/// Room a read makes in a full buffer.
-const MIN_READ_ROOM: usize = 8 * 1024;
 /// Socket operations a task may make in one poll before it yields, as under tokio's cooperative
 /// budget: a connection that always has bytes ready cannot starve the others.
 const BUDGET: u32 = 128;
@@ -649,9 +648,7 @@ impl TcpStream {
     /// Reads what the socket has into `buf`'s spare capacity (made if there is none), without
     /// waiting: `WouldBlock` when it has nothing. `Ok(0)`: the peer closed.
     pub fn try_read_vec(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
-        if buf.capacity() == buf.len() {
-            buf.reserve(MIN_READ_ROOM);
-        }
+        crate::reserve_read_room(buf);
         let room = buf.capacity() - buf.len();
         self.io.transfer(Direction::Read, || self.recv_vec(buf), short_of(room))
     }
@@ -774,6 +771,73 @@ impl TcpListener {
     /// The address it listens on.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+}
+
+/// The fast path's own loop (see the module docs), run by [`Runtime::block_on`].
+#[derive(Debug)]
+pub struct Own;
+
+impl crate::Runtime for Own {
+    type Stream = TcpStream;
+    type Listener = TcpListener;
+
+    fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
+        TcpListener::from_std(socket)
+    }
+
+    fn spawn(task: impl Future<Output = ()> + Send + 'static) {
+        spawn(task);
+    }
+
+    fn now() -> Instant {
+        now()
+    }
+}
+
+impl crate::Stream for TcpStream {
+    fn connect(addr: SocketAddr) -> impl Future<Output = io::Result<Self>> + Send {
+        TcpStream::connect(addr)
+    }
+
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        TcpStream::readable(self)
+    }
+
+    fn try_read_vec(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        TcpStream::try_read_vec(self, buf)
+    }
+
+    fn read_vec(&self, buf: &mut Vec<u8>) -> impl Future<Output = io::Result<usize>> + Send {
+        TcpStream::read_vec(self, buf)
+    }
+
+    fn read(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send {
+        TcpStream::read(self, buf)
+    }
+
+    fn write_all(&self, data: &[u8]) -> impl Future<Output = io::Result<()>> + Send {
+        TcpStream::write_all(self, data)
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        TcpStream::shutdown_write(self)
+    }
+
+    fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
+        TcpStream::set_nodelay(self, nodelay)
+    }
+
+    fn into_std(self) -> io::Result<std::net::TcpStream> {
+        TcpStream::into_std(self)
+    }
+}
+
+impl crate::Listener for TcpListener {
+    type Stream = TcpStream;
+
+    fn accept(&self) -> impl Future<Output = io::Result<(TcpStream, SocketAddr)>> + Send {
+        TcpListener::accept(self)
     }
 }
 
