@@ -53,7 +53,7 @@
 #     set the req/s);
 #  6. restarts each proxy fresh and measures its RSS with IDLE_CONNS idle keep-alive client
 #     connections (each has made one request), and per connection (HAProxy: at most 9000,
-#     see benches/compare/haproxy.cfg).
+#     see benches/compare/haproxy.cfg), ours-b too when OURS_B is set.
 # Every run is bounded (wrk -d, timeouts on every wait); everything it starts is stopped on
 # exit. Ports used: 18080/18083 (proxy), 18081-18082 (backends), 18090/18092 (HAProxy),
 # 18091/18093 (nginx), the second of each pair for the two-thread variant; 18084-18086 (relay,
@@ -561,7 +561,7 @@ echo "each proxy freshly started and warmed with 1 s of wrk -c8; RSS = VmRSS of 
 echo
 echo "| proxy | RSS before | RSS with the idle connections | per connection (connections) |"
 echo "|---|---:|---:|---:|"
-for t in ours haproxy nginx; do
+for t in ours ${OURS_B:+ours-b} haproxy nginx; do
     "start_$t" 1
     pid=$started
     timeout 20 taskset -c "$LOAD_CPU" wrk -t1 -c8 -d1s "http://127.0.0.1:${PORT[$t]}/" >/dev/null

@@ -8,6 +8,7 @@ mod error;
 mod fanout;
 mod fast;
 pub mod headers;
+mod retry;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,6 +27,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 pub use body::ProxyBody;
 pub use error::ProxyError;
 pub use fast::{fast_buffers_in_use, FastRuntime, FastState, Pool, Rewind};
+
+use retry::{AfterRefusal, Attempts};
 
 use crate::affinity::{decide, read_route_cookie_with, CookieState, Decision, HeaderView, Learned};
 use crate::backend::Backend;
@@ -309,12 +312,11 @@ impl Worker {
             body,
         };
 
-        // Re-sending to another backend is allowed only after a failed connect (nothing reached
-        // a backend), for a body we still hold, and never for a request bound to its session.
-        let mut tried: Vec<BackendId> = Vec::new();
+        // Re-sending to another backend is decided by the one retry policy (retry.rs).
+        let mut attempts = Attempts::default();
         loop {
             log.backend = Some(target.backend.name.clone());
-            let may_retry = replayable && !target.session_bound && routing.backends.list.len() > tried.len() + 1;
+            let may_retry = attempts.may_retry(routing, target.session_bound, replayable);
             let req = if may_retry {
                 outgoing.copy_for(&target.backend)
             } else {
@@ -350,27 +352,23 @@ impl Worker {
                     return Ok(Response::from_parts(parts, ProxyBody::Stream(body, Some(in_flight))));
                 }
                 Ok(Err(e)) if e.is_connect() => {
-                    target.backend.record_failure();
-                    let backend = target.backend.name.clone();
-                    if target.session_bound {
-                        tracing::warn!(backend, route = kind.as_str(), "pinned replica unreachable");
-                        target.backend.stats.pinned_refused.fetch_add(1, Ordering::Relaxed);
-                        return Err(ProxyError::SessionLost);
+                    match attempts.refused(routing, &target.backend, kind, target.session_bound, replayable) {
+                        AfterRefusal::RetryOn(next) => {
+                            log.decision = "retried";
+                            target = Target {
+                                backend: next,
+                                issue_cookie: true,
+                                session_bound: false,
+                            };
+                        }
+                        AfterRefusal::SessionLost => return Err(ProxyError::SessionLost),
+                        AfterRefusal::GiveUp => {
+                            return Err(ProxyError::Unreachable {
+                                backend: target.backend.name.clone(),
+                                source: e,
+                            })
+                        }
                     }
-                    if !may_retry {
-                        return Err(ProxyError::Unreachable { backend, source: e });
-                    }
-                    tried.push(target.backend.id);
-                    let Some(next) = balance(routing, &tried) else {
-                        return Err(ProxyError::Unreachable { backend, source: e });
-                    };
-                    tracing::info!(from = backend, to = next.name, "re-sent after a failed connect");
-                    log.decision = "retried";
-                    target = Target {
-                        backend: next,
-                        issue_cookie: true,
-                        session_bound: false,
-                    };
                 }
                 Ok(Err(e)) => {
                     return Err(ProxyError::Backend {

@@ -89,6 +89,8 @@ async fn request_metrics(proxy: &TestProxy) -> Vec<String> {
 struct Answer {
     status: StatusCode,
     content_type: Option<String>,
+    /// Whether the answer set a route cookie (its value differs per run: a timestamp).
+    set_cookie: bool,
     body: Bytes,
 }
 
@@ -104,6 +106,7 @@ async fn get(proxy: &TestProxy, path: &str, route: Option<&str>) -> Answer {
             .headers
             .get("content-type")
             .map(|v| v.to_str().unwrap().to_owned()),
+        set_cookie: parts.headers.contains_key("set-cookie"),
         body,
     }
 }
@@ -123,8 +126,8 @@ async fn scenarios(fast: &str, live: &SimKbs, dead: std::net::SocketAddr) -> (Ve
         ..settings(vec![format!("kbs-0={}", live.url()), format!("kbs-1=http://{dead}")])
     })
     .await;
-    proxy.control.check_health().await; // kbs-1 is seen down
     let path = |what: &str| format!("/kbs/v0/resource/{marker}/key/{what}");
+    proxy.control.check_health().await; // kbs-1 is seen down
     let pinned_live = route_value(BackendId::from_name("kbs-0"));
     let pinned_dead = route_value(BackendId::from_name("kbs-1"));
     let answers = vec![
@@ -168,6 +171,7 @@ async fn both_transports_answer_log_and_count_alike() {
     for (i, (f, h)) in fast_answers.iter().zip(&hyper_answers).enumerate() {
         assert_eq!(f.status, h.status, "scenario {i}");
         assert_eq!(f.content_type, h.content_type, "scenario {i}");
+        assert_eq!(f.set_cookie, h.set_cookie, "scenario {i}");
         // Bodies name the request path in some answers: compare them with it made neutral.
         let neutral = |a: &Answer, m: &str| String::from_utf8_lossy(&a.body).replace(m, "TRANSPORT");
         assert_eq!(neutral(f, "via-on"), neutral(h, "via-off"), "scenario {i}");
@@ -199,6 +203,48 @@ async fn both_transports_answer_log_and_count_alike() {
         (Some("kbs-1"), Some("session-lost"))
     );
     let _ = std::io::stderr().flush();
+}
+
+/// One transport's answers and access lines when one of two replicas refuses connections but is
+/// not yet known to be down (no active checks): round-robin sends one request there.
+async fn refused_then_retried(
+    fast: &str,
+    live: &SimKbs,
+    dead: std::net::SocketAddr,
+) -> Vec<(Answer, serde_json::Value)> {
+    let marker = format!("retry-{fast}");
+    let proxy = start_proxy_by_hand(Settings {
+        fast_path: Some(fast.into()),
+        access_log: Some("on".into()),
+        health_check: Some("off".into()),
+        ..settings(vec![format!("kbs-0={}", live.url()), format!("kbs-1=http://{dead}")])
+    })
+    .await;
+    let mut answers = Vec::new();
+    for i in 0..2 {
+        answers.push(get(&proxy, &format!("/kbs/v0/resource/{marker}/key/{i}"), None).await);
+    }
+    eventually(std::time::Duration::from_secs(5), || access_lines(&marker).len() == 2).await;
+    answers.into_iter().zip(access_lines(&marker)).collect()
+}
+
+#[tokio::test]
+async fn a_refused_connect_is_retried_alike_on_both_transports() {
+    capture_logs();
+    let live = SimKbs::start_local(SimConfig::new("kbs-0")).await.unwrap();
+    let dead = dead_addr().await;
+    let fast = refused_then_retried("on", &live, dead).await;
+    let hyper = refused_then_retried("off", &live, dead).await;
+    for (i, ((fa, fl), (ha, hl))) in fast.iter().zip(&hyper).enumerate() {
+        assert_eq!((fa.status, fa.set_cookie), (ha.status, ha.set_cookie), "request {i}");
+        assert_eq!(fl["decision"], hl["decision"], "request {i}");
+        assert_eq!(fl["backend"], hl["backend"], "request {i}");
+        // Every answer comes from the live replica, with a cookie pinning the client there.
+        assert_eq!(fl["backend"], "kbs-0", "request {i}");
+        assert!(fa.set_cookie, "request {i}");
+    }
+    let decisions: Vec<_> = fast.iter().map(|(_, l)| l["decision"].as_str().unwrap()).collect();
+    assert!(decisions.contains(&"retried"), "one request was re-sent: {decisions:?}");
 }
 
 /// A backend that answers every request with a head promising 100 bytes, sends 10 and closes.

@@ -44,6 +44,7 @@ use self::buf::{Buf, STREAM_CHUNK};
 use self::chunked::ChunkedScanner;
 use self::clock::WallClock;
 use self::lines::Lines;
+use super::retry::{AfterRefusal, Attempts};
 use super::{body::ProxyBody, ConnInfo, ProxyError, Worker};
 use crate::backend::{Backend, InFlight};
 use crate::kbs::RouteKind;
@@ -826,7 +827,7 @@ impl Worker {
         // the response head.
         let mut out = std::mem::take(&mut plan.out_head);
         out.extend_from_slice(&buf[body_start..body_start + body_in_buf]);
-        let mut tried: Vec<BackendId> = Vec::new();
+        let mut attempts = Attempts::default();
 
         // Connect (pooled, else new), send, and wait for the response head; a stale pooled
         // connection or a refused connect may be retried when nothing reached a backend.
@@ -843,30 +844,24 @@ impl Worker {
                 None => match self.connect(backend).await {
                     Ok(c) => (false, c),
                     Err(e) => {
-                        backend.record_failure();
-                        let may_retry = !plan.session_bound && whole_body_here;
-                        tried.push(backend.id);
-                        match may_retry.then(|| super::balance(&plan.routing, &tried)).flatten() {
-                            Some(next) => {
+                        let next =
+                            attempts.refused(&plan.routing, backend, plan.kind, plan.session_bound, whole_body_here);
+                        let err = match next {
+                            AfterRefusal::RetryOn(next) => {
                                 plan.backend = next;
                                 plan.issue_cookie = true;
+                                plan.session_bound = false;
                                 plan.decision = "retried";
                                 fresh_only = false;
                                 continue;
                             }
-                            None => {
-                                let err = if plan.session_bound {
-                                    backend.stats.pinned_refused.fetch_add(1, Ordering::Relaxed);
-                                    ProxyError::SessionLost
-                                } else {
-                                    ProxyError::Connect {
-                                        backend: backend.name.clone(),
-                                        source: e,
-                                    }
-                                };
-                                return self.fail(client, buf, plan, err, started).await;
-                            }
-                        }
+                            AfterRefusal::SessionLost => ProxyError::SessionLost,
+                            AfterRefusal::GiveUp => ProxyError::Connect {
+                                backend: backend.name.clone(),
+                                source: e,
+                            },
+                        };
+                        return self.fail(client, buf, plan, err, started).await;
                     }
                 },
             };
