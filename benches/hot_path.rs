@@ -10,12 +10,12 @@ use hmac::{Hmac, Mac};
 use http::header::{HeaderMap, HeaderValue, COOKIE};
 use http::uri::{Authority, Scheme};
 use http::Method;
-use kbs_affinity_proxy::affinity::{decide, read_route_cookie};
-use kbs_affinity_proxy::backend::{Backend, Backends};
-use kbs_affinity_proxy::balance::{Balancer, Policy};
-use kbs_affinity_proxy::kbs::RouteKind;
-use kbs_affinity_proxy::proxy::headers::{remove_hop_by_hop, set_forwarded};
-use kbs_affinity_proxy::route_cookie::{cookie_values, BackendId, CookieSecret, RouteCookieCodec};
+use kbs_proxy::dataplane::proxy::headers::{remove_hop_by_hop, set_forwarded};
+use kbs_proxy::kbs::RouteKind;
+use kbs_proxy::routing::affinity::{decide, read_route_cookie};
+use kbs_proxy::routing::balance::{Balancer, Policy};
+use kbs_proxy::routing::route_cookie::{cookie_values, BackendId, CookieSecret, RouteCookieCodec};
+use kbs_proxy::upstream::backend::{Backend, Backends};
 use sha2::Sha256;
 
 const NOW: u64 = 1_800_000_000;
@@ -105,7 +105,7 @@ fn bench(c: &mut Criterion) {
             let state = read_route_cookie(black_box(&headers), "route", &codec, NOW, MAX_AGE);
             matches!(
                 decide(true, RouteKind::Resource, state, None, &set, NOW, MAX_AGE),
-                kbs_affinity_proxy::affinity::Decision::Pinned { .. }
+                kbs_proxy::routing::affinity::Decision::Pinned { .. }
             )
         })
     });
@@ -159,7 +159,7 @@ fn latency(c: &mut Criterion) {
     use std::time::{Duration, Instant};
     let elapsed = Duration::from_micros(700);
     let shared = Arc::new(Histogram::new(exponential_buckets(0.000_25, 2.0, 16)));
-    let stats = kbs_affinity_proxy::metrics::ProxyStats::default();
+    let stats = kbs_proxy::control::metrics::ProxyStats::default();
     let mine = stats.latency_shard();
     c.bench_function("latency_shared_histogram", |b| {
         b.iter(|| shared.observe(black_box(elapsed).as_secs_f64()))

@@ -13,11 +13,11 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use kbs_affinity_proxy::config::Settings;
-use kbs_affinity_proxy::control::ControlPlane;
-use kbs_affinity_proxy::proxy::Proxy;
-use kbs_affinity_proxy::server;
-use kbs_affinity_proxy::sim::{SimConfig, SimKbs};
+use kbs_proxy::config::Settings;
+use kbs_proxy::control::ControlPlane;
+use kbs_proxy::dataplane::proxy::Proxy;
+use kbs_proxy::dataplane::server;
+use kbs_proxy_harness::sim::{SimConfig, SimKbs};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

@@ -5,7 +5,7 @@
 //! cargo run --release -- --listen 127.0.0.1:8080 <the printed --backend flags>
 //! ```
 
-use kbs_affinity_proxy::sim::{SimConfig, SimKbs};
+use kbs_proxy_harness::sim::{SimConfig, SimKbs};
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {

@@ -1,4 +1,4 @@
-//! The `loadgen` subcommand: the flags of [`kbs_affinity_proxy::loadgen`], a runtime, a
+//! The `loadgen` subcommand: the flags of [`kbs_proxy_harness::loadgen`], a runtime, a
 //! progress line on stderr and the report on stdout.
 
 use std::io::Write as _;
@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use kbs_affinity_proxy::loadgen::{self, LoadOptions};
+use kbs_proxy_harness::loadgen::{self, LoadOptions};
 
 /// Flags of `kbs-affinity-proxy loadgen`.
 #[derive(Args, Debug)]

@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use kbs_affinity_proxy::config::{self, ConfigError, Settings};
-use kbs_affinity_proxy::control::{self, ControlPlane};
-use kbs_affinity_proxy::proxy::Proxy;
-use kbs_affinity_proxy::sim::{SimConfig, SimKbs};
-use kbs_affinity_proxy::{demo, server, telemetry};
+use kbs_proxy::config::{self, ConfigError, Settings};
+use kbs_proxy::control::{self, ControlPlane};
+use kbs_proxy::dataplane::proxy::Proxy;
+use kbs_proxy::{dataplane::server, telemetry};
+use kbs_proxy_harness::demo;
+use kbs_proxy_harness::sim::{SimConfig, SimKbs};
 use tokio_util::sync::CancellationToken;
 
 mod loadgen_cli;
@@ -415,7 +416,7 @@ fn spawn_control_plane(
             tokio::spawn(std::sync::Arc::clone(&control).run(shutdown.clone()));
             if let Some(listener) = admin.and_then(|l| tokio::net::TcpListener::from_std(l).ok()) {
                 let control = std::sync::Arc::clone(&control);
-                tokio::spawn(kbs_affinity_proxy::admin::serve(
+                tokio::spawn(kbs_proxy::control::admin::serve(
                     listener,
                     control,
                     token,

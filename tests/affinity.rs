@@ -6,10 +6,10 @@ use bytes::Bytes;
 use http::header::{COOKIE, SET_COOKIE};
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use kbs_affinity_proxy::demo;
-use kbs_affinity_proxy::kbs_client::{ClientError, KbsClient};
-use kbs_affinity_proxy::route_cookie::{BackendId, CookieSecret, RouteCookieCodec};
-use kbs_affinity_proxy::sim::{SimKbs, REPLICA_HEADER};
+use kbs_proxy::routing::route_cookie::{BackendId, CookieSecret, RouteCookieCodec};
+use kbs_proxy_harness::demo;
+use kbs_proxy_harness::kbs_client::{ClientError, KbsClient};
+use kbs_proxy_harness::sim::{SimKbs, REPLICA_HEADER};
 use support::*;
 
 const RESOURCE: &str = "default/key/demo";
@@ -340,7 +340,7 @@ async fn non_kbs_paths_are_balanced() {
 #[tokio::test]
 async fn the_demo_prints_one_replica_per_session() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let settings = kbs_affinity_proxy::config::Settings::default();
+    let settings = kbs_proxy::config::Settings::default();
     let d = demo::start(settings, listener).await.unwrap();
     let reports = demo::run_sessions(&format!("http://{}", d.proxy_addr), 4).await;
     let table = demo::render(&reports);

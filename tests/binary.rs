@@ -5,7 +5,7 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use kbs_affinity_proxy::kbs_client::KbsClient;
+use kbs_proxy_harness::kbs_client::KbsClient;
 use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;

@@ -8,7 +8,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kbs_affinity_proxy::config::Settings;
+use kbs_proxy::config::Settings;
 use proptest::prelude::*;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -182,7 +182,7 @@ async fn pair(mirror: SocketAddr) -> Pair {
 }
 
 fn route_cookie_for(name: &str) -> String {
-    route_value(kbs_affinity_proxy::route_cookie::BackendId::from_name(name))
+    route_value(kbs_proxy::routing::route_cookie::BackendId::from_name(name))
 }
 
 fn request_strategy() -> impl Strategy<Value = Vec<u8>> {
@@ -487,7 +487,7 @@ async fn a_response_head_the_fast_path_cannot_frame_is_a_kbs_shaped_502() {
 #[tokio::test]
 async fn idle_keep_alive_connections_hold_no_buffer() {
     // The count is the process's (nextest runs each test in a process of its own): this proxy's.
-    use kbs_affinity_proxy::proxy::fast_buffers_in_use;
+    use kbs_proxy::dataplane::proxy::fast_buffers_in_use;
     let backend = start_scripted(Some(OK_REPLY), Duration::ZERO).await;
     let proxy = start_proxy(Settings {
         fast_path: Some("on".into()),

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use kbs_affinity_proxy::config::Settings;
+use kbs_proxy::config::Settings;
 use sha2::{Digest, Sha256};
 use support::*;
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use kbs_affinity_proxy::config::Settings;
-use kbs_affinity_proxy::kbs_client::KbsClient;
+use kbs_proxy::config::Settings;
+use kbs_proxy_harness::kbs_client::KbsClient;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -129,13 +129,13 @@ async fn hostile_route_cookies_are_absent_counted_and_never_panic() {
         );
     }
     // A valid signature for a backend this proxy does not have.
-    let stranger = route_value(kbs_affinity_proxy::route_cookie::BackendId::from_name("not-here"));
+    let stranger = route_value(kbs_proxy::routing::route_cookie::BackendId::from_name("not-here"));
     let mut c = KbsClient::new(proxy.url());
     c.set_cookie("route", &stranger);
     c.get_resource("default/key/demo").await.unwrap();
     let stats = proxy.proxy.stats();
-    assert!(stats.rejected(kbs_affinity_proxy::route_cookie::Rejection::UnknownBackend) >= 1);
-    assert!(stats.rejected(kbs_affinity_proxy::route_cookie::Rejection::Malformed) >= 6);
+    assert!(stats.rejected(kbs_proxy::routing::route_cookie::Rejection::UnknownBackend) >= 1);
+    assert!(stats.rejected(kbs_proxy::routing::route_cookie::Rejection::Malformed) >= 6);
 }
 
 #[tokio::test]

@@ -11,8 +11,8 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use kbs_affinity_proxy::loadgen::{self, LoadOptions, Phase};
-use kbs_affinity_proxy::proxy::ProxyBody;
+use kbs_proxy::dataplane::proxy::ProxyBody;
+use kbs_proxy_harness::loadgen::{self, LoadOptions, Phase};
 use support::*;
 
 /// A bounded load against `url`: 4 clients, 40 sessions, and a time limit as a backstop.

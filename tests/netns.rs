@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kbs_affinity_proxy::kbs_client::{ClientError, KbsClient};
+use kbs_proxy_harness::kbs_client::{ClientError, KbsClient};
 use procs::{start_proxy, start_sim, wait_health, ProxyProcess, Running};
 
 /// The resource every session fetches.

@@ -12,9 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
-use kbs_affinity_proxy::config::Settings;
-use kbs_affinity_proxy::kbs_client::KbsClient;
-use kbs_affinity_proxy::sim::{admin_jwt, SimConfig, SimKbs};
+use kbs_proxy::config::Settings;
+use kbs_proxy_harness::kbs_client::KbsClient;
+use kbs_proxy_harness::sim::{admin_jwt, SimConfig, SimKbs};
 use support::*;
 
 /// The admin JWT key the simulated replicas trust in the credential tests.

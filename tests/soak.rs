@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kbs_affinity_proxy::kbs_client::{ClientError, Exchange, KbsClient};
+use kbs_proxy_harness::kbs_client::{ClientError, Exchange, KbsClient};
 use procs::{open_fds, rss_kib, start_proxy, start_sim, wait_health};
 
 /// The resource every session fetches.

@@ -10,9 +10,9 @@ use std::sync::{Mutex, OnceLock};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use kbs_affinity_proxy::config::Settings;
-use kbs_affinity_proxy::route_cookie::BackendId;
-use kbs_affinity_proxy::sim::{SimConfig, SimKbs};
+use kbs_proxy::config::Settings;
+use kbs_proxy::routing::route_cookie::BackendId;
+use kbs_proxy_harness::sim::{SimConfig, SimKbs};
 use support::*;
 
 /// Every log line of this test binary (JSON, one event per line).

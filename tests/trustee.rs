@@ -8,9 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
-use kbs_affinity_proxy::config::Settings;
-use kbs_affinity_proxy::kbs_client::KbsClient;
-use kbs_affinity_proxy::sim::{SimConfig, SimKbs};
+use kbs_proxy::config::Settings;
+use kbs_proxy_harness::kbs_client::KbsClient;
+use kbs_proxy_harness::sim::{SimConfig, SimKbs};
 use support::*;
 use tokio::net::TcpListener;
 

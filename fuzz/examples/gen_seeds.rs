@@ -2,7 +2,7 @@
 //! `cargo run --manifest-path fuzz/Cargo.toml --example gen_seeds`.
 //! The keys and issue time must match `fuzz_targets/route_cookie.rs`.
 
-use kbs_affinity_proxy::route_cookie::{BackendId, CookieSecret, RouteCookieCodec};
+use kbs_proxy::routing::route_cookie::{BackendId, CookieSecret, RouteCookieCodec};
 use std::path::Path;
 
 const NEW_KEY: &[u8] = b"fuzz-route-cookie-secret-new-0123456789";

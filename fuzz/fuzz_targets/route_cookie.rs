@@ -9,7 +9,7 @@
 //! - every slice `cookie_values` yields lies inside the header and holds no `;`.
 #![no_main]
 
-use kbs_affinity_proxy::route_cookie::{cookie_values, CookieSecret, Pin, RouteCookieCodec};
+use kbs_proxy::routing::route_cookie::{cookie_values, CookieSecret, Pin, RouteCookieCodec};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 

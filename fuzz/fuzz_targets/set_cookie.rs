@@ -10,7 +10,7 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use kbs_affinity_proxy::sessions::{jwt_expiry, session_from_set_cookie, session_key};
+use kbs_proxy::routing::sessions::{jwt_expiry, session_from_set_cookie, session_key};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

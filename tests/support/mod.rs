@@ -12,11 +12,11 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use kbs_affinity_proxy::config::Settings;
-use kbs_affinity_proxy::control::{self, ControlPlane};
-use kbs_affinity_proxy::proxy::{Proxy, ProxyBody};
-use kbs_affinity_proxy::sim::{SimConfig, SimKbs};
-use kbs_affinity_proxy::{admin, server};
+use kbs_proxy::config::Settings;
+use kbs_proxy::control::{self, ControlPlane};
+use kbs_proxy::dataplane::proxy::{Proxy, ProxyBody};
+use kbs_proxy::{control::admin, dataplane::server};
+use kbs_proxy_harness::sim::{SimConfig, SimKbs};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -279,7 +279,7 @@ pub mod pki {
     use std::path::PathBuf;
     use std::sync::Arc;
 
-    use kbs_affinity_proxy::config::TlsFiles;
+    use kbs_proxy::config::TlsFiles;
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -329,7 +329,7 @@ pub mod pki {
             roots
                 .add(CertificateDer::from_pem_file(&self.ca_path).unwrap())
                 .unwrap();
-            let mut c = rustls::ClientConfig::builder_with_provider(kbs_affinity_proxy::tls::provider())
+            let mut c = rustls::ClientConfig::builder_with_provider(kbs_proxy::tls::provider())
                 .with_safe_default_protocol_versions()
                 .unwrap()
                 .with_root_certificates(roots)
@@ -346,7 +346,7 @@ pub mod pki {
                 .map(|c| c.unwrap())
                 .collect();
             let key = PrivateKeyDer::from_pem_file(&files.key).unwrap();
-            let builder = rustls::ServerConfig::builder_with_provider(kbs_affinity_proxy::tls::provider())
+            let builder = rustls::ServerConfig::builder_with_provider(kbs_proxy::tls::provider())
                 .with_safe_default_protocol_versions()
                 .unwrap();
             let builder = if require_client_cert {
@@ -356,7 +356,7 @@ pub mod pki {
                     .unwrap();
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                     Arc::new(roots),
-                    kbs_affinity_proxy::tls::provider(),
+                    kbs_proxy::tls::provider(),
                 )
                 .build()
                 .unwrap();
@@ -391,9 +391,9 @@ pub async fn start_round_robin(backends: Vec<SocketAddr>) -> SocketAddr {
 }
 
 /// A route cookie value pinning `backend`, signed with the test secret now.
-pub fn route_value(backend: kbs_affinity_proxy::route_cookie::BackendId) -> String {
-    let codec = kbs_affinity_proxy::route_cookie::RouteCookieCodec::new(
-        &kbs_affinity_proxy::route_cookie::CookieSecret::new(SECRET.as_bytes().to_vec()).unwrap(),
+pub fn route_value(backend: kbs_proxy::routing::route_cookie::BackendId) -> String {
+    let codec = kbs_proxy::routing::route_cookie::RouteCookieCodec::new(
+        &kbs_proxy::routing::route_cookie::CookieSecret::new(SECRET.as_bytes().to_vec()).unwrap(),
     );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kbs_affinity_proxy::config::Settings;
-use kbs_affinity_proxy::proxy::Proxy;
-use kbs_affinity_proxy::route_cookie::{BackendId, CookieSecret, RouteCookieCodec};
-use kbs_affinity_proxy::server;
+use kbs_proxy::config::Settings;
+use kbs_proxy::dataplane::proxy::Proxy;
+use kbs_proxy::routing::route_cookie::{BackendId, CookieSecret, RouteCookieCodec};
+use kbs_proxy::dataplane::server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rand::Rng;
 
-use crate::backend::Backend;
+use crate::upstream::backend::Backend;
 
 /// The balance policy (`--balance`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

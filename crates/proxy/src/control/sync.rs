@@ -47,11 +47,11 @@ use hyper_util::client::legacy::Client;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::backend::Backend;
 use crate::config::AdminToken;
-use crate::connector::BackendConnector;
-use crate::journal::AdminWrite;
-use crate::proxy::{Proxy, ProxyBody};
+use crate::control::journal::AdminWrite;
+use crate::dataplane::proxy::{Proxy, ProxyBody};
+use crate::upstream::backend::Backend;
+use crate::upstream::connector::BackendConnector;
 
 /// How often each replica is watched. Short, so a restart is seen within about a second, and
 /// far below any KBS keep-alive timeout (actix-web's default is 5 s), so the watch's
@@ -126,7 +126,7 @@ enum Replayed {
 }
 
 impl Replayed {
-    /// Index in [`crate::backend::BackendStats::replays`].
+    /// Index in [`crate::upstream::backend::BackendStats::replays`].
     fn index(&self) -> usize {
         match self {
             Self::Applied => 0,
@@ -603,7 +603,7 @@ impl ReplicaSync {
         };
         let mut req = Request::new(ProxyBody::full(write.body.clone()));
         *req.method_mut() = write.method.clone();
-        *req.uri_mut() = crate::proxy::backend_uri(backend, path);
+        *req.uri_mut() = crate::dataplane::proxy::backend_uri(backend, path);
         for (name, value) in &write.headers {
             req.headers_mut().append(name.clone(), value.clone());
         }
@@ -835,7 +835,7 @@ async fn watch_one(
             watch.conn = None;
         }
         if watch.conn.is_none() {
-            let uri = crate::proxy::backend_uri(backend, PathAndQuery::from_static("/"));
+            let uri = crate::dataplane::proxy::backend_uri(backend, PathAndQuery::from_static("/"));
             let Ok(Some((kept, peer))) =
                 tokio::time::timeout(WATCH_INTERVAL * 2, connect(connector, &uri, http2)).await
             else {

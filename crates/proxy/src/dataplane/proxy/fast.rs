@@ -46,14 +46,14 @@ use self::clock::WallClock;
 use self::lines::Lines;
 use super::retry::{AfterRefusal, Attempts};
 use super::{body::ProxyBody, ConnInfo, ProxyError, Worker};
-use crate::backend::{Backend, InFlight};
 use crate::kbs::RouteKind;
-use crate::route_cookie::{BackendId, Pin as RoutePin, Rejection, RouteCookieCodec, ENCODED_LEN};
+use crate::routing::route_cookie::{BackendId, Pin as RoutePin, Rejection, RouteCookieCodec, ENCODED_LEN};
 use crate::routing::{CookieIssuer, Routing};
+use crate::upstream::backend::{Backend, InFlight};
 use rt::Stream;
 
-use crate::metrics::AbortReason;
-use crate::server::MAX_HEADERS;
+use crate::control::metrics::AbortReason;
+use crate::dataplane::server::MAX_HEADERS;
 /// Largest backend response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Idle connections kept per backend per worker.

@@ -31,7 +31,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Backends;
+use crate::upstream::backend::Backends;
 
 /// Headers of an admin write that are kept and replayed; everything else is connection detail.
 const KEPT_HEADERS: [HeaderName; 3] = [

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::backend::InFlight;
+use crate::upstream::backend::InFlight;
 
 /// A request body on its way to a backend, or a response body on its way to the client.
 #[derive(Debug)]

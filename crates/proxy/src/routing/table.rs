@@ -7,10 +7,10 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use http::HeaderValue;
 
-use crate::backend::{Backend, Backends};
-use crate::balance::Balancer;
 use crate::config::{AdminFanout, BackendSpec, Config, CookieConfig, SameSite};
-use crate::route_cookie::{BackendId, RouteCookieCodec};
+use crate::routing::balance::Balancer;
+use crate::routing::route_cookie::{BackendId, RouteCookieCodec};
+use crate::upstream::backend::{Backend, Backends};
 
 /// One routing snapshot.
 #[derive(Debug)]

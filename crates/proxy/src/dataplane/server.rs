@@ -26,8 +26,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientLimits, Config};
-use crate::proxy::FastRuntime;
-use crate::proxy::{ConnInfo, Proxy, Rewind, Worker};
+use crate::dataplane::proxy::FastRuntime;
+use crate::dataplane::proxy::{ConnInfo, Proxy, Rewind, Worker};
 use rt::{Listener as _, Stream as _};
 
 /// Streams one HTTP/2 client may have open at once.

@@ -42,8 +42,8 @@ use sha2::Sha256;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::kbs::{error_body, API_PREFIX, PROTOCOL_VERSION, SESSION_COOKIE};
-use crate::route_cookie::cookie_values;
+use kbs_proxy::kbs::{error_body, API_PREFIX, PROTOCOL_VERSION, SESSION_COOKIE};
+use kbs_proxy::routing::route_cookie::cookie_values;
 
 /// The response header naming the replica that answered (the simulator's own addition).
 pub const REPLICA_HEADER: &str = "x-kbs-replica";
@@ -78,7 +78,7 @@ pub struct SimConfig {
     /// When set (and [`SimConfig::admin_jwt_key`] is not), admin calls need
     /// `Authorization: Bearer <this>`, and a refusal has the body of the older Trustee admin
     /// (`[admin] auth_public_key`): 401 `AdminAuth`, `Admin auth error: ...` (upstream
-    /// `kbs/src/error.rs` before the admin rework, `AdminAuth(#[from] crate::admin::Error)`).
+    /// `kbs/src/error.rs` before the admin rework, `AdminAuth(#[from] kbs_proxy::control::admin::Error)`).
     pub admin_token: Option<String>,
     /// Admin authorization like Trustee's `AuthenticatedAuthorization` with a bearer-JWT
     /// identity provider: admin calls need `Authorization: Bearer <JWT>` signed (HS256 here, the

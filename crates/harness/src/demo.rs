@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
 use crate::kbs_client::{ClientError, KbsClient};
-use crate::proxy::Proxy;
-use crate::server;
 use crate::sim::{SimConfig, SimKbs};
+use kbs_proxy::config::Settings;
+use kbs_proxy::dataplane::proxy::Proxy;
+use kbs_proxy::dataplane::server;
 
 /// The resource every demo session fetches (preset on each simulated replica).
 pub const DEMO_RESOURCE: &str = "default/key/demo";

@@ -17,7 +17,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
-use crate::route_cookie::BackendId;
+use crate::routing::route_cookie::BackendId;
 
 const SHARDS: usize = 64;
 

@@ -1,6 +1,20 @@
 //! The control plane, off the request path: active health checks, DNS discovery, draining,
 //! certificate and configuration reloads. It changes what the data plane sees only by swapping
 //! the routing table (and the TLS server configuration) whole.
+//!
+//! - [`health`]: active checks with hysteresis; [`discovery`]: backends from DNS.
+//! - [`journal`]: admin writes broadcast to every replica and kept for replay;
+//!   [`sync`]: replicas that lost their state found and resynced, the periodic reconciliation,
+//!   following a journal owner when several proxies run.
+//! - [`admin`]: the admin port; [`metrics`]: counters and their Prometheus exposition.
+//! - This file: [`ControlPlane`], which runs them and applies reloads.
+
+pub mod admin;
+pub mod discovery;
+pub mod health;
+pub mod journal;
+pub mod metrics;
+pub mod sync;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,14 +27,14 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{route_index, ROUTES};
 use crate::config::{BackendSpec, Config, ConfigError};
-use crate::connector::BackendConnector;
-use crate::discovery::{specs_for, Resolve, SystemResolver};
-use crate::proxy::Proxy;
-use crate::server::TlsSettings;
-use crate::sync::{ReplicaSync, WATCH_INTERVAL};
+use crate::control::discovery::{specs_for, Resolve, SystemResolver};
+use crate::control::sync::{ReplicaSync, WATCH_INTERVAL};
+use crate::dataplane::proxy::Proxy;
+use crate::dataplane::server::TlsSettings;
 use crate::tls::CertStore;
+use crate::upstream::backend::{route_index, ROUTES};
+use crate::upstream::connector::BackendConnector;
 
 /// How often certificate and config files are looked at, and drains swept.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -91,7 +105,7 @@ impl ControlPlane {
         let sync = ReplicaSync::new(
             proxy.clone(),
             connector.clone(),
-            crate::sync::SyncSettings {
+            crate::control::sync::SyncSettings {
                 replay_token: config.admin_replay_token_file.clone(),
                 owner_token: config.admin.as_ref().and_then(|a| a.token.clone()),
                 watch: config.replica_watch,
@@ -202,9 +216,11 @@ impl ControlPlane {
             (state.config.health.clone(), state.config.backend_http2)
         };
         let routing = self.proxy.routing();
-        let came_up = crate::health::check_all(&routing, &health, http2, &self.connector).await;
+        let came_up = crate::control::health::check_all(&routing, &health, http2, &self.connector).await;
         for backend in &came_up {
-            self.sync.resync(backend, crate::sync::LossSignal::CameBackUp).await;
+            self.sync
+                .resync(backend, crate::control::sync::LossSignal::CameBackUp)
+                .await;
         }
         self.sync.catch_up().await;
     }
@@ -215,7 +231,7 @@ impl ControlPlane {
         self.sync.catch_up().await;
     }
 
-    /// One round of the replica watch (see [`crate::sync`]), then a catch-up: what the control
+    /// One round of the replica watch (see [`crate::control::sync`]), then a catch-up: what the control
     /// plane does every [`WATCH_INTERVAL`].
     pub async fn watch_replicas(&self) {
         self.sync.watch().await;
@@ -421,7 +437,7 @@ impl ControlPlane {
                     })
                     .collect();
                 let sync = self.sync.status(&b.name);
-                let replays: serde_json::Map<String, Value> = crate::backend::REPLAY_OUTCOMES
+                let replays: serde_json::Map<String, Value> = crate::upstream::backend::REPLAY_OUTCOMES
                     .iter()
                     .zip(&b.stats.replays)
                     .map(|(o, n)| ((*o).to_owned(), json!(n.load(Ordering::Relaxed))))

@@ -1,6 +1,6 @@
 //! Active health checks: a TCP connect, or `GET <path>` answered 2xx (over HTTP/1.1, or HTTP/2
 //! when the backends speak it), within a timeout. Results feed each backend's hysteresis
-//! ([`crate::backend::Backend::record_check`]).
+//! ([`crate::upstream::backend::Backend::record_check`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -11,9 +11,9 @@ use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 
-use crate::backend::{Backend, Transition};
 use crate::config::{HealthConfig, HealthMode};
-use crate::connector::BackendConnector;
+use crate::upstream::backend::{Backend, Transition};
+use crate::upstream::connector::BackendConnector;
 
 /// Checks one backend once, speaking HTTP/2 for HTTP checks when `http2`; true when healthy.
 pub async fn check(

@@ -11,12 +11,12 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::backend::{route_index, ROUTES};
 use crate::kbs::RouteKind;
-use crate::route_cookie::Rejection;
+use crate::routing::route_cookie::Rejection;
 use crate::routing::Routing;
+use crate::upstream::backend::{route_index, ROUTES};
 
-/// Status classes in [`crate::backend::BackendStats::responses`] order.
+/// Status classes in [`crate::upstream::backend::BackendStats::responses`] order.
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const REJECTIONS: [Rejection; 5] = [
     Rejection::Malformed,
@@ -46,7 +46,7 @@ fn rejection_label(r: Rejection) -> &'static str {
     }
 }
 
-/// Proxy-wide counters (per-backend ones live in [`crate::backend::BackendStats`]).
+/// Proxy-wide counters (per-backend ones live in [`crate::upstream::backend::BackendStats`]).
 #[derive(Debug)]
 pub struct ProxyStats {
     /// Responses the proxy answered itself, by route kind and status class.
@@ -181,10 +181,10 @@ impl ProxyStats {
     }
 
     /// Counts a request pinned by what was learned instead of a route cookie.
-    pub fn count_learned(&self, how: crate::affinity::Learned) {
+    pub fn count_learned(&self, how: crate::routing::affinity::Learned) {
         let i = match how {
-            crate::affinity::Learned::SessionId(_) => 0,
-            crate::affinity::Learned::Token(_) => 1,
+            crate::routing::affinity::Learned::SessionId(_) => 0,
+            crate::routing::affinity::Learned::Token(_) => 1,
         };
         self.learned[i].fetch_add(1, Ordering::Relaxed);
     }
@@ -397,7 +397,7 @@ impl Collector for ProxyCollector {
             "Active health check transitions",
             &transitions,
         )?;
-        let per_backend = |f: &dyn Fn(&crate::backend::Backend) -> i64| -> Vec<(Vec<(&str, &str)>, i64)> {
+        let per_backend = |f: &dyn Fn(&crate::upstream::backend::Backend) -> i64| -> Vec<(Vec<(&str, &str)>, i64)> {
             backends
                 .iter()
                 .map(|b| (vec![("backend", b.name.as_str())], f(b)))
@@ -458,7 +458,7 @@ impl Collector for ProxyCollector {
         )?;
         let mut replays = Vec::new();
         for b in backends {
-            for (i, outcome) in crate::backend::REPLAY_OUTCOMES.iter().enumerate() {
+            for (i, outcome) in crate::upstream::backend::REPLAY_OUTCOMES.iter().enumerate() {
                 replays.push((
                     vec![("backend", b.name.as_str()), ("outcome", *outcome)],
                     load(&b.stats.replays[i]),

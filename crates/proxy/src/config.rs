@@ -14,8 +14,8 @@ use http::uri::{Authority, Scheme};
 use http::Uri;
 use serde::Deserialize;
 
-use crate::balance::Policy;
-use crate::route_cookie::{CookieSecret, MIN_SECRET_LEN};
+use crate::routing::balance::Policy;
+use crate::routing::route_cookie::{CookieSecret, MIN_SECRET_LEN};
 
 /// The environment variable that may hold the cookie secret.
 pub const SECRET_ENV: &str = "KBS_AFFINITY_PROXY_COOKIE_SECRET";

@@ -23,11 +23,11 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Incoming};
 
 use super::{forward_headers, headers, ConnInfo, ProxyBody, ProxyError, Worker};
-use crate::backend::Backend;
 use crate::config::AdminFanout;
-use crate::journal::AdminWrite;
+use crate::control::journal::AdminWrite;
 use crate::kbs::RouteKind;
 use crate::routing::Routing;
+use crate::upstream::backend::Backend;
 
 /// Marks an admin write a proxy forwarded to its journal owner (a loop guard).
 pub const FORWARDED_HEADER: &str = "kbs-affinity-proxy-forwarded";
@@ -256,7 +256,7 @@ impl Worker {
             ),
         }
         };
-        let Some(uri) = crate::sync::owner_url(owner, path.as_str()) else {
+        let Some(uri) = crate::control::sync::owner_url(owner, path.as_str()) else {
             return Err(unreachable("cannot be addressed with this path".into()));
         };
         headers.insert(FORWARDED_HEADER, HeaderValue::from_static("1"));

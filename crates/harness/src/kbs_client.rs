@@ -19,8 +19,8 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
-use crate::kbs::{ERROR_TYPE_PREFIX, PROTOCOL_VERSION};
 use crate::sim::REPLICA_HEADER;
+use kbs_proxy::kbs::{ERROR_TYPE_PREFIX, PROTOCOL_VERSION};
 
 /// How many resource GETs the real client makes at most before giving up.
 pub const GET_RESOURCE_MAX_ATTEMPTS: usize = 3;
@@ -181,7 +181,7 @@ impl KbsClient {
 
     /// The KBS session id (`kbs-session-id` cookie), if any.
     pub fn session_id(&self) -> Option<&str> {
-        self.cookie(crate::kbs::SESSION_COOKIE)
+        self.cookie(kbs_proxy::kbs::SESSION_COOKIE)
     }
 
     /// The replicas that answered, in order.

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use http::header::{HeaderMap, COOKIE};
 
-use crate::backend::{Backend, Backends};
 use crate::kbs::RouteKind;
-use crate::route_cookie::{cookie_values, BackendId, Pin, Rejection, RouteCookieCodec};
+use crate::routing::route_cookie::{cookie_values, BackendId, Pin, Rejection, RouteCookieCodec};
+use crate::upstream::backend::{Backend, Backends};
 
 /// What the request's route cookie says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,7 +155,7 @@ pub fn decide<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route_cookie::{BackendId, CookieSecret};
+    use crate::routing::route_cookie::{BackendId, CookieSecret};
     use http::uri::{Authority, Scheme};
     use http::HeaderValue;
 

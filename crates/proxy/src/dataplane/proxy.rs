@@ -30,18 +30,18 @@ pub use fast::{fast_buffers_in_use, FastRuntime, FastState, Pool, Rewind};
 
 use retry::{AfterRefusal, Attempts};
 
-use crate::affinity::{decide, read_route_cookie_with, CookieState, Decision, HeaderView, Learned};
-use crate::backend::Backend;
 use crate::config::{BackendSpec, Config};
-use crate::connector::BackendConnector;
-use crate::journal::Journal;
+use crate::control::journal::Journal;
+use crate::control::metrics::ProxyStats;
 use crate::kbs::RouteKind;
 use crate::kbs::SESSION_COOKIE;
-use crate::metrics::ProxyStats;
-use crate::route_cookie::{cookie_values, BackendId, Rejection};
+use crate::routing::affinity::{decide, read_route_cookie_with, CookieState, Decision, HeaderView, Learned};
+use crate::routing::route_cookie::{cookie_values, BackendId, Rejection};
+use crate::routing::sessions::{hash_key, jwt_expiry, session_from_set_cookie, session_key, AffinityTable};
 use crate::routing::Routing;
-use crate::sessions::{hash_key, jwt_expiry, session_from_set_cookie, session_key, AffinityTable};
 use crate::tls::TlsError;
+use crate::upstream::backend::Backend;
+use crate::upstream::connector::BackendConnector;
 
 /// Largest `attest` response read to learn its token (real ones are a few KiB).
 const ATTEST_BODY_LIMIT: usize = 256 * 1024;
@@ -221,7 +221,7 @@ pub struct Worker {
     /// The HTTP/1.1 fast path's idle backend connections and spare buffers.
     fast: fast::FastState,
     /// This worker's latency histograms (no lock shared with other workers).
-    latency: Arc<crate::metrics::LatencyShard>,
+    latency: Arc<crate::control::metrics::LatencyShard>,
 }
 
 impl Worker {
@@ -476,7 +476,7 @@ impl Worker {
         kind: RouteKind,
         routing: &Routing,
         now: u64,
-        verify: impl FnMut(&[u8]) -> Result<crate::route_cookie::Pin, Rejection>,
+        verify: impl FnMut(&[u8]) -> Result<crate::routing::route_cookie::Pin, Rejection>,
     ) -> Result<Route, (ProxyError, Option<String>)> {
         let stats = &*self.shared.stats;
         let cookie = &*routing.cookie;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use http::uri::{Authority, Scheme};
 
 use crate::kbs::RouteKind;
-use crate::route_cookie::BackendId;
+use crate::routing::route_cookie::BackendId;
 
 /// One replica behind the proxy. Shared by every worker; all state is atomics.
 #[derive(Debug)]

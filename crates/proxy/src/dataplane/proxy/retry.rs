@@ -5,10 +5,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::backend::Backend;
 use crate::kbs::RouteKind;
-use crate::route_cookie::BackendId;
+use crate::routing::route_cookie::BackendId;
 use crate::routing::Routing;
+use crate::upstream::backend::Backend;
 
 /// What follows a refused connection.
 #[derive(Debug)]

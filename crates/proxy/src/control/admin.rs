@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AdminToken;
 use crate::control::{ActionError, ControlPlane};
+use crate::dataplane::proxy::{ConnInfo, ProxyBody, ProxyError, Worker};
 use crate::kbs::RouteKind;
-use crate::proxy::{ConnInfo, ProxyBody, ProxyError, Worker};
 
 /// Serves the admin API on `listener` until `shutdown`.
 pub async fn serve(
@@ -145,7 +145,7 @@ async fn handle(
         }
         (&Method::GET, "/metrics") => {
             let proxy = control.proxy();
-            let body = crate::metrics::render(proxy.stats(), proxy.routing_handle());
+            let body = crate::control::metrics::render(proxy.stats(), proxy.routing_handle());
             reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
