@@ -152,15 +152,7 @@ async fn unreachable_backends_get_a_kbs_shaped_502_on_kbs_paths_and_text_elsewhe
 
 #[tokio::test]
 async fn a_backend_that_never_answers_gives_504_in_the_kbs_shape() {
-    // Accepts, reads, never answers.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = listener.accept().await {
-            held.push(s);
-        }
-    });
+    let addr = start_silent_backend().await;
     let proxy = start_proxy(Settings {
         backend_response_timeout: Some("300ms".into()),
         ..settings(vec![format!("http://{addr}")])

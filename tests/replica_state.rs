@@ -375,6 +375,7 @@ async fn two_proxies_converge_through_the_journal_owner() {
         StartOptions {
             by_hand: true,
             admin_addr: Some(admin_addr),
+            ..StartOptions::default()
         },
     )
     .await;

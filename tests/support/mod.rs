@@ -104,6 +104,8 @@ pub struct StartOptions {
     pub by_hand: bool,
     /// Bind the admin port here (a restarted proxy keeps its address) instead of 127.0.0.1:0.
     pub admin_addr: Option<SocketAddr>,
+    /// The fast path's runtime: [`server::FastLoop::Tokio`] for tests on paused time.
+    pub fast_loop: server::FastLoop,
 }
 
 /// The same, letting the test adjust the control plane (a resolver, a reload source).
@@ -148,7 +150,10 @@ pub async fn start_proxy_opts(
         }
         None => None,
     };
-    let options = server::ServeOptions::from_config(&config, tls_server);
+    let options = server::ServeOptions {
+        fast_loop: opts.fast_loop,
+        ..server::ServeOptions::from_config(&config, tls_server)
+    };
     let task = tokio::spawn(server::serve(proxy.worker(), listener, options, shutdown.clone()));
     TestProxy {
         addr,
@@ -197,6 +202,19 @@ pub async fn two_replicas() -> (Vec<SimKbs>, TestProxy) {
 pub async fn dead_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     l.local_addr().unwrap()
+}
+
+/// A backend that accepts connections and never answers (nor closes them).
+pub async fn start_silent_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    addr
 }
 
 /// Starts an HTTP server running `f` for every request.

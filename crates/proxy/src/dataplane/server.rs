@@ -84,6 +84,22 @@ pub struct ServeOptions {
     pub grace: Duration,
     /// Serve plain HTTP/1.1 on the fast path (hyper for everything else).
     pub fast_path: bool,
+    /// The runtime the fast path runs on.
+    pub fast_loop: FastLoop,
+}
+
+/// The runtime the fast path runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FastLoop {
+    /// Its own event loop ([`rt::own`]), on a thread beside the worker's: what the proxy runs.
+    /// Measured side by side with the same fast path on tokio, it spends less CPU per request
+    /// with new sessions, paced clients and a connection per request, and less memory per idle
+    /// connection (docs/benchmarks.md).
+    #[default]
+    Own,
+    /// The worker's tokio runtime ([`rt::tokio`]). Under `tokio::time::pause` the fast path's
+    /// timeouts then run on paused time, so tests of them do not wait.
+    Tokio,
 }
 
 impl ServeOptions {
@@ -94,6 +110,7 @@ impl ServeOptions {
             limits: config.limits,
             grace: config.shutdown_grace,
             fast_path: config.fast_path,
+            fast_loop: FastLoop::Own,
         }
     }
 }
@@ -302,11 +319,16 @@ struct HandedOver {
 }
 
 /// Serves plain-TCP clients with the fast path: an event loop of its own ([`rt::own`]), on a
-/// thread of its own, accepts and serves HTTP/1.1; what it hands over, hyper serves here, on
-/// this runtime, whose handle the loop's thread enters (tokio's timers and DNS lookups work
-/// there). Stops as [`serve`] does.
+/// thread of its own (or, with [`FastLoop::Tokio`], this runtime), accepts and serves HTTP/1.1;
+/// what it hands over, hyper serves here, on this runtime, whose handle the loop's thread enters
+/// (tokio's timers and DNS lookups work there). Stops as [`serve`] does.
 async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions, shutdown: CancellationToken) {
-    let ServeOptions { limits, grace, .. } = options;
+    let ServeOptions {
+        limits,
+        grace,
+        fast_loop,
+        ..
+    } = options;
     let worker = Arc::new(worker);
     let listener = match listener.into_std() {
         Ok(l) => l,
@@ -323,9 +345,7 @@ async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions
     let (stop, ended) = (CancellationToken::new(), CancellationToken::new());
     let (accept_worker, accept_shutdown, accept_stop) = (Arc::clone(&worker), shutdown.clone(), stop.clone());
     let accept = accept_fast::<rt::own::Own>;
-    // Temporary, to measure both runtimes side by side in `benches/compare.sh`.
-    let on_tokio = std::env::var_os("KBS_PROXY_FAST_RUNTIME").is_some_and(|v| v == "tokio");
-    let event_loop = if on_tokio {
+    let event_loop = if fast_loop == FastLoop::Tokio {
         let ended = ended.clone();
         tokio::spawn(async move {
             let _ended = ended.drop_guard();
