@@ -23,7 +23,7 @@ use crate::sim::REPLICA_HEADER;
 use kbs_proxy::kbs::{ERROR_TYPE_PREFIX, PROTOCOL_VERSION};
 
 /// How many resource GETs the real client makes at most before giving up.
-pub const GET_RESOURCE_MAX_ATTEMPTS: usize = 3;
+pub(crate) const GET_RESOURCE_MAX_ATTEMPTS: usize = 3;
 
 /// The hash algorithms the real client offers in `auth` (`supported-hash-algorithms`).
 const SUPPORTED_HASH_ALGORITHMS: [&str; 3] = ["sha256", "sha384", "sha512"];
@@ -340,7 +340,7 @@ impl KbsClient {
 /// sample quote `{"svn":"1","report_data":<base64>}`. The report data binds the evidence to the
 /// session: the selected hash (SHA-384 by default) of the canonical JSON (sorted keys, no
 /// spaces) of `{"additional-evidence":"","nonce":...,"tee-pubkey":...}`.
-pub fn sample_attestation(nonce: &str, hash_algorithm: Option<&str>) -> Option<Value> {
+pub(crate) fn sample_attestation(nonce: &str, hash_algorithm: Option<&str>) -> Option<Value> {
     let tee_pubkey = json!({
         "kty": "EC",
         "crv": "P-256",

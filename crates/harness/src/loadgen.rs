@@ -30,7 +30,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::kbs_client::{ClientError, KbsClient};
 
 /// The run length when neither a duration nor a session count is given.
-pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 /// The largest latency the histograms hold, in microseconds (a minute); longer ones are
 /// recorded as this.
 const MAX_LATENCY_US: u64 = 60_000_000;
@@ -222,12 +222,12 @@ pub struct Report {
 
 impl Report {
     /// Successful sessions per second.
-    pub fn sessions_per_sec(&self) -> f64 {
+    pub(crate) fn sessions_per_sec(&self) -> f64 {
         per_sec(self.sessions_ok, self.elapsed)
     }
 
     /// Answered requests per second.
-    pub fn requests_per_sec(&self) -> f64 {
+    pub(crate) fn requests_per_sec(&self) -> f64 {
         per_sec(self.requests, self.elapsed)
     }
 

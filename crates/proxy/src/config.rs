@@ -23,37 +23,37 @@ pub const SECRET_ENV: &str = "KBS_AFFINITY_PROXY_COOKIE_SECRET";
 /// Defaults, in one place so the README and `--help` can quote them.
 pub mod defaults {
     /// `--listen`.
-    pub const LISTEN: &str = "0.0.0.0:8080";
+    pub(crate) const LISTEN: &str = "0.0.0.0:8080";
     /// `--cookie-name`.
-    pub const COOKIE_NAME: &str = "route";
+    pub(crate) const COOKIE_NAME: &str = "route";
     /// `--cookie-max-age`, seconds: two days, as the ingress-nginx annotation examples use.
-    pub const COOKIE_MAX_AGE: u64 = 172_800;
+    pub(crate) const COOKIE_MAX_AGE: u64 = 172_800;
     /// `--cookie-path`.
-    pub const COOKIE_PATH: &str = "/";
+    pub(crate) const COOKIE_PATH: &str = "/";
     /// `--backend-connect-timeout`, seconds.
-    pub const CONNECT_TIMEOUT: u64 = 5;
+    pub(crate) const CONNECT_TIMEOUT: u64 = 5;
     /// `--backend-response-timeout`, seconds: attestation can take a while on a loaded verifier.
-    pub const RESPONSE_TIMEOUT: u64 = 60;
+    pub(crate) const RESPONSE_TIMEOUT: u64 = 60;
     /// `--auth-body-limit`, bytes: `auth` bodies are buffered so they can be re-sent elsewhere.
-    pub const AUTH_BODY_LIMIT: usize = 64 * 1024;
+    pub(crate) const AUTH_BODY_LIMIT: usize = 64 * 1024;
     /// `--shutdown-grace`, seconds.
-    pub const SHUTDOWN_GRACE: u64 = 10;
+    pub(crate) const SHUTDOWN_GRACE: u64 = 10;
     /// `--drain-timeout`, seconds: the KBS's default session lifetime.
-    pub const DRAIN_TIMEOUT: u64 = 300;
+    pub(crate) const DRAIN_TIMEOUT: u64 = 300;
     /// `--backend-dns-interval`, seconds.
-    pub const DNS_INTERVAL: u64 = 10;
+    pub(crate) const DNS_INTERVAL: u64 = 10;
     /// `--health-check-interval`, seconds.
-    pub const HEALTH_INTERVAL: u64 = 5;
+    pub(crate) const HEALTH_INTERVAL: u64 = 5;
     /// `--health-check-timeout`, seconds.
-    pub const HEALTH_TIMEOUT: u64 = 2;
+    pub(crate) const HEALTH_TIMEOUT: u64 = 2;
     /// `--health-check-path`.
-    pub const HEALTH_PATH: &str = "/healthz";
+    pub(crate) const HEALTH_PATH: &str = "/healthz";
     /// `--health-fall`: consecutive failed checks that mark a backend down.
-    pub const HEALTH_FALL: u32 = 3;
+    pub(crate) const HEALTH_FALL: u32 = 3;
     /// `--health-rise`: consecutive good checks that mark it up again.
-    pub const HEALTH_RISE: u32 = 2;
+    pub(crate) const HEALTH_RISE: u32 = 2;
     /// `--admin-write-routes`: the admin writes broadcast to every replica.
-    pub const ADMIN_WRITE_ROUTES: [&str; 5] = [
+    pub(crate) const ADMIN_WRITE_ROUTES: [&str; 5] = [
         "POST /kbs/v0/resource/",
         "DELETE /kbs/v0/resource/",
         "POST /kbs/v0/resource-policy",
@@ -61,24 +61,24 @@ pub mod defaults {
         "POST /kbs/v0/reference-value",
     ];
     /// `--client-idle-timeout`, seconds.
-    pub const CLIENT_IDLE_TIMEOUT: u64 = 60;
+    pub(crate) const CLIENT_IDLE_TIMEOUT: u64 = 60;
     /// `--max-connections`.
-    pub const MAX_CONNECTIONS: usize = 10_000;
+    pub(crate) const MAX_CONNECTIONS: usize = 10_000;
     /// `--max-header-bytes`: request line plus headers.
-    pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+    pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
     /// `--admin-body-limit`, bytes.
-    pub const ADMIN_BODY_LIMIT: usize = 8 * 1024 * 1024;
+    pub(crate) const ADMIN_BODY_LIMIT: usize = 8 * 1024 * 1024;
     /// `--admin-journal-max`: writes kept in the journal.
-    pub const ADMIN_JOURNAL_MAX: usize = 10_000;
+    pub(crate) const ADMIN_JOURNAL_MAX: usize = 10_000;
     /// `--admin-reconcile-interval`, seconds: how often the whole compacted journal is re-applied
     /// to every replica, the floor under the detection of a replica that lost its state. Short
     /// enough that an undetected empty restart is repaired within half a minute; with a journal
     /// of 1,000 writes it sends ~33 small idempotent writes per second to each replica.
-    pub const ADMIN_RECONCILE_INTERVAL: u64 = 30;
+    pub(crate) const ADMIN_RECONCILE_INTERVAL: u64 = 30;
     /// `--session-table-size`: learned session ids and tokens kept.
-    pub const SESSION_TABLE_SIZE: usize = 100_000;
+    pub(crate) const SESSION_TABLE_SIZE: usize = 100_000;
     /// `--session-lifetime`, seconds: the KBS's default `[attestation_service] timeout`.
-    pub const SESSION_LIFETIME: u64 = 300;
+    pub(crate) const SESSION_LIFETIME: u64 = 300;
 }
 
 /// One layer of raw settings. Field names are the config-file keys (kebab-case).
@@ -963,7 +963,7 @@ fn health_config(
 }
 
 /// Parses `[http://|https://]HOST:PORT` for `backend-dns`.
-pub fn parse_dns_source(item: &str) -> Result<DnsSource, ConfigError> {
+pub(crate) fn parse_dns_source(item: &str) -> Result<DnsSource, ConfigError> {
     let (scheme, rest) = match item.split_once("://") {
         Some(("http", rest)) => (Scheme::HTTP, rest),
         Some(("https", rest)) => (Scheme::HTTPS, rest),
@@ -1012,7 +1012,7 @@ fn parse_backends(raw: Vec<String>, have_dns: bool) -> Result<Vec<BackendSpec>, 
 }
 
 /// Parses `URL` or `NAME=URL`.
-pub fn parse_backend(item: &str) -> Result<BackendSpec, ConfigError> {
+pub(crate) fn parse_backend(item: &str) -> Result<BackendSpec, ConfigError> {
     let (name, url) = match item.split_once('=') {
         Some((name, url)) if !name.contains("://") => (Some(name), url),
         _ => (None, item),
@@ -1112,7 +1112,7 @@ fn load_secrets(file: Option<PathBuf>, inline: Option<String>) -> Result<(Vec<Co
 }
 
 /// Reads the replay token file: one bearer token, surrounding whitespace ignored.
-pub fn read_replay_token(path: &Path) -> Result<String, String> {
+pub(crate) fn read_replay_token(path: &Path) -> Result<String, String> {
     let raw = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
     let t = raw.trim();
     if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {

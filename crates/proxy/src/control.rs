@@ -414,7 +414,7 @@ impl ControlPlane {
     }
 
     /// The healthy, non-draining replicas that are behind on admin writes (named in `/readyz`).
-    pub fn out_of_sync(&self) -> Vec<String> {
+    pub(crate) fn out_of_sync(&self) -> Vec<String> {
         self.sync.out_of_sync()
     }
 

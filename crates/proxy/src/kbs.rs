@@ -43,12 +43,12 @@ impl RouteKind {
     }
 
     /// Whether the path is under `/kbs/v0/`, where errors must have the KBS JSON shape.
-    pub fn is_kbs(self) -> bool {
+    pub(crate) fn is_kbs(self) -> bool {
         !matches!(self, Self::Other)
     }
 
     /// Whether the request is part of a session that lives on one replica only.
-    pub fn needs_session(self) -> bool {
+    pub(crate) fn needs_session(self) -> bool {
         matches!(self, Self::Attest | Self::Resource)
     }
 

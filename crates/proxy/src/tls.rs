@@ -88,7 +88,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 /// Loads a certificate chain and its key as a signing-ready [`CertifiedKey`].
-pub fn certified_key(files: &TlsFiles) -> Result<Arc<CertifiedKey>, TlsError> {
+pub(crate) fn certified_key(files: &TlsFiles) -> Result<Arc<CertifiedKey>, TlsError> {
     let certs = read_certs(&files.cert)?;
     let key = read_key(&files.key)?;
     let ck = CertifiedKey::from_der(certs, key, &provider())?;
@@ -143,7 +143,7 @@ impl ResolvesServerCert for CertStore {
 }
 
 /// The client-facing server configuration: ALPN `h2` and `http/1.1`, TLS 1.3 and 1.2.
-pub fn server_config_with(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
+pub(crate) fn server_config_with(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()

@@ -22,7 +22,7 @@ pub trait Resolve: Send + Sync + 'static {
 
 /// The system resolver (getaddrinfo, via tokio).
 #[derive(Debug, Default, Clone, Copy)]
-pub struct SystemResolver;
+pub(crate) struct SystemResolver;
 
 impl Resolve for SystemResolver {
     fn resolve<'a>(
@@ -38,7 +38,7 @@ impl Resolve for SystemResolver {
 }
 
 /// The backends for `addrs` of `source`, sorted and without duplicates.
-pub fn specs_for(source: &DnsSource, mut addrs: Vec<SocketAddr>) -> Vec<BackendSpec> {
+pub(crate) fn specs_for(source: &DnsSource, mut addrs: Vec<SocketAddr>) -> Vec<BackendSpec> {
     addrs.sort();
     addrs.dedup();
     addrs

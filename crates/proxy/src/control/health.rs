@@ -94,7 +94,7 @@ where
 /// Checks every backend of the current table once, concurrently (HTTP checks in HTTP/2 when
 /// `http2`), and applies the hysteresis; logs each transition. Returns the backends that came
 /// back up (they may have restarted and lost their state).
-pub async fn check_all(
+pub(crate) async fn check_all(
     routing: &crate::routing::Routing,
     health: &HealthConfig,
     http2: bool,

@@ -80,7 +80,7 @@ impl AdminWrite {
     /// delete), to the resource policy, or to one attestation policy id (Trustee's
     /// `SetPolicyInput.policy_id`, `default` when absent) is the state. Reference values are all
     /// kept: an RVPS message may carry several values and the proxy does not parse it.
-    pub fn supersede_key(&self) -> Option<&str> {
+    pub(crate) fn supersede_key(&self) -> Option<&str> {
         self.key.as_deref()
     }
 
@@ -102,7 +102,7 @@ impl AdminWrite {
     }
 
     /// Whether this write is a delete (a replayed delete answered "not found" is applied).
-    pub fn is_delete(&self) -> bool {
+    pub(crate) fn is_delete(&self) -> bool {
         self.method == Method::DELETE
     }
 }
@@ -196,7 +196,7 @@ impl Journal {
 
     /// The same; with `strip_authorization`, clients' `Authorization` headers are neither kept
     /// nor left in a journal loaded from `dir` (it is rewritten without them).
-    pub fn open_with(dir: Option<&Path>, max_entries: usize, strip_authorization: bool) -> io::Result<Self> {
+    pub(crate) fn open_with(dir: Option<&Path>, max_entries: usize, strip_authorization: bool) -> io::Result<Self> {
         let mut state = State::default();
         if let Some(dir) = dir {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
@@ -285,7 +285,7 @@ impl Journal {
     }
 
     /// Whether the journal is kept on disk (else it is lost with the process).
-    pub fn is_durable(&self) -> bool {
+    pub(crate) fn is_durable(&self) -> bool {
         self.dir.is_some()
     }
 
@@ -325,7 +325,7 @@ impl Journal {
     }
 
     /// Records that `replica` applied everything up to `seq`.
-    pub fn mark_applied(&self, replica: &str, seq: u64) -> io::Result<()> {
+    pub(crate) fn mark_applied(&self, replica: &str, seq: u64) -> io::Result<()> {
         let mut state = self.state();
         let slot = state.applied.entry(replica.to_owned()).or_insert(0);
         *slot = (*slot).max(seq);
@@ -342,7 +342,7 @@ impl Journal {
     }
 
     /// Sets each backend's lag from the journal (new backends start behind when it is not empty).
-    pub fn refresh_lags(&self, backends: &Backends) {
+    pub(crate) fn refresh_lags(&self, backends: &Backends) {
         for b in &backends.list {
             b.set_journal_lag(self.behind(&b.name) as u64);
         }

@@ -70,7 +70,7 @@ pub struct ProxyStats {
 /// Why an exchange ended its client connection early, after the answer or a body began to
 /// move: the `reason` of `kbs_proxy_aborted_exchanges_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AbortReason {
+pub(crate) enum AbortReason {
     /// The client closed or failed while its request body was read.
     ClientBody,
     /// The backend failed while taking the request body.
@@ -170,18 +170,18 @@ impl Default for ProxyStats {
 
 impl ProxyStats {
     /// Counts a response the proxy made itself.
-    pub fn count_local(&self, kind: RouteKind, status: u16) {
+    pub(crate) fn count_local(&self, kind: RouteKind, status: u16) {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         self.local_responses[route_index(kind)][class].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a refused route cookie.
-    pub fn count_rejected(&self, why: Rejection) {
+    pub(crate) fn count_rejected(&self, why: Rejection) {
         self.cookies_rejected[rejection_index(why)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a request pinned by what was learned instead of a route cookie.
-    pub fn count_learned(&self, how: crate::routing::affinity::Learned) {
+    pub(crate) fn count_learned(&self, how: crate::routing::affinity::Learned) {
         let i = match how {
             crate::routing::affinity::Learned::SessionId(_) => 0,
             crate::routing::affinity::Learned::Token(_) => 1,
@@ -190,7 +190,7 @@ impl ProxyStats {
     }
 
     /// Counts an exchange that ended its client connection early.
-    pub fn count_aborted(&self, why: AbortReason) {
+    pub(crate) fn count_aborted(&self, why: AbortReason) {
         self.aborted[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 

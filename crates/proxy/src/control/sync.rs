@@ -56,7 +56,7 @@ use crate::upstream::connector::BackendConnector;
 /// How often each replica is watched. Short, so a restart is seen within about a second, and
 /// far below any KBS keep-alive timeout (actix-web's default is 5 s), so the watch's
 /// connection never idles long enough to be closed by it.
-pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A kept-alive connection that closed within this time of its last use was not closed by the
 /// server's keep-alive timeout: the replica's process went away.
@@ -70,7 +70,7 @@ const AGENT: HeaderValue = HeaderValue::from_static("kbs-affinity-proxy-sync");
 
 /// Why a replica is taken to have lost its admin state.
 #[derive(Debug, Clone, PartialEq)]
-pub enum LossSignal {
+pub(crate) enum LossSignal {
     /// A `/metrics` counter is lower than at the last scrape: a new process.
     CountersWentBack {
         /// The series that went back.
@@ -150,7 +150,7 @@ struct ReplayRun {
 
 /// What `/backends` shows of a replica's sync, beyond its lag.
 #[derive(Debug, Clone, Default)]
-pub struct ReplicaStatus {
+pub(crate) struct ReplicaStatus {
     /// Why it was last resynced.
     pub last_reset: Option<String>,
     /// The last replay problem, cleared when it is in sync again.
@@ -197,7 +197,7 @@ struct Watch {
 
 /// How [`ReplicaSync`] works, from the configuration.
 #[derive(Debug, Clone, Default)]
-pub struct SyncSettings {
+pub(crate) struct SyncSettings {
     /// The proxy's own KBS admin token for replays (`admin-replay-token-file`), re-read each
     /// round.
     pub replay_token: Option<PathBuf>,
@@ -210,7 +210,7 @@ pub struct SyncSettings {
 }
 
 /// Keeps the replicas in sync with the journal; owned by the control plane.
-pub struct ReplicaSync {
+pub(crate) struct ReplicaSync {
     proxy: Proxy,
     /// Pooled client for replays and the journal owner.
     client: Client<BackendConnector, ProxyBody>,
@@ -274,7 +274,7 @@ impl ReplicaSync {
 
     /// Resyncs the replicas found changed since the last wake, then catches up: what the
     /// control plane runs when woken.
-    pub async fn on_wake(&self) {
+    pub(crate) async fn on_wake(&self) {
         self.resync_pending().await;
         self.catch_up().await;
     }
@@ -290,12 +290,12 @@ impl ReplicaSync {
     }
 
     /// Resolves when a resync asks for a catch-up now.
-    pub async fn woken(&self) {
+    pub(crate) async fn woken(&self) {
         self.wake.notified().await;
     }
 
     /// Whether this proxy owns the journal (it replays and reconciles).
-    pub fn is_owner(&self) -> bool {
+    pub(crate) fn is_owner(&self) -> bool {
         self.proxy.journal_owner().is_none()
     }
 
@@ -409,7 +409,7 @@ impl ReplicaSync {
     }
 
     /// Resyncs the backend called `name` (the admin port's `POST /backends/NAME/resync`).
-    pub async fn resync_by_name(&self, name: &str) -> bool {
+    pub(crate) async fn resync_by_name(&self, name: &str) -> bool {
         let routing = self.proxy.routing();
         let Some(backend) = routing.backends.by_name(name) else {
             return false;
@@ -712,7 +712,7 @@ impl ReplicaSync {
 
     /// The backend set changed (discovery, reload): a new replica is behind until it has the
     /// journal (on a follower: until the owner says it is in sync), from the first request on.
-    pub fn backends_changed(&self) {
+    pub(crate) fn backends_changed(&self) {
         let routing = self.proxy.routing();
         let now = proxy_addresses(&self.proxy);
         let moved: Vec<String> = {
@@ -752,7 +752,7 @@ impl ReplicaSync {
     }
 
     /// The healthy, non-draining replicas that are not in sync (for `/readyz`).
-    pub fn out_of_sync(&self) -> Vec<String> {
+    pub(crate) fn out_of_sync(&self) -> Vec<String> {
         self.proxy
             .routing()
             .backends
@@ -972,7 +972,7 @@ pub fn counters(text: &str) -> HashMap<String, f64> {
 }
 
 /// The first series lower now than before, if any.
-pub fn went_back(before: &HashMap<String, f64>, now: &HashMap<String, f64>) -> Option<(String, f64, f64)> {
+pub(crate) fn went_back(before: &HashMap<String, f64>, now: &HashMap<String, f64>) -> Option<(String, f64, f64)> {
     let mut back: Vec<_> = now
         .iter()
         .filter_map(|(k, v)| before.get(k).filter(|b| v < b).map(|b| (k.clone(), *b, *v)))

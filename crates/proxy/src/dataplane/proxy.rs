@@ -155,7 +155,7 @@ impl Proxy {
     }
 
     /// The swappable routing table, for the control plane and metrics.
-    pub fn routing_handle(&self) -> &Arc<ArcSwap<Routing>> {
+    pub(crate) fn routing_handle(&self) -> &Arc<ArcSwap<Routing>> {
         &self.shared.routing
     }
 
@@ -167,7 +167,7 @@ impl Proxy {
     /// Installs a new configuration's routing settings (cookie, balance, backends, timeouts),
     /// keeping the state of backends that stay. Listen addresses, workers and TLS client
     /// settings need a restart.
-    pub fn apply(&self, config: &Config, discovered: &[BackendSpec]) {
+    pub(crate) fn apply(&self, config: &Config, discovered: &[BackendSpec]) {
         let old = self.shared.routing.load_full();
         self.shared
             .routing
@@ -175,7 +175,7 @@ impl Proxy {
     }
 
     /// Replaces the backend set, keeping every other setting.
-    pub fn set_backends(&self, configured: &[BackendSpec], discovered: &[BackendSpec]) {
+    pub(crate) fn set_backends(&self, configured: &[BackendSpec], discovered: &[BackendSpec]) {
         let old = self.shared.routing.load_full();
         self.shared
             .routing

@@ -45,7 +45,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Client-facing TLS: the server configuration in force, swapped whole on reload. Each new
 /// connection reads it once.
-pub type TlsSettings = Arc<ArcSwap<rustls::ServerConfig>>;
+pub(crate) type TlsSettings = Arc<ArcSwap<rustls::ServerConfig>>;
 
 /// Binds `count` listeners on `addr` with SO_REUSEPORT, so the kernel spreads new connections
 /// over the workers. With port 0 the first bind picks the port and the others share it.

@@ -55,7 +55,7 @@ pub fn read_route_cookie(
 }
 
 /// The same with the verification given, so a caller may cache verified values.
-pub fn read_route_cookie_with(
+pub(crate) fn read_route_cookie_with(
     headers: &(impl HeaderView + ?Sized),
     name: &str,
     mut verify: impl FnMut(&[u8]) -> Result<Pin, Rejection>,

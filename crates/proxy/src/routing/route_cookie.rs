@@ -28,12 +28,12 @@ const SIGNED_LEN: usize = 13;
 const TAG_LEN: usize = 16;
 const RAW_LEN: usize = SIGNED_LEN + TAG_LEN;
 /// Length of an encoded cookie value: `ceil(29 * 4 / 3)` base64url characters.
-pub const ENCODED_LEN: usize = 39;
+pub(crate) const ENCODED_LEN: usize = 39;
 /// How far in the future an issue time may lie before the cookie is refused: proxy replicas'
 /// clocks may differ by this much.
 const MAX_CLOCK_SKEW_SECS: u64 = 60;
 /// The shortest secret accepted: 128 bits of key material at the very least.
-pub const MIN_SECRET_LEN: usize = 16;
+pub(crate) const MIN_SECRET_LEN: usize = 16;
 
 /// A backend's stable identifier inside route cookies, derived from its name.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -183,7 +183,7 @@ impl RouteCookieCodec {
 
     /// The age checks of [`Self::verify`] alone, for a pin whose signature was checked before
     /// (a keep-alive connection sends the same cookie with every request).
-    pub fn check_age(pin: Pin, now: u64, max_age: u64) -> Result<Pin, Rejection> {
+    pub(crate) fn check_age(pin: Pin, now: u64, max_age: u64) -> Result<Pin, Rejection> {
         if pin.issued_at > now.saturating_add(MAX_CLOCK_SKEW_SECS) {
             return Err(Rejection::FromTheFuture);
         }

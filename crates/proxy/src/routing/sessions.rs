@@ -23,7 +23,7 @@ const SHARDS: usize = 64;
 
 /// A bounded, expiring map from a 128-bit key to the backend that issued it.
 #[derive(Debug)]
-pub struct AffinityTable {
+pub(crate) struct AffinityTable {
     shards: Vec<Mutex<HashMap<u128, Entry>>>,
     /// Entries per shard at most.
     per_shard: usize,
@@ -92,18 +92,14 @@ impl AffinityTable {
             .sum()
     }
 
-    /// Whether it holds nothing.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The most entries it holds.
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.per_shard * SHARDS
     }
 
-    /// Live entries dropped to stay within the bound.
-    pub fn evicted(&self) -> u64 {
+    /// Live entries dropped to stay within the bound (the tests read it; not exported yet).
+    #[cfg(test)]
+    fn evicted(&self) -> u64 {
         self.evicted.load(Ordering::Relaxed)
     }
 }
@@ -124,7 +120,7 @@ pub fn session_key(value: &[u8]) -> u128 {
 }
 
 /// The key of a secret (an attestation token): a SHA-256 prefix, so the token itself is never kept.
-pub fn hash_key(value: &[u8]) -> u128 {
+pub(crate) fn hash_key(value: &[u8]) -> u128 {
     let d = Sha256::digest(value);
     u128::from_be_bytes(d[..16].try_into().expect("16 bytes"))
 }

@@ -54,7 +54,7 @@ impl Routing {
     }
 
     /// The same table with another backend set (discovery changed, or a drain expired).
-    pub fn with_backends(&self, config_backends: &[BackendSpec], discovered: &[BackendSpec]) -> Self {
+    pub(crate) fn with_backends(&self, config_backends: &[BackendSpec], discovered: &[BackendSpec]) -> Self {
         let specs: Vec<&BackendSpec> = config_backends.iter().chain(discovered).collect();
         Self {
             backends: rebuild(Some(&self.backends), &specs, self.backends.drain_timeout),

@@ -76,10 +76,10 @@ pub struct BackendStats {
 
 /// Replay outcomes: applied; refused for authorization (401/403: not applied, retried);
 /// refused otherwise (4xx: skipped); failed (5xx, no answer: retried).
-pub const REPLAY_OUTCOMES: [&str; 4] = ["applied", "unauthorized", "refused", "failed"];
+pub(crate) const REPLAY_OUTCOMES: [&str; 4] = ["applied", "unauthorized", "refused", "failed"];
 
 /// Index of a route kind in [`BackendStats::responses`].
-pub fn route_index(kind: RouteKind) -> usize {
+pub(crate) fn route_index(kind: RouteKind) -> usize {
     match kind {
         RouteKind::Auth => 0,
         RouteKind::Attest => 1,
@@ -90,7 +90,7 @@ pub fn route_index(kind: RouteKind) -> usize {
 }
 
 /// The route kinds in [`route_index`] order.
-pub const ROUTES: [RouteKind; 5] = [
+pub(crate) const ROUTES: [RouteKind; 5] = [
     RouteKind::Auth,
     RouteKind::Attest,
     RouteKind::Resource,
@@ -100,7 +100,7 @@ pub const ROUTES: [RouteKind; 5] = [
 
 impl BackendStats {
     /// Counts a response with `status` for a request of `kind`.
-    pub fn count_response(&self, kind: RouteKind, status: u16) {
+    pub(crate) fn count_response(&self, kind: RouteKind, status: u16) {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         self.responses[route_index(kind)][class].fetch_add(1, Ordering::Relaxed);
     }
@@ -108,7 +108,7 @@ impl BackendStats {
 
 /// What an active check concluded, when it changed the verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// Now healthy.
     Up,
     /// Now unhealthy.
@@ -127,7 +127,7 @@ impl Backend {
     }
 
     /// The same with an explicit certificate name.
-    pub fn with_tls_name(name: String, scheme: Scheme, authority: Authority, tls_name: String) -> Self {
+    pub(crate) fn with_tls_name(name: String, scheme: Scheme, authority: Authority, tls_name: String) -> Self {
         Self {
             id: BackendId::from_name(&name),
             name,
@@ -152,12 +152,12 @@ impl Backend {
     }
 
     /// Counts a request as in flight until the returned guard drops.
-    pub fn start_request(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn start_request(self: &Arc<Self>) -> InFlight {
         InFlight::new(Arc::clone(self))
     }
 
     /// Whether checks and traffic say it works: actively healthy and not in passive back-off.
-    pub fn is_healthy(&self) -> bool {
+    pub(crate) fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed) && self.passive.is_available()
     }
 
@@ -168,7 +168,7 @@ impl Backend {
 
     /// Healthy and not draining, whether or not it has every admin write: replays go to it, and
     /// new sessions too when no replica in sync is serving.
-    pub fn is_serving(&self) -> bool {
+    pub(crate) fn is_serving(&self) -> bool {
         self.is_healthy() && !self.is_draining()
     }
 
@@ -178,18 +178,18 @@ impl Backend {
     }
 
     /// Sets how many admin writes it has not applied.
-    pub fn set_journal_lag(&self, lag: u64) {
+    pub(crate) fn set_journal_lag(&self, lag: u64) {
         self.journal_lag.store(lag, Ordering::Relaxed);
     }
 
     /// Whether requests pinned here may still be served: healthy, and if draining, not for
     /// longer than `drain_timeout`.
-    pub fn serves_pinned(&self, drain_timeout: Duration) -> bool {
+    pub(crate) fn serves_pinned(&self, drain_timeout: Duration) -> bool {
         self.is_healthy() && !self.drain_expired(drain_timeout)
     }
 
     /// The active checks' verdict alone.
-    pub fn check_verdict(&self) -> bool {
+    pub(crate) fn check_verdict(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
 
@@ -199,7 +199,7 @@ impl Backend {
     }
 
     /// Records a failed connect or a timeout on real traffic.
-    pub fn record_failure(&self) {
+    pub(crate) fn record_failure(&self) {
         if self.passive.record_failure() {
             self.stats.ejections.fetch_add(1, Ordering::Relaxed);
         }
@@ -212,7 +212,7 @@ impl Backend {
 
     /// Feeds one active check result; flips the verdict after `rise` consecutive successes or
     /// `fall` consecutive failures, and says so.
-    pub fn record_check(&self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {
+    pub(crate) fn record_check(&self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {
         if ok {
             // A check that reached it is as good as a response: end any passive back-off.
             self.passive.record_success();
@@ -258,30 +258,30 @@ impl Backend {
     }
 
     /// Marks it as gone from the configured or discovered set, and drains it.
-    pub fn retire(&self) {
+    pub(crate) fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
         self.drain();
     }
 
     /// Brings a retired backend back (it re-appeared in the set).
-    pub fn unretire(&self) {
+    pub(crate) fn unretire(&self) {
         if self.retired.swap(false, Ordering::Relaxed) {
             self.drain_since_ms.store(0, Ordering::Relaxed);
         }
     }
 
     /// Whether it left the configured or discovered set.
-    pub fn is_retired(&self) -> bool {
+    pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Relaxed)
     }
 
     /// Whether it is draining.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.drain_since_ms.load(Ordering::Relaxed) != 0
     }
 
     /// Whether it has been draining for longer than `timeout`.
-    pub fn drain_expired(&self, timeout: Duration) -> bool {
+    pub(crate) fn drain_expired(&self, timeout: Duration) -> bool {
         match self.drain_since_ms.load(Ordering::Relaxed) {
             0 => false,
             since => now_ms().saturating_sub(since) >= u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
@@ -370,7 +370,7 @@ pub struct Backends {
 
 impl Backends {
     /// The backend a cookie names, if it is still in the set.
-    pub fn by_id(&self, id: BackendId) -> Option<&Arc<Backend>> {
+    pub(crate) fn by_id(&self, id: BackendId) -> Option<&Arc<Backend>> {
         self.list.iter().find(|b| b.id == id)
     }
 

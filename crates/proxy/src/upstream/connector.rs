@@ -108,7 +108,7 @@ pub struct BackendStream(Inner);
 
 impl BackendStream {
     /// The address it is connected to.
-    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+    pub(crate) fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
         match &self.0 {
             Inner::Plain(tcp) => tcp.inner().peer_addr(),
             Inner::Tls(tls) => tls.inner().get_ref().0.peer_addr(),

@@ -117,7 +117,7 @@ impl ProxyError {
     }
 
     /// The response for this error: the KBS JSON error shape on `/kbs/v0/*`, plain text elsewhere.
-    pub fn into_response(self, kind: RouteKind) -> Response<ProxyBody> {
+    pub(crate) fn into_response(self, kind: RouteKind) -> Response<ProxyBody> {
         let (status, variant) = self.status_and_variant(kind);
         let detail = match (&self, kind) {
             (Self::SessionLost, RouteKind::Attest) => {

@@ -30,11 +30,11 @@ use crate::routing::Routing;
 use crate::upstream::backend::Backend;
 
 /// Marks an admin write a proxy forwarded to its journal owner (a loop guard).
-pub const FORWARDED_HEADER: &str = "kbs-affinity-proxy-forwarded";
+pub(crate) const FORWARDED_HEADER: &str = "kbs-affinity-proxy-forwarded";
 
 /// Says on a broadcast's answer how durable the journal is: `disk`, or `memory` (lost with
 /// the proxy; run the journal owner with `--admin-journal` on a persistent volume).
-pub const JOURNAL_HEADER: &str = "kbs-affinity-proxy-journal";
+pub(crate) const JOURNAL_HEADER: &str = "kbs-affinity-proxy-journal";
 
 /// What one replica did with the write.
 enum Outcome {

@@ -430,7 +430,7 @@ fn add_content_length(len: Option<u64>, value: &[u8]) -> Result<Option<u64>, Bad
 impl Worker {
     /// Keeps the deadlines of this worker's fast-path connections (see [`alarm`]) until
     /// dropped; after `shutdown`, wakes the idle ones so they close.
-    pub async fn keep_fast_deadlines(self: Arc<Self>, idle_timeout: Duration, shutdown: CancellationToken) {
+    pub(crate) async fn keep_fast_deadlines(self: Arc<Self>, idle_timeout: Duration, shutdown: CancellationToken) {
         let period = || alarm::sweep_period(idle_timeout.min(self.shared.routing.load().response_timeout));
         self.fast.alarms.sweep(shutdown, period).await;
     }
@@ -441,7 +441,7 @@ impl Worker {
     // An async block, not an async fn: an async fn keeps its arguments twice in its state (moved
     // into locals beside the captured ones: 136 bytes here), and every idle connection holds it.
     #[allow(clippy::manual_async_fn)]
-    pub fn serve_fast<R: FastRuntime>(
+    pub(crate) fn serve_fast<R: FastRuntime>(
         self: Arc<Self>,
         mut stream: R::Stream,
         conn: Arc<ConnInfo>,

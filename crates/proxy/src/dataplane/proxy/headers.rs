@@ -19,7 +19,7 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Whether `name` is one of the static hop-by-hop fields (any case): for the fast path, which
 /// checks names as borrowed bytes instead of `HeaderName`s.
-pub fn is_hop_by_hop_name(name: &str) -> bool {
+pub(crate) fn is_hop_by_hop_name(name: &str) -> bool {
     // By length (and first letter) to the one candidate: this runs for every field of every
     // message on the fast path, and most fields match no length here.
     let candidate = match name.len() {
@@ -41,7 +41,7 @@ pub fn is_hop_by_hop_name(name: &str) -> bool {
 /// Content-Length beside `Transfer-Encoding` is not this body's length (RFC 9112 §6.3) and goes.
 /// `false` when a coding other than `chunked` was applied: that body cannot be passed on (the
 /// coding's name is in a hop-by-hop field).
-pub fn settle_decoded_framing(headers: &mut HeaderMap) -> bool {
+pub(crate) fn settle_decoded_framing(headers: &mut HeaderMap) -> bool {
     if !headers.contains_key(header::TRANSFER_ENCODING) {
         return true;
     }
@@ -56,11 +56,11 @@ pub fn settle_decoded_framing(headers: &mut HeaderMap) -> bool {
 }
 
 /// `X-Forwarded-For` (de-facto standard; RFC 7239 is its formal cousin).
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `X-Forwarded-Proto`.
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// `X-Forwarded-Host`.
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Removes hop-by-hop fields, including every field that `Connection` names (RFC 9110 §7.6.1).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {

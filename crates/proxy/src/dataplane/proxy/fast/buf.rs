@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex, Weak};
 /// Capacity a buffer starts with: a request or response head and a small body. Every request in
 /// flight holds up to three, so this bounds the memory a burst of requests takes (and glibc
 /// keeps as RSS afterwards).
-pub const BUF_SIZE: usize = 4 * 1024;
+pub(crate) const BUF_SIZE: usize = 4 * 1024;
 /// What a body copy reads at a time; its buffer grows to this.
-pub const STREAM_CHUNK: usize = 16 * 1024;
+pub(crate) const STREAM_CHUNK: usize = 16 * 1024;
 /// Buffers kept on a thread's free list.
 const FREE_BUFFERS: usize = 256;
 /// A buffer grown past this (a huge head) is freed rather than kept.
@@ -69,7 +69,7 @@ pub fn in_use() -> usize {
 /// A byte buffer from the thread's free list; returned to it on drop. An empty `Buf` (no
 /// capacity) holds no memory: an idle connection keeps one of those.
 #[derive(Debug, Default)]
-pub struct Buf(Vec<u8>);
+pub(crate) struct Buf(Vec<u8>);
 
 impl Buf {
     /// A cleared buffer with at least [`BUF_SIZE`] bytes of capacity.
@@ -104,7 +104,7 @@ impl Buf {
     }
 
     /// The bytes, leaving nothing to the free list.
-    pub fn into_vec(mut self) -> Vec<u8> {
+    pub(crate) fn into_vec(mut self) -> Vec<u8> {
         if self.0.capacity() > 0 {
             POOL.with_borrow(|p| p.count(false));
         }

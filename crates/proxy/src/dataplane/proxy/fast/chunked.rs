@@ -36,11 +36,11 @@ enum State {
 /// The framing is broken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("invalid chunked encoding")]
-pub struct ChunkError;
+pub(crate) struct ChunkError;
 
 /// Scans a chunked body as it streams by.
 #[derive(Debug, Clone)]
-pub struct ChunkedScanner {
+pub(crate) struct ChunkedScanner {
     state: State,
     /// Data bytes left in the current chunk; the size being read while in `Size`.
     size: u64,
@@ -61,13 +61,13 @@ impl Default for ChunkedScanner {
 impl ChunkedScanner {
     /// Whether the body ended.
     #[cfg(test)]
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.state == State::Done
     }
 
     /// Scans `data`, the next bytes of the body. `Ok(Some(n))`: the body ended after `n` bytes
     /// of `data` (the rest belongs to what follows); `Ok(None)`: all of it is body, more to come.
-    pub fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, ChunkError> {
+    pub(crate) fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, ChunkError> {
         let mut i = 0;
         while i < data.len() {
             if self.state == State::Data {
