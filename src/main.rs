@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use kbs_proxy::config::{self, ConfigError, Settings};
 use kbs_proxy::control::{self, ControlPlane};
 use kbs_proxy::dataplane::proxy::Proxy;
@@ -32,6 +32,13 @@ struct Cli {
     proxy: ProxyArgs,
 }
 
+impl Cli {
+    /// Whether this runs the proxy (plain, or in the demo), which takes the settings.
+    fn runs_proxy(&self) -> bool {
+        matches!(self.command, None | Some(Command::Demo(_)))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Two simulated KBS replicas behind the proxy, four sessions, a table; then serve until Ctrl-C.
@@ -48,236 +55,24 @@ enum Command {
     },
 }
 
-/// Proxy options. Each `--foo` is also the config-file key `foo`; flags win over the file.
+/// Proxy options: the config file, and every setting as a flag (with its environment variable).
 #[derive(Args, Debug, Default, Clone)]
 struct ProxyArgs {
     /// TOML config file.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Address to accept clients on [default: 0.0.0.0:8080; demo: 127.0.0.1:8080].
-    #[arg(long, value_name = "IP:PORT")]
-    listen: Option<String>,
-    /// A KBS replica: URL or NAME=URL (repeat for each replica). NAME defaults to host:port.
-    #[arg(long = "backend", value_name = "[NAME=]URL")]
-    backend: Vec<String>,
-    /// Route cookie name [default: route].
-    #[arg(long, value_name = "NAME")]
-    cookie_name: Option<String>,
-    /// Route cookie lifetime in seconds [default: 172800].
-    #[arg(long, value_name = "SECONDS")]
-    cookie_max_age: Option<u64>,
-    /// File with the cookie signing secret (at least 16 bytes). Also: env KBS_AFFINITY_PROXY_COOKIE_SECRET.
-    #[arg(long, value_name = "FILE")]
-    cookie_secret_file: Option<PathBuf>,
-    /// Route cookie Path attribute [default: /].
-    #[arg(long, value_name = "PATH")]
-    cookie_path: Option<String>,
-    /// Route cookie Domain attribute [default: none].
-    #[arg(long, value_name = "DOMAIN")]
-    cookie_domain: Option<String>,
-    /// Route cookie SameSite attribute: strict, lax or none [default: not set].
-    #[arg(long, value_name = "MODE")]
-    cookie_same_site: Option<String>,
-    /// How new sessions are spread: round-robin or least-requests [default: round-robin].
-    #[arg(long, value_name = "POLICY")]
-    balance: Option<String>,
-    /// Log format: text or json [default: text].
-    #[arg(long, value_name = "FORMAT")]
-    log_format: Option<String>,
-    /// Time limit for connecting to a replica, e.g. 5s or 500ms [default: 5s].
-    #[arg(long, value_name = "DURATION")]
-    backend_connect_timeout: Option<String>,
-    /// Time limit for a replica's response head [default: 60s].
-    #[arg(long, value_name = "DURATION")]
-    backend_response_timeout: Option<String>,
-    /// Largest auth request body, bytes (buffered so it can be re-sent) [default: 65536].
-    #[arg(long, value_name = "BYTES")]
-    auth_body_limit: Option<usize>,
-    /// Serving threads, each with its own runtime [default: number of CPUs].
-    #[arg(long, value_name = "N")]
-    workers: Option<usize>,
-    /// Time in-flight requests get to finish on SIGTERM/SIGINT [default: 10s].
-    #[arg(long, value_name = "DURATION")]
-    shutdown_grace: Option<String>,
-    /// Backends from DNS: every address of HOST is a backend (e.g. a headless Service). Repeatable.
-    #[arg(long = "backend-dns", value_name = "[https://]HOST:PORT")]
-    backend_dns: Vec<String>,
-    /// How often --backend-dns names are re-resolved [default: 10s].
-    #[arg(long, value_name = "DURATION")]
-    backend_dns_interval: Option<String>,
-    /// How long a drained or vanished backend keeps serving its pinned sessions [default: 300s].
-    #[arg(long, value_name = "DURATION")]
-    drain_timeout: Option<String>,
-    /// PEM certificate chain: serve clients over TLS (h2 and http/1.1 by ALPN).
-    #[arg(long, value_name = "FILE")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert.
-    #[arg(long, value_name = "FILE")]
-    tls_key: Option<PathBuf>,
-    /// PEM CA certificates to trust for https:// backends [default: the system's].
-    #[arg(long, value_name = "FILE")]
-    backend_ca: Option<PathBuf>,
-    /// PEM client certificate for mTLS to backends.
-    #[arg(long, value_name = "FILE")]
-    backend_client_cert: Option<PathBuf>,
-    /// PEM key for --backend-client-cert.
-    #[arg(long, value_name = "FILE")]
-    backend_client_key: Option<PathBuf>,
-    /// Accept any backend certificate. For testing only: anyone on the path can impersonate a replica.
-    #[arg(long)]
-    backend_insecure_skip_verify: bool,
-    /// Active health check: tcp, http or off [default: tcp].
-    #[arg(long, value_name = "MODE")]
-    health_check: Option<String>,
-    /// Path of the http health check [default: /healthz].
-    #[arg(long, value_name = "PATH")]
-    health_check_path: Option<String>,
-    /// Time between health checks of a backend [default: 5s].
-    #[arg(long, value_name = "DURATION")]
-    health_check_interval: Option<String>,
-    /// Limit on one health check [default: 2s].
-    #[arg(long, value_name = "DURATION")]
-    health_check_timeout: Option<String>,
-    /// Consecutive failed checks that mark a backend down [default: 3].
-    #[arg(long, value_name = "N")]
-    health_fall: Option<u32>,
-    /// Consecutive good checks that mark it up again [default: 2].
-    #[arg(long, value_name = "N")]
-    health_rise: Option<u32>,
-    /// Admin port: /healthz /readyz /metrics /backends, drain/undrain [default: off].
-    #[arg(long, value_name = "IP:PORT")]
-    admin_listen: Option<String>,
-    /// File with the bearer token that allows admin writes from other than loopback.
-    #[arg(long, value_name = "FILE")]
-    admin_token_file: Option<PathBuf>,
-    /// One log line per request: on or off [default: on].
-    #[arg(long, value_name = "on|off")]
-    access_log: Option<String>,
-    /// Admin writes (set-resource, policies, reference values): broadcast to every replica, or passthrough [default: broadcast].
-    #[arg(long, value_name = "MODE")]
-    admin_writes: Option<String>,
-    /// An admin write to broadcast, as "METHOD /path-prefix" (repeat; replaces the default list).
-    #[arg(long = "admin-write-route", value_name = "METHOD /PREFIX")]
-    admin_write_routes: Vec<String>,
-    /// Largest admin write body, bytes [default: 8388608].
-    #[arg(long, value_name = "BYTES")]
-    admin_body_limit: Option<usize>,
-    /// Directory keeping the admin journal across restarts (files 0600: they hold secrets) [default: memory only].
-    #[arg(long, value_name = "DIR")]
-    admin_journal: Option<PathBuf>,
-    /// Admin writes kept in the journal [default: 10000].
-    #[arg(long, value_name = "N")]
-    admin_journal_max: Option<usize>,
-    /// How often the whole compacted journal is re-applied to every replica [default: 30s].
-    #[arg(long, value_name = "DURATION")]
-    admin_reconcile_interval: Option<String>,
-    /// File with the proxy's own KBS admin bearer token for replays, re-read at each use; clients' tokens are then not journaled.
-    #[arg(long, value_name = "FILE")]
-    admin_replay_token_file: Option<PathBuf>,
-    /// The journal owner's admin port (http://HOST:PORT): forward admin writes there and take the replicas' sync state from it [default: this proxy owns its journal].
-    #[arg(long, value_name = "URL")]
-    journal_owner: Option<String>,
-    /// Watch each replica every second (its /metrics over a kept-alive connection) for a restart that lost its state: on or off [default: on].
-    #[arg(long, value_name = "on|off")]
-    replica_watch: Option<String>,
-    /// Learned kbs-session-ids and tokens kept, for clients without the route cookie [default: 100000].
-    #[arg(long, value_name = "N")]
-    session_table_size: Option<usize>,
-    /// How long a learned kbs-session-id is kept at most [default: 300s].
-    #[arg(long, value_name = "DURATION")]
-    session_lifetime: Option<String>,
-    /// The replicas share a token signer: bearer resource requests may go to any replica.
-    #[arg(long)]
-    tokens_portable: bool,
-    /// Time a client gets to send a request head; idle keep-alive connections close after it [default: 60s].
-    #[arg(long, value_name = "DURATION")]
-    client_idle_timeout: Option<String>,
-    /// Client connections open at once; more wait in the listen backlog [default: 10000].
-    #[arg(long, value_name = "N")]
-    max_connections: Option<usize>,
-    /// Largest request head (HTTP/1.1) or header list (HTTP/2), bytes; over it: 431 [default: 65536].
-    #[arg(long, value_name = "BYTES")]
-    max_header_bytes: Option<usize>,
-    /// Plain HTTP/1.1 on the proxy's own fast path (on), or hyper for everything (off) [default: on].
-    #[arg(long, value_name = "on|off")]
-    fast_path: Option<String>,
-    /// HTTP/1.1 to the backends, pooled (http1), or HTTP/2, one multiplexed connection per backend
-    /// and worker, by prior knowledge over TCP and ALPN over TLS; turns the fast path off (http2)
-    /// [default: http1].
-    #[arg(long, value_name = "http1|http2")]
-    backend_protocol: Option<String>,
+    #[command(flatten)]
+    settings: Settings,
 }
 
 impl ProxyArgs {
-    fn into_settings(self) -> (Option<PathBuf>, Settings) {
-        let settings = Settings {
-            listen: self.listen,
-            backend: (!self.backend.is_empty()).then_some(self.backend),
-            cookie_name: self.cookie_name,
-            cookie_max_age: self.cookie_max_age,
-            cookie_secret_file: self.cookie_secret_file,
-            cookie_secret: None,
-            cookie_path: self.cookie_path,
-            cookie_domain: self.cookie_domain,
-            cookie_same_site: self.cookie_same_site,
-            balance: self.balance,
-            log_format: self.log_format,
-            backend_connect_timeout: self.backend_connect_timeout,
-            backend_response_timeout: self.backend_response_timeout,
-            auth_body_limit: self.auth_body_limit,
-            workers: self.workers,
-            shutdown_grace: self.shutdown_grace,
-            backend_dns: (!self.backend_dns.is_empty()).then_some(self.backend_dns),
-            backend_dns_interval: self.backend_dns_interval,
-            drain_timeout: self.drain_timeout,
-            tls_cert: self.tls_cert,
-            tls_key: self.tls_key,
-            backend_ca: self.backend_ca,
-            backend_client_cert: self.backend_client_cert,
-            backend_client_key: self.backend_client_key,
-            backend_insecure_skip_verify: self.backend_insecure_skip_verify.then_some(true),
-            health_check: self.health_check,
-            health_check_path: self.health_check_path,
-            health_check_interval: self.health_check_interval,
-            health_check_timeout: self.health_check_timeout,
-            health_fall: self.health_fall,
-            health_rise: self.health_rise,
-            admin_listen: self.admin_listen,
-            admin_token_file: self.admin_token_file,
-            access_log: self.access_log,
-            admin_writes: self.admin_writes,
-            admin_write_routes: (!self.admin_write_routes.is_empty()).then_some(self.admin_write_routes),
-            admin_body_limit: self.admin_body_limit,
-            admin_journal: self.admin_journal,
-            admin_journal_max: self.admin_journal_max,
-            admin_reconcile_interval: self.admin_reconcile_interval,
-            admin_replay_token_file: self.admin_replay_token_file,
-            journal_owner: self.journal_owner,
-            replica_watch: self.replica_watch,
-            session_table_size: self.session_table_size,
-            session_lifetime: self.session_lifetime,
-            tokens_portable: self.tokens_portable.then_some(true),
-            client_idle_timeout: self.client_idle_timeout,
-            max_connections: self.max_connections,
-            max_header_bytes: self.max_header_bytes,
-            fast_path: self.fast_path,
-            backend_protocol: self.backend_protocol,
-        };
-        (self.config, settings)
-    }
-
-    /// File, then environment, then flags, each layer over the one before.
+    /// The file, then the environment and the flags (clap has put the flags over the environment).
     fn layered(self) -> Result<Settings, ConfigError> {
-        let (file, flags) = self.into_settings();
-        let base = match file {
-            Some(path) => Settings::from_file(&path)?,
+        let base = match &self.config {
+            Some(path) => Settings::from_file(path)?,
             None => Settings::default(),
         };
-        let env = Settings {
-            cookie_secret: std::env::var(config::SECRET_ENV).ok(),
-            ..Settings::default()
-        };
-        Ok(base.merge(env).merge(flags))
+        Ok(base.merge(self.settings))
     }
 }
 
@@ -294,17 +89,15 @@ struct SimArgs {
     session_timeout: u64,
 }
 
+/// The command line, each setting given its environment variable and its default in the help.
+fn command() -> clap::Command {
+    config::describe(Cli::command()).mut_subcommand("demo", config::describe)
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse(&command()) {
         Ok(cli) => cli,
-        Err(e) if e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::from(EX_USAGE);
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
+        Err(code) => return code,
     };
     let result = match cli.command {
         None => run_proxy(cli.proxy),
@@ -315,15 +108,49 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            if let Some(ce) = e.downcast_ref::<ConfigError>() {
-                eprintln!("kbs-affinity-proxy: {ce}");
-                return ExitCode::from(EX_USAGE);
+        Err(e) => match e.downcast_ref::<ConfigError>() {
+            Some(ce) => usage_error(ce),
+            None => {
+                eprintln!("kbs-affinity-proxy: {e:#}");
+                ExitCode::FAILURE
             }
-            eprintln!("kbs-affinity-proxy: {e:#}");
-            ExitCode::FAILURE
-        }
+        },
     }
+}
+
+/// The command line, or, when it is wrong or asks for help or the version, the exit code after
+/// saying so.
+fn parse(command: &clap::Command) -> Result<Cli, ExitCode> {
+    let error = match command.clone().try_get_matches() {
+        Ok(matches) => {
+            let proxy = matches.subcommand_matches("demo").unwrap_or(&matches);
+            config::refuse_secret_flag(proxy).map_err(|e| usage_error(&e))?;
+            match Cli::from_arg_matches(&matches) {
+                Ok(cli) => return Ok(cli),
+                Err(e) => e,
+            }
+        }
+        Err(e) => e,
+    };
+    if let Some(from_env) = config::env_error(command, &error) {
+        // clap reads the proxy's variables before it sees a subcommand: the others do without them.
+        return match Cli::try_parse() {
+            Ok(cli) if !cli.runs_proxy() => Ok(cli),
+            _ => Err(usage_error(&from_env)),
+        };
+    }
+    let _ = error.print();
+    Err(if error.use_stderr() {
+        ExitCode::from(EX_USAGE)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// A configuration error: one line naming the key, exit code 64.
+fn usage_error(e: &ConfigError) -> ExitCode {
+    eprintln!("kbs-affinity-proxy: {e}");
+    ExitCode::from(EX_USAGE)
 }
 
 fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
@@ -480,10 +307,10 @@ async fn wait_for_signal() {
 }
 
 fn run_demo(args: ProxyArgs) -> anyhow::Result<()> {
-    if !args.backend.is_empty() {
+    if let Some(backend) = &args.settings.backend {
         return Err(ConfigError::Invalid {
             key: "backend",
-            value: args.backend.join(" "),
+            value: backend.join(" "),
             reason: "the demo starts its own simulated replicas; run without `demo` to proxy real ones".into(),
         }
         .into());

@@ -3,9 +3,20 @@
 use std::process::Command;
 
 fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kbs-affinity-proxy"))
+    run_with_env(args, &[])
+}
+
+/// Runs the binary with `env` and none of the caller's own `KBS_AFFINITY_PROXY_*` variables.
+fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kbs-affinity-proxy"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KBS_AFFINITY_PROXY_") {
+            cmd.env_remove(name);
+        }
+    }
+    let out = cmd
         .args(args)
-        .env_remove("KBS_AFFINITY_PROXY_COOKIE_SECRET")
+        .envs(env.iter().copied())
         .output()
         .expect("run the binary");
     (
@@ -71,4 +82,88 @@ fn help_and_version_exit_0() {
             .unwrap();
         assert_eq!(out.status.code(), Some(0));
     }
+}
+
+#[test]
+fn the_environment_is_below_the_flags_and_above_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, "listen = \"from-file\"\n").unwrap();
+    let file = file.to_str().unwrap();
+    let env = [("KBS_AFFINITY_PROXY_LISTEN", "from-env")];
+    // A bad listen address names the layer it came from, and nothing binds before validation.
+    let cases = [
+        (run_with_env(&[B, "--config", file], &[]), "from-file"),
+        (run_with_env(&[B, "--config", file], &env), "from-env"),
+        (
+            run_with_env(&[B, "--config", file, "--listen", "from-flag"], &env),
+            "from-flag",
+        ),
+    ];
+    for ((code, stderr), winner) in cases {
+        assert_eq!(code, 64, "{stderr}");
+        assert!(
+            stderr.contains(&format!("invalid value \"{winner}\" for `listen`")),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn bad_environment_values_exit_64_naming_the_key_and_the_variable() {
+    let cases = [
+        ("KBS_AFFINITY_PROXY_COOKIE_MAX_AGE", "abc", "`cookie-max-age`"),
+        ("KBS_AFFINITY_PROXY_TOKENS_PORTABLE", "maybe", "`tokens-portable`"),
+        (
+            "KBS_AFFINITY_PROXY_BACKEND_CONNECT_TIMEOUT",
+            "soon",
+            "`backend-connect-timeout`",
+        ),
+        (
+            "KBS_AFFINITY_PROXY_ADMIN_WRITE_ROUTES",
+            "nonsense",
+            "`admin-write-routes`",
+        ),
+    ];
+    for (var, value, key) in cases {
+        let (code, stderr) = run_with_env(&[B], &[(var, value)]);
+        assert_eq!(code, 64, "{var}={value}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains(value),
+            "{var}={value}: {stderr}"
+        );
+    }
+    // Variables clap parses (numbers, switches) also name the variable, as their flag is not given.
+    let (_, stderr) = run_with_env(&[B], &[("KBS_AFFINITY_PROXY_HEALTH_FALL", "x")]);
+    assert!(stderr.contains("KBS_AFFINITY_PROXY_HEALTH_FALL"), "{stderr}");
+    // A flag replaces its variable, bad or not.
+    let (_, stderr) = run_with_env(&[B, "--health-fall", "0"], &[("KBS_AFFINITY_PROXY_HEALTH_FALL", "x")]);
+    assert!(stderr.contains("invalid value \"0\" for `health-fall`"), "{stderr}");
+    // The other subcommands do not read the proxy's variables.
+    let (code, stderr) = run_with_env(
+        &["healthcheck", "--url", "http://127.0.0.1:1/"],
+        &[("KBS_AFFINITY_PROXY_HEALTH_FALL", "x")],
+    );
+    assert_eq!(code, 1, "{stderr}");
+}
+
+#[test]
+fn the_cookie_secret_is_refused_as_a_flag() {
+    for args in [
+        &[B, "--cookie-secret", "a-secret-of-twenty-bytes"][..],
+        &["demo", "--cookie-secret=a-secret-of-twenty-bytes"],
+    ] {
+        let (code, stderr) = run(args);
+        assert_eq!(code, 64, "{stderr}");
+        assert!(stderr.contains("`cookie-secret`"), "{stderr}");
+        assert!(!stderr.contains("a-secret-of"), "never printed: {stderr}");
+    }
+    // From the environment it is taken (and checked, without being printed).
+    let (code, stderr) = run_with_env(&[B], &[("KBS_AFFINITY_PROXY_COOKIE_SECRET", "tiny")]);
+    assert_eq!(code, 64);
+    assert!(
+        stderr.contains("`cookie-secret`") && !stderr.contains("tiny"),
+        "{stderr}"
+    );
 }
