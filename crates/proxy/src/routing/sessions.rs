@@ -137,24 +137,16 @@ pub fn jwt_expiry(token: &str) -> Option<u64> {
 /// The `kbs-session-id` value and its expiry (Unix seconds, from `Expires`) in one `Set-Cookie`.
 pub fn session_from_set_cookie(header: &[u8]) -> Option<(&[u8], Option<u64>)> {
     let text = std::str::from_utf8(header).ok()?;
-    let mut parts = text.split(';');
-    let (name, value) = parts.next()?.split_once('=')?;
-    if name.trim() != crate::kbs::SESSION_COOKIE {
+    let cookie = cookie::Cookie::parse(text).ok()?;
+    if cookie.name() != crate::kbs::SESSION_COOKIE {
         return None;
     }
-    let expires = parts.find_map(|attr| {
-        let (k, v) = attr.split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case("expires")
-            .then(|| httpdate::parse_http_date(v.trim()).ok())
-            .flatten()
-    });
-    let expires = expires
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_secs());
-    let value = value.trim();
-    let start = text.find(value)?;
-    Some((&header[start..start + value.len()], expires))
+    // Borrowed from `header` (the cookie was parsed from it), so the value is not copied.
+    let value = cookie.value_raw()?;
+    let expires = cookie
+        .expires_datetime()
+        .and_then(|t| u64::try_from(t.unix_timestamp()).ok());
+    Some((value.as_bytes(), expires))
 }
 
 #[cfg(test)]
@@ -200,6 +192,20 @@ mod tests {
         let canonical = session_key(b"0123456789abcdef0123456789abcdef");
         assert_ne!(session_key(b"+123456789abcdef0123456789abcdef"), canonical);
         assert_ne!(session_key(b"0123456789ABCDEF0123456789ABCDEF"), canonical);
+    }
+
+    #[test]
+    fn reads_other_set_cookie_shapes_as_the_cookie_crate_does() {
+        // No Expires, or one that does not parse: the value without an expiry.
+        let (v, exp) = session_from_set_cookie(b"kbs-session-id=abc; Path=/; HttpOnly").unwrap();
+        assert_eq!((v, exp), (&b"abc"[..], None));
+        let (v, exp) = session_from_set_cookie(b"kbs-session-id=abc; Expires=soon").unwrap();
+        assert_eq!((v, exp), (&b"abc"[..], None));
+        // Attribute names in any case, spaces around the value.
+        let (v, exp) = session_from_set_cookie(b"kbs-session-id = abc ;EXPIRES=Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        assert_eq!((v, exp), (&b"abc"[..], Some(1_445_412_480)));
+        assert!(session_from_set_cookie(b"kbs-session-id").is_none(), "no value");
+        assert!(session_from_set_cookie(b"=abc").is_none(), "no name");
     }
 
     #[test]
