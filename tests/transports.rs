@@ -41,6 +41,8 @@ fn capture_logs() {
             .with_writer(|| Capture)
             .with_max_level(tracing::Level::INFO)
             .init();
+        // Access lines through the proxy's own batched writer, as the binary logs them.
+        kbs_proxy::telemetry::access::install(kbs_proxy::config::LogFormat::Json, Capture);
     });
 }
 

@@ -1,4 +1,7 @@
-//! Logging set-up: tracing to stderr, text or JSON, filtered by `RUST_LOG` (default `info`).
+//! Logging set-up: tracing to stderr, text or JSON, filtered by `RUST_LOG` (default `info`);
+//! the access log through its own batched writer ([`access`]), to stderr as well.
+
+pub mod access;
 
 use std::io::IsTerminal;
 
@@ -17,4 +20,5 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    access::install(format, std::io::stderr());
 }

@@ -327,6 +327,12 @@ impl Collector for ProxyCollector {
 
         counter(
             &mut encoder,
+            "access_log_dropped_lines",
+            "Access-log lines dropped because the log's sink could not keep up",
+            &[(vec![], crate::telemetry::access::dropped())],
+        )?;
+        counter(
+            &mut encoder,
             "cookies_issued",
             "Route cookies issued",
             &[(vec![], load(&s.cookies_issued))],

@@ -67,15 +67,13 @@ pub(super) fn log_request(
     decision: &str,
     elapsed: std::time::Duration,
 ) {
-    tracing::info!(
-        target: "access",
-        method = %method,
+    crate::telemetry::access::record(&crate::telemetry::access::Line {
+        method,
         path,
         status,
         backend,
-        route = kind.as_str(),
+        route: kind.as_str(),
         decision,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        "request"
-    );
+        elapsed,
+    });
 }
