@@ -248,30 +248,28 @@ fn format_line(buf: &mut Vec<u8>, format: LogFormat, clock: &mut Clock, now: Sys
     }
 }
 
-/// `"text"`, with `"`, `\` and control bytes escaped, so a path cannot forge a field or a line.
+/// `"text"`, with `"`, `\` and control bytes escaped (`\xNN`), so a path cannot forge a field
+/// or a line.
 fn quoted_text(buf: &mut Vec<u8>, text: &str) {
-    buf.push(b'"');
-    for &b in text.as_bytes() {
-        match b {
-            b'"' | b'\\' => buf.extend_from_slice(&[b'\\', b]),
-            0..=0x1f | 0x7f => {
-                let _ = write!(buf, "\\x{b:02x}");
-            }
-            _ => buf.push(b),
-        }
-    }
-    buf.push(b'"');
+    quoted(buf, text, |buf, b| {
+        let _ = write!(buf, "\\x{b:02x}");
+    });
 }
 
-/// A JSON string (RFC 8259 §7).
+/// A JSON string (RFC 8259 §7: control bytes as `\u00NN`).
 fn quoted_json(buf: &mut Vec<u8>, text: &str) {
+    quoted(buf, text, |buf, b| {
+        let _ = write!(buf, "\\u{b:04x}");
+    });
+}
+
+/// `text` in double quotes, `"` and `\` escaped with a backslash, control bytes by `control`.
+fn quoted(buf: &mut Vec<u8>, text: &str, control: impl Fn(&mut Vec<u8>, u8)) {
     buf.push(b'"');
     for &b in text.as_bytes() {
         match b {
             b'"' | b'\\' => buf.extend_from_slice(&[b'\\', b]),
-            0..=0x1f | 0x7f => {
-                let _ = write!(buf, "\\u{:04x}", b);
-            }
+            0..=0x1f | 0x7f => control(buf, b),
             _ => buf.push(b),
         }
     }
