@@ -11,6 +11,7 @@
 #   FLOOR=relay bash benches/compare.sh     # only the tokio relay as the floor (FLOOR= none)
 #   H2_BACKENDS=1 bash benches/compare.sh   # also HAProxy and ours speaking HTTP/2 to the backends
 #   OURS_B=/tmp/old/kbs-affinity-proxy bash benches/compare.sh   # another build beside this one
+#   LOGS=1 bash benches/compare.sh          # also ours and HAProxy with their access logs on
 #
 # What it does, in one run:
 #  1. installs haproxy, nginx and wrk with apt-get when missing (apt-get update first);
@@ -35,7 +36,11 @@
 #     (`--backend-protocol http2`), one thread each, speaking HTTP/2 with prior knowledge to
 #     the same backends (fast_backend serves both protocols); with OURS_B=PATH also ours-b,
 #     that binary (another build of the proxy, e.g. before a change) run like ours with one
-#     thread, right after it in every repetition, so two builds compare side by side;
+#     thread, right after it in every repetition, so two builds compare side by side; with
+#     LOGS=1 also ours-log (`--access-log on`, stderr to a file) right after ours and
+#     haproxy-log (`option httplog`, logging to a local Unix datagram socket drained by a
+#     sink on the load core) right after haproxy, one thread each (ours-log's ratios are to
+#     haproxy-log, and a table gives each one's cost against itself with logging off);
 #  4. for REPS repetitions, interleaved (every target once per mode per repetition), runs
 #     `wrk -t1 -c$CONNS -d${DURATION}s --latency` in the MODES (default all four):
 #       ka-cookie    keep-alive, with a valid route cookie got first through that proxy
@@ -57,7 +62,8 @@
 # Every run is bounded (wrk -d, timeouts on every wait); everything it starts is stopped on
 # exit. Ports used: 18080/18083 (proxy), 18081-18082 (backends), 18090/18092 (HAProxy),
 # 18091/18093 (nginx), the second of each pair for the two-thread variant; 18084-18086 (relay,
-# relay-uring, relay-epoll); 18087 (ours-h2), 18094 (haproxy-h2), 18088 (ours-b).
+# relay-uring, relay-epoll); 18087 (ours-h2), 18094 (haproxy-h2), 18088 (ours-b), 18089
+# (ours-log), 18095 (haproxy-log).
 set -euo pipefail
 
 REPS=${REPS:-3}
@@ -69,6 +75,7 @@ MODES=(${MODES:-ka-cookie ka-nocookie close ka-paced})
 FLOOR=${FLOOR-relay relay-epoll relay-uring}
 H2_BACKENDS=${H2_BACKENDS:-0}
 OURS_B=${OURS_B:-}
+LOGS=${LOGS:-0}
 export PACE_MS=${PACE_MS:-2}
 PROXY_CPU=${PROXY_CPUS:-0}
 LOAD_CPU=${LOAD_CPUS:-1}
@@ -117,7 +124,7 @@ RELAY_BIN=$CARGO_TARGET_DIR/release/examples/relay_floor
 RELAY_URING_BIN=$CARGO_TARGET_DIR/release/relay-uring
 RELAY_EPOLL_BIN=$CARGO_TARGET_DIR/release/relay-epoll
 
-for port in 18080 18081 18082 18083 18084 18085 18086 18087 18090 18091 18092 18093 18094; do
+for port in 18080 18081 18082 18083 18084 18085 18086 18087 18088 18089 18090 18091 18092 18093 18094 18095; do
     if ss -Htln "sport = :$port" | grep -q .; then
         log "port $port is taken"
         exit 1
@@ -177,16 +184,19 @@ start_nginx() {
 }
 
 OURS_FLAGS=(--backend b1=http://127.0.0.1:18081 --backend b2=http://127.0.0.1:18082)
+ACCESS_LOG_FLAG=()
 if "$PROXY_BIN" --help | grep -q -- '--access-log'; then
-    OURS_FLAGS+=(--access-log off)
+    ACCESS_LOG_FLAG=(--access-log off)
 fi
 # Starts an instance of the proxy, logging to $WORK/$1.log: binary $2 on port $3 with $4
-# workers, and any further flags.
+# workers, and any further flags (with its access log off unless they say otherwise).
 start_proxy_instance() {
     local name=$1 bin=$2 port=$3 workers=$4
     shift 4
+    local log_flag=("${ACCESS_LOG_FLAG[@]}")
+    [[ " $* " == *" --access-log "* ]] && log_flag=()
     KBS_AFFINITY_PROXY_COOKIE_SECRET=$SECRET RUST_LOG=warn \
-        taskset -c "$PROXY_CPU" "$bin" "${OURS_FLAGS[@]}" --listen "127.0.0.1:$port" \
+        taskset -c "$PROXY_CPU" "$bin" "${OURS_FLAGS[@]}" "${log_flag[@]}" --listen "127.0.0.1:$port" \
         --workers "$workers" "$@" 2>"$WORK/$name.log" &
     started=$!
     CHILDREN+=("$started")
@@ -218,6 +228,35 @@ start_ours-h2() {
 # Another build of the proxy (OURS_B), one thread, on its own port.
 start_ours-b() {
     start_proxy_instance ours-b "$OURS_B" 18088 1
+}
+
+# The access-log variants (LOGS=1), one thread each. Ours writes its lines to stderr, a file
+# here; HAProxy sends each to a Unix datagram socket that a sink on the load core drains.
+start_ours-log() {
+    start_proxy_instance ours-log "$PROXY_BIN" 18089 1 --access-log on
+}
+
+start_haproxy-log() {
+    local sock=$WORK/haproxy-log.sock
+    taskset -c "$LOAD_CPU" python3 -c '
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1])
+while True:
+    s.recv(65536)
+' "$sock" &
+    CHILDREN+=("$!")
+    for ((i = 0; i < 100; i++)); do
+        [[ -S $sock ]] && break
+        sleep 0.05
+    done
+    sed "s|127.0.0.1:18090|127.0.0.1:18095|; s|^global$|global\n    log $sock local0|;
+         s|^defaults$|defaults\n    log global\n    option httplog|" \
+        benches/compare/haproxy.cfg >"$WORK/haproxy-log.cfg"
+    taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy-log.cfg" 2>"$WORK/haproxy-log.log" &
+    started=$!
+    CHILDREN+=("$started")
+    wait_port 18095
 }
 
 # Starts the floor relay $1 (binary $2) on port $3, relaying to the first backend.
@@ -320,7 +359,8 @@ start_backends
 declare -A PID=([direct]=$started)
 declare -A PORT=([direct]=18081 [haproxy]=18090 [nginx]=18091 [ours]=18080
     [haproxy-2t]=18092 [nginx-2t]=18093 [ours-2t]=18083 [relay]=18084 [relay-uring]=18085
-    [relay-epoll]=18086 [ours-h2]=18087 [haproxy-h2]=18094 [ours-b]=18088)
+    [relay-epoll]=18086 [ours-h2]=18087 [haproxy-h2]=18094 [ours-b]=18088 [ours-log]=18089
+    [haproxy-log]=18095)
 declare -A COOKIE=([direct]="route=none")
 TARGETS=(direct)
 for t in $FLOOR; do
@@ -348,6 +388,11 @@ for n in $THREADS; do
             start_ours-b
             PID[ours-b]=$started
             TARGETS+=(ours-b)
+        fi
+        if [[ ($t == ours || $t == haproxy) && $LOGS == 1 ]]; then
+            "start_$t-log"
+            PID[$t-log]=$started
+            TARGETS+=("$t-log")
         fi
     done
 done
@@ -521,7 +566,8 @@ awk -F'\t' -v modes="${MODES[*]}" -v targets="${TARGETS[*]}" "$SUMMARY_AWK"'
             for (t = 1; t <= nt; t++) {
                 k = mode[m] SUBSEP target[t]
                 if (!(k in rps)) continue
-                h = mode[m] SUBSEP (target[t] ~ /-2t$/ ? "haproxy-2t" : "haproxy")
+                h = mode[m] SUBSEP (target[t] ~ /-2t$/ ? "haproxy-2t" : \
+                    (target[t] == "ours-log" ? "haproxy-log" : "haproxy"))
                 rr = (h in rps) ? paired_spread("rps", k, h) : "-"
                 cr = (target[t] == "direct" || !(h in cpu)) ? "-" : paired_spread("cpu", k, h)
                 printf "| %s | %s | %d (%s) | %.3f | %.3f | %.1f (%.1f + %.1f) | %s | %s | %.0f / %.0f | %d |\n", \
@@ -546,6 +592,30 @@ if [[ " ${MODES[*]} " == *" ka-cookie "* && " ${MODES[*]} " == *" ka-nocookie "*
             for (t = 1; t <= nt; t++) {
                 k = "ka-nocookie" SUBSEP target[t]; h = "ka-cookie" SUBSEP target[t]
                 printf "| %s | %.3f | %.3f |\n", target[t], paired("cpu", k, h), paired("rps", k, h)
+            }
+        }' "$WORK/runs.tsv"
+fi
+
+# The access log's cost: each proxy with its log on against itself with it off, paired.
+if [[ $LOGS == 1 ]]; then
+    echo
+    echo "Access log on (ours-log: stderr to a file; haproxy-log: option httplog to a local Unix"
+    echo "datagram socket) against the same proxy with it off, per mode: the median over"
+    echo "repetitions of the ratio in the same repetition (middle half in parentheses)."
+    echo
+    echo "| mode | proxy | CPU per request, log on / off | req/s, log on / off |"
+    echo "|---|---|---:|---:|"
+    awk -F'\t' -v modes="${MODES[*]}" "$SUMMARY_AWK"'
+        END {
+            nm = split(modes, mode, " ")
+            for (m = 1; m <= nm; m++) {
+                split("ours haproxy", proxy, " ")
+                for (p = 1; p <= 2; p++) {
+                    k = mode[m] SUBSEP proxy[p] "-log"; h = mode[m] SUBSEP proxy[p]
+                    if (!(k in cpu) || !(h in cpu)) continue
+                    printf "| %s | %s | %s | %s |\n", mode[m], proxy[p], \
+                        paired_spread("cpu", k, h), paired_spread("rps", k, h)
+                }
             }
         }' "$WORK/runs.tsv"
 fi
