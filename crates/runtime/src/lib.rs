@@ -7,8 +7,8 @@
 //!
 //! Two implementations sit side by side, so they can be compared in one benchmark run and the
 //! fast path tested on either:
-//! - [`own`]: the fast path's own event loop (edge-triggered epoll, a single-threaded executor),
-//!   one per worker, on a thread of its own;
+//! - [`own`]: the fast path's own event loop (`mio`'s reactor, `async-task`'s tasks, its own
+//!   readiness and budget rules), one per worker, on a thread of its own;
 //! - [`tokio`]: tokio, on the worker's `current_thread` runtime; under `tokio::time::pause` its
 //!   clock is tokio's paused one, so the fast path's timeouts can be tested without waiting.
 

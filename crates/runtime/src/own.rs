@@ -1,25 +1,29 @@
-//! The fast path's own event loop: an edge-triggered epoll reactor and a single-threaded
-//! executor, run by one thread per worker.
+//! The fast path's own event loop: `mio`'s reactor and `async-task`'s tasks, driven by one thread
+//! per worker, with the readiness and budget rules kept here.
 //!
-//! Why not tokio there: a relay that does nothing spends about three times the user time per
-//! request on a `current_thread` tokio runtime as on a bare epoll loop (the tuning journal,
-//! docs/history/tuning-journal.md, has the figures; [`crate::tokio`] is the same fast path on
-//! tokio, to measure it again).
-//! tokio's general machinery (readiness and task states kept in atomics, waiter lists under
-//! locks, the cooperative budget) serves any number of tasks on any threads; the fast path has
-//! one task per client connection, on one thread, and needs much less:
+//! Why not tokio there: measured against HAProxy on the same requests, the fast path spends less
+//! CPU per request, and less memory per idle connection, on this loop than on a `current_thread`
+//! tokio runtime (`benches/compare.sh` runs both; [`crate::tokio`] is the same fast path on tokio,
+//! to measure it again). tokio's general machinery (readiness and task states kept in atomics,
+//! waiter lists under locks, timers in the driver) serves any number of tasks on any threads; the
+//! fast path has one task per client connection, on one thread, and needs much less.
+//!
+//! What is borrowed: `mio` waits for the kernel's events (edge-triggered epoll) and wakes the loop
+//! from other threads ([`mio::Waker`]); `async-task` makes the tasks and their [`Waker`]s. What is
+//! ours, because it decides what a request costs:
 //! - [`Runtime::block_on`] runs a future and the tasks it [`spawn`]s on the calling thread until
 //!   that future is done; what is still running then is dropped. Tasks need not be `Send`. As
 //!   on tokio, a task that panics is dropped and the others go on, and a task yields after
 //!   [`BUDGET`] socket operations in one poll, so a connection that always has bytes ready
 //!   cannot starve the others.
-//! - Wakers are ordinary [`Waker`]s: woken on the loop's thread (by a socket's event), a task is
-//!   pushed on the run queue; woken from another thread (a tokio timer, a cancellation), through
-//!   a locked list and an eventfd that wakes the loop.
-//! - [`TcpListener`] and [`TcpStream`]: registered once, edge-triggered; readiness is kept per
-//!   socket as tokio keeps it (set by events, cleared by `EAGAIN` or a short read/write, the
-//!   peer's close sticky), with one waiting reader and one waiting writer per socket. System calls
-//!   are made directly (rustix), not through libc's cancellation-point wrappers.
+//! - Scheduling: a task woken on the loop's thread (by a socket's event) goes on the run queue; one
+//!   woken from another thread (a tokio timer, a cancellation) on a locked list, and the first on
+//!   that list wakes the loop.
+//! - [`TcpListener`] and [`TcpStream`]: registered once; readiness is kept per socket as tokio
+//!   keeps it (set by events, cleared by `EAGAIN` or a short read/write, the peer's close
+//!   sticky), with one waiting reader and one waiting writer per socket. Connecting, accepting
+//!   and registering are `mio`'s; the reads and writes every request makes are system calls made
+//!   directly (rustix), not through libc's cancellation-point wrappers.
 //! - No timers of its own: the thread running a loop enters a tokio runtime's handle, so tokio's
 //!   timers, DNS lookups and `spawn` work from it (off the hot path: connects, the deadline
 //!   sweeper, shutdown). What the tasks time, they time by the loop's turn: [`now`], the clock
@@ -30,24 +34,24 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use rustix::buffer::spare_capacity;
-use rustix::event::{epoll, eventfd, EventfdFlags};
-use rustix::io::Errno;
-use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
+use async_task::{Runnable, Task};
+use mio::event::{Event, Source};
+use mio::{Events, Interest, Token};
+use rustix::net::{RecvFlags, SendFlags};
 use slab::Slab;
 
-/// Events taken from the kernel per `epoll_wait`.
+/// Events taken from the kernel per wait.
 const EVENTS_PER_WAIT: usize = 256;
-/// The token of the eventfd through which other threads wake the loop.
-const WAKE_TOKEN: u64 = u64::MAX;
+/// The token of the [`mio::Waker`] through which other threads wake the loop.
+const WAKE_TOKEN: Token = Token(usize::MAX);
 /// Socket operations a task may make in one poll before it yields, as under tokio's cooperative
 /// budget: a connection that always has bytes ready cannot starve the others.
 const BUDGET: u32 = 128;
@@ -86,19 +90,19 @@ impl Direction {
     }
 }
 
-/// Tells loops apart, so a waker knows whether it runs on its loop's thread.
+/// Tells loops apart, so a task's scheduling knows whether it runs on its loop's thread.
 static NEXT_LOOP_ID: AtomicUsize = AtomicUsize::new(1);
 
 // The loop a thread runs, while it runs it. What the hot path touches (a socket's readiness, the
 // run queue) is a thread-local of its own, one lookup away.
 thread_local! {
     static CORE: RefCell<Option<Rc<Core>>> = const { RefCell::new(None) };
-    /// Its id (0: none): sockets and wakers check it.
+    /// Its id (0: none): sockets and scheduling check it.
     static LOOP_ID: Cell<usize> = const { Cell::new(0) };
     /// Per registered socket: readiness and the waiting reader and writer.
     static IO: RefCell<Slab<IoSlot>> = const { RefCell::new(Slab::new()) };
     /// Tasks to poll, in the order they were woken.
-    static QUEUE: RefCell<VecDeque<TaskRef>> = const { RefCell::new(VecDeque::new()) };
+    static QUEUE: RefCell<VecDeque<Runnable>> = const { RefCell::new(VecDeque::new()) };
     /// What is left of the polled task's [`BUDGET`].
     static BUDGET_LEFT: Cell<u32> = const { Cell::new(BUDGET) };
     /// The time of the loop's turn (see [`now`]).
@@ -106,9 +110,8 @@ thread_local! {
 }
 
 /// The time of this loop's turn: the clock read once after each look at the kernel's events,
-/// as HAProxy's and nginx's loops keep it, so the requests a turn serves do not each read it
-/// (~25 ns a read on a VM); it lags the clock by the turn's work so far. Off a loop's thread,
-/// the clock.
+/// as HAProxy's and nginx's loops keep it, so the requests a turn serves do not each read it;
+/// it lags the clock by the turn's work so far. Off a loop's thread, the clock.
 pub fn now() -> Instant {
     NOW.get().unwrap_or_else(Instant::now)
 }
@@ -137,16 +140,13 @@ pub struct Runtime {
 
 /// The loop's state (beside [`IO`] and [`QUEUE`]), reached through [`CORE`].
 struct Core {
-    epoll: OwnedFd,
-    tasks: RefCell<Slab<TaskSlot>>,
+    /// Borrowed mutably only while it waits, when no task runs (tasks register sockets).
+    poll: RefCell<mio::Poll>,
+    /// The spawned tasks' handles, so that what still runs when [`Runtime::block_on`] ends can be
+    /// cancelled (a detached task could not be); a task takes its own out when it finishes.
+    tasks: RefCell<Slab<Task<()>>>,
     /// What other threads need to wake tasks here.
     remote: Arc<Remote>,
-    /// Tells a task apart from an earlier one in the same slot (a stale waker's).
-    next_task_id: Cell<u64>,
-    /// The id of the task [`Runtime::block_on`] runs its future in.
-    root: Cell<u64>,
-    /// What the root task panicked with, to be raised again by [`Runtime::block_on`].
-    root_panic: RefCell<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 /// One socket's state in the loop.
@@ -157,89 +157,52 @@ struct IoSlot {
     writer: Option<Waker>,
 }
 
-/// One task: its future and waker, out of the slot while it is polled.
-struct TaskSlot {
-    header: Arc<TaskWaker>,
-    run: Option<(LocalFuture, Waker)>,
-}
-
-/// A task's future: it stays on its loop's thread, so it need not be `Send`.
-type LocalFuture = Pin<Box<dyn Future<Output = ()>>>;
-
-/// A task as the run queue and its wakers name it.
-#[derive(Clone, Copy, Debug)]
-struct TaskRef {
-    key: usize,
-    id: u64,
-}
-
-/// What a task's [`Waker`] holds.
-struct TaskWaker {
-    task: TaskRef,
-    /// Queued and not yet polled: more wakes add nothing.
-    scheduled: AtomicBool,
-    remote: Arc<Remote>,
-}
-
-/// The way into a loop from other threads.
+/// The way into a loop from other threads, and what every task's schedule function holds.
 struct Remote {
     loop_id: usize,
-    woken: Mutex<Vec<TaskRef>>,
-    /// Written when `woken` gets its first entry; registered in the loop's epoll.
-    eventfd: OwnedFd,
+    /// Tasks woken from other threads, for the loop to take over.
+    woken: Mutex<Vec<Runnable>>,
+    /// Woken when `woken` gets its first entry.
+    waker: mio::Waker,
 }
 
-impl Wake for TaskWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if self.scheduled.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        if LOOP_ID.get() == self.remote.loop_id {
-            QUEUE.with_borrow_mut(|q| q.push_back(self.task));
+impl Remote {
+    /// A task's schedule function (`async-task` calls it when the task is woken).
+    fn schedule(&self, runnable: Runnable) {
+        if LOOP_ID.get() == self.loop_id {
+            QUEUE.with_borrow_mut(|q| q.push_back(runnable));
             return;
         }
         let first = {
-            let mut woken = self.remote.woken.lock().unwrap_or_else(|p| p.into_inner());
-            woken.push(self.task);
+            let mut woken = self.woken.lock().unwrap_or_else(|p| p.into_inner());
+            woken.push(runnable);
             woken.len() == 1
         };
         if first {
-            // Fails only if the counter would overflow: then the loop is due to wake anyway.
-            let _ = rustix::io::write(&self.remote.eventfd, &1u64.to_ne_bytes());
+            // An eventfd write, edge-triggered: each one is an event. It fails only when the loop
+            // has gone (and then nobody waits for the task).
+            let _ = self.waker.wake();
         }
     }
 }
 
 impl Runtime {
-    /// A loop with its epoll instance and wake-up eventfd; nothing runs until [`block_on`].
+    /// A loop with its poller and wake-up; nothing runs until [`block_on`].
     ///
     /// [`block_on`]: Runtime::block_on
     pub fn new() -> io::Result<Self> {
-        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-        let eventfd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
-        epoll::add(
-            &epoll,
-            &eventfd,
-            epoll::EventData::new_u64(WAKE_TOKEN),
-            epoll::EventFlags::IN | epoll::EventFlags::ET,
-        )?;
+        let poll = mio::Poll::new()?;
+        let waker = mio::Waker::new(poll.registry(), WAKE_TOKEN)?;
         let remote = Arc::new(Remote {
             loop_id: NEXT_LOOP_ID.fetch_add(1, Ordering::Relaxed),
             woken: Mutex::default(),
-            eventfd,
+            waker,
         });
         Ok(Self {
             core: Rc::new(Core {
-                epoll,
+                poll: RefCell::new(poll),
                 tasks: RefCell::default(),
                 remote,
-                next_task_id: Cell::new(0),
-                root: Cell::new(0),
-                root_panic: RefCell::new(None),
             }),
         })
     }
@@ -256,28 +219,38 @@ impl Runtime {
         F::Output: 'static,
     {
         let _installed = Installed::new(&self.core);
-        let output = Rc::new(Cell::new(None));
-        let out = Rc::clone(&output);
-        self.core.root.set(self.core.next_task_id.get());
-        spawn(async move { out.set(Some(future.await)) });
-        let mut events = Vec::with_capacity(EVENTS_PER_WAIT);
-        let result = loop {
+        let remote = Arc::clone(&self.core.remote);
+        // Its panic is kept in the task, to come out of here once the others are dropped.
+        let (runnable, mut root) = async_task::Builder::new()
+            .propagate_panic(true)
+            .spawn_local(move |()| future, move |r| remote.schedule(r));
+        runnable.schedule();
+        let mut events = Events::with_capacity(EVENTS_PER_WAIT);
+        loop {
             self.core.run_queued();
-            if let Some(value) = output.take() {
-                break Ok(value);
-            }
-            if let Some(panic) = self.core.root_panic.take() {
-                self.core.drop_tasks();
-                std::panic::resume_unwind(panic);
+            if root.is_finished() {
+                break;
             }
             let block = QUEUE.with_borrow(VecDeque::is_empty);
             if let Err(e) = self.core.wait(&mut events, block) {
-                break Err(e);
+                drop(root);
+                self.core.drop_tasks();
+                return Err(e);
             }
-        };
+        }
         self.core.drop_tasks();
-        result
+        match Pin::new(&mut root).poll(&mut Context::from_waker(&Waker::from(Arc::new(NoWake)))) {
+            Poll::Ready(output) => Ok(output),
+            Poll::Pending => unreachable!("a finished task has its output"),
+        }
     }
+}
+
+/// A waker for a poll that cannot wait: a finished task's.
+struct NoWake;
+
+impl Wake for NoWake {
+    fn wake(self: Arc<Self>) {}
 }
 
 /// Makes a loop this thread's while alive (also through a panic).
@@ -316,25 +289,53 @@ pub fn spawn(future: impl Future<Output = ()> + 'static) {
     with_core(|core| core.spawn(Box::pin(future))).expect("evloop::spawn outside an event loop");
 }
 
+/// A spawned task's future, and what takes the task's handle out of the loop when it is dropped:
+/// after it is done, when it panicked or when it is cancelled.
+///
+/// The future is boxed where it is spawned, so that only a pointer moves on into the task: a
+/// future moved by value is copied at every call on the way, the whole of a connection's state
+/// each time. And a struct, not an `async` block: a block that awaits the future it captures
+/// holds it twice (the captured one and the awaited one).
+struct Tracked {
+    future: LocalFuture,
+    _finished: Finished,
+}
+
+/// A task's future: it stays on its loop's thread, so it need not be `Send`.
+type LocalFuture = Pin<Box<dyn Future<Output = ()>>>;
+
+impl Future for Tracked {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.future.as_mut().poll(cx)
+    }
+}
+
+/// Takes a finished task's handle out of its loop's [`Core::tasks`], however it finished.
+struct Finished(usize);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        // The handle is dropped after the borrow ends.
+        let handle = with_core(|core| core.tasks.borrow_mut().try_remove(self.0));
+        drop(handle);
+    }
+}
+
 impl Core {
     fn spawn(&self, future: LocalFuture) {
-        let id = self.next_task_id.get();
-        self.next_task_id.set(id + 1);
         let mut tasks = self.tasks.borrow_mut();
         let entry = tasks.vacant_entry();
-        let task = TaskRef { key: entry.key(), id };
-        let header = Arc::new(TaskWaker {
-            task,
-            scheduled: AtomicBool::new(true),
-            remote: Arc::clone(&self.remote),
-        });
-        let waker = Waker::from(Arc::clone(&header));
-        entry.insert(TaskSlot {
-            header,
-            run: Some((future, waker)),
-        });
+        let task = Tracked {
+            future,
+            _finished: Finished(entry.key()),
+        };
+        let remote = Arc::clone(&self.remote);
+        let (runnable, handle) = async_task::spawn_local(task, move |r| remote.schedule(r));
+        entry.insert(handle);
         drop(tasks);
-        QUEUE.with_borrow_mut(|q| q.push_back(task));
+        QUEUE.with_borrow_mut(|q| q.push_back(runnable));
     }
 
     /// Polls the tasks queued now; those they wake wait for the next turn, after the kernel's
@@ -343,72 +344,34 @@ impl Core {
         let mut n = QUEUE.with_borrow(VecDeque::len);
         while n > 0 {
             n -= 1;
-            let Some(task) = QUEUE.with_borrow_mut(VecDeque::pop_front) else {
+            let Some(runnable) = QUEUE.with_borrow_mut(VecDeque::pop_front) else {
                 break;
             };
-            self.run(task);
-        }
-    }
-
-    fn run(&self, task: TaskRef) {
-        let taken = {
-            let mut tasks = self.tasks.borrow_mut();
-            match tasks.get_mut(task.key) {
-                Some(slot) if slot.header.task.id == task.id => {
-                    slot.header.scheduled.store(false, Ordering::Release);
-                    slot.run.take()
-                }
-                _ => None, // a stale wake of a task that has finished
-            }
-        };
-        let Some((mut future, waker)) = taken else {
-            return;
-        };
-        BUDGET_LEFT.set(BUDGET);
-        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            future.as_mut().poll(&mut Context::from_waker(&waker))
-        }));
-        let done = match polled {
-            Ok(poll) => poll.is_ready(),
-            Err(panic) if task.id == self.root.get() => {
-                *self.root_panic.borrow_mut() = Some(panic);
-                true
-            }
-            Err(_) => {
+            BUDGET_LEFT.set(BUDGET);
+            // A panic closes the task and drops its future on the way out of `run`.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runnable.run())).is_err() {
                 tracing::error!("a task of the fast path's event loop panicked; it is dropped");
-                true
             }
-        };
-        let mut tasks = self.tasks.borrow_mut();
-        if done {
-            let slot = tasks.remove(task.key);
-            drop(tasks);
-            drop((slot, future, waker));
-        } else if let Some(slot) = tasks.get_mut(task.key) {
-            slot.run = Some((future, waker));
         }
     }
 
     /// Waits for events (or only looks, when `block` is false) and wakes who waits for them.
-    fn wait(&self, events: &mut Vec<epoll::Event>, block: bool) -> io::Result<()> {
-        events.clear();
-        let zero = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
-        let timeout = (!block).then_some(&zero);
-        let waited = epoll::wait(&self.epoll, spare_capacity(events), timeout);
+    fn wait(&self, events: &mut Events, block: bool) -> io::Result<()> {
+        let timeout = (!block).then_some(Duration::ZERO);
+        let waited = self.poll.borrow_mut().poll(events, timeout);
         NOW.set(Some(Instant::now()));
         match waited {
-            Ok(_) => {}
-            Err(Errno::INTR) => return Ok(()),
-            Err(e) => return Err(e.into()),
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
         }
         for event in events.iter() {
-            let token = event.data.u64();
-            if token == WAKE_TOKEN {
+            let Token(key) = event.token();
+            if event.token() == WAKE_TOKEN {
                 self.take_remote_wakes();
                 continue;
             }
-            let ready = readiness(event.flags);
-            let Ok(key) = usize::try_from(token) else { continue };
+            let ready = readiness(event);
             let woken = IO.with_borrow_mut(|io| {
                 let slot = io.get_mut(key)?;
                 slot.ready |= ready;
@@ -437,35 +400,53 @@ impl Core {
     }
 
     fn take_remote_wakes(&self) {
-        // The counter first, then the list: a wake that lands between the two is in the list.
-        let mut counter = [0u8; 8];
-        let _ = rustix::io::read(&self.remote.eventfd, &mut counter);
         let woken = std::mem::take(&mut *self.remote.woken.lock().unwrap_or_else(|p| p.into_inner()));
         QUEUE.with_borrow_mut(|q| q.extend(woken));
     }
 
-    /// Drops every task (their sockets close) while the loop is still this thread's.
+    /// Drops every task (their sockets close) while the loop is still this thread's. A cancelled
+    /// task is scheduled once more for its future to be dropped, so the queue is emptied until
+    /// nothing comes back (a drop may wake or spawn).
     fn drop_tasks(&self) {
-        let tasks = std::mem::take(&mut *self.tasks.borrow_mut());
-        drop(tasks);
-        QUEUE.with_borrow_mut(VecDeque::clear);
+        loop {
+            let tasks = std::mem::take(&mut *self.tasks.borrow_mut());
+            let mut dropped = !tasks.is_empty();
+            drop(tasks);
+            self.take_remote_wakes();
+            // One at a time, the queue released: a future's drop may wake others.
+            while let Some(runnable) = QUEUE.with_borrow_mut(VecDeque::pop_front) {
+                dropped = true;
+                drop(runnable);
+            }
+            if !dropped {
+                break;
+            }
+        }
     }
 }
 
-/// A socket's readiness from the flags of its event.
-fn readiness(flags: epoll::EventFlags) -> u8 {
-    use epoll::EventFlags as F;
+impl Drop for Core {
+    fn drop(&mut self) {
+        // A task woken from another thread while the loop ended holds `remote` in its schedule
+        // function: the cycle is broken here, on the loop's thread, where the task may be dropped.
+        let woken = std::mem::take(&mut *self.remote.woken.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(woken);
+    }
+}
+
+/// A socket's readiness from its event.
+fn readiness(event: &Event) -> u8 {
     let mut ready = 0;
-    if flags.intersects(F::IN | F::PRI) {
+    if event.is_readable() {
         ready |= READABLE;
     }
-    if flags.contains(F::OUT) {
+    if event.is_writable() {
         ready |= WRITABLE;
     }
-    if flags.intersects(F::RDHUP | F::HUP | F::ERR) {
+    if event.is_read_closed() || event.is_error() {
         ready |= READABLE | READ_CLOSED;
     }
-    if flags.intersects(F::HUP | F::ERR) {
+    if event.is_write_closed() || event.is_error() {
         ready |= WRITABLE | WRITE_CLOSED;
     }
     ready
@@ -479,8 +460,9 @@ struct Registration {
 }
 
 impl Registration {
-    /// Registers `fd` with this thread's loop for reads and writes, edge-triggered.
-    fn new(fd: BorrowedFd<'_>, ready: u8) -> io::Result<Self> {
+    /// Registers `source` with this thread's loop for reads and writes (`mio` registers
+    /// edge-triggered).
+    fn new(source: &mut impl Source, ready: u8) -> io::Result<Self> {
         with_core(|core| {
             let key = IO.with_borrow_mut(|io| {
                 io.insert(IoSlot {
@@ -488,16 +470,19 @@ impl Registration {
                     ..IoSlot::default()
                 })
             });
-            let flags =
-                epoll::EventFlags::IN | epoll::EventFlags::OUT | epoll::EventFlags::RDHUP | epoll::EventFlags::ET;
-            match epoll::add(&core.epoll, fd, epoll::EventData::new_u64(key as u64), flags) {
+            let registered =
+                core.poll
+                    .borrow()
+                    .registry()
+                    .register(source, Token(key), Interest::READABLE | Interest::WRITABLE);
+            match registered {
                 Ok(()) => Ok(Self {
                     loop_id: core.remote.loop_id,
                     key,
                 }),
                 Err(e) => {
                     IO.with_borrow_mut(|io| io.remove(key));
-                    Err(e.into())
+                    Err(e)
                 }
             }
         })
@@ -544,7 +529,7 @@ impl Registration {
     fn transfer<R>(
         &self,
         dir: Direction,
-        mut call: impl FnMut() -> rustix::io::Result<R>,
+        mut call: impl FnMut() -> io::Result<R>,
         drained: impl Fn(&R) -> bool,
     ) -> io::Result<R> {
         if !take_budget() {
@@ -562,12 +547,12 @@ impl Registration {
                         }
                         return Ok(r);
                     }
-                    Err(Errno::INTR) => {}
-                    Err(Errno::AGAIN) => {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         slot.ready &= !dir.clearable();
-                        return Err(io::ErrorKind::WouldBlock.into());
+                        return Err(e);
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(e),
                 }
             }
         })
@@ -582,7 +567,8 @@ fn short_of(room: usize) -> impl Fn(&usize) -> bool {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        // Closing the socket takes it out of the epoll set; only the slot is left to free.
+        // Closing the socket takes it out of the epoll set (no `deregister` system call): only
+        // the slot is left to free.
         if LOOP_ID.get() == self.loop_id {
             IO.with_borrow_mut(|io| io.try_remove(self.key));
         }
@@ -593,41 +579,27 @@ impl Drop for Registration {
 #[derive(Debug)]
 pub struct TcpStream {
     io: Registration,
-    socket: std::net::TcpStream,
+    socket: mio::net::TcpStream,
 }
 
 impl TcpStream {
     /// Takes a connected socket into this thread's loop (made non-blocking).
     pub fn from_std(socket: std::net::TcpStream) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
-        Self::register(socket, WRITABLE)
+        Self::register(mio::net::TcpStream::from_std(socket), WRITABLE)
     }
 
-    /// `socket` is non-blocking; `ready`: what it is known to be ready for now.
-    fn register(socket: std::net::TcpStream, ready: u8) -> io::Result<Self> {
+    /// `ready`: what `socket` is known to be ready for now.
+    fn register(mut socket: mio::net::TcpStream, ready: u8) -> io::Result<Self> {
         Ok(Self {
-            io: Registration::new(socket.as_fd(), ready)?,
+            io: Registration::new(&mut socket, ready)?,
             socket,
         })
     }
 
     /// Connects to `addr`.
     pub async fn connect(addr: SocketAddr) -> io::Result<Self> {
-        let family = match addr {
-            SocketAddr::V4(_) => AddressFamily::INET,
-            SocketAddr::V6(_) => AddressFamily::INET6,
-        };
-        let fd = rustix::net::socket_with(
-            family,
-            SocketType::STREAM,
-            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-            None,
-        )?;
-        match rustix::net::connect(&fd, &addr) {
-            Ok(()) | Err(Errno::INPROGRESS) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let stream = Self::register(std::net::TcpStream::from(fd), 0)?;
+        let stream = Self::register(mio::net::TcpStream::connect(addr)?, 0)?;
         stream.writable().await?;
         match stream.socket.take_error()? {
             Some(e) => Err(e),
@@ -663,15 +635,33 @@ impl TcpStream {
         }
     }
 
-    fn recv_vec(&self, buf: &mut Vec<u8>) -> rustix::io::Result<usize> {
-        rustix::net::recv(&self.socket, spare_capacity(buf), RecvFlags::empty()).map(|(n, _)| n)
+    // The reads and writes every request makes are system calls of their own (rustix), not
+    // `mio`'s: those are `std`'s, which read only into initialised bytes (zeroing a buffer's room
+    // before each read would cost what the spare capacity saves) and go through libc's
+    // cancellation-point wrappers, which cost more than the loop's own work for the call.
+
+    fn recv_vec(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        rustix::net::recv(&self.socket, rustix::buffer::spare_capacity(buf), RecvFlags::empty())
+            .map(|(n, _)| n)
+            .map_err(io::Error::from)
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        rustix::net::recv(&self.socket, buf, RecvFlags::empty())
+            .map(|(n, _)| n)
+            .map_err(io::Error::from)
+    }
+
+    /// `MSG_NOSIGNAL`: a closed peer is an error, not a SIGPIPE.
+    fn send(&self, data: &[u8]) -> io::Result<usize> {
+        rustix::net::send(&self.socket, data, SendFlags::NOSIGNAL).map_err(io::Error::from)
     }
 
     /// Reads into `buf`, waiting for data.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let drained = short_of(buf.len());
-            let recv = || rustix::net::recv(&self.socket, &mut *buf, RecvFlags::empty()).map(|(n, _)| n);
+            let recv = || self.recv(buf);
             match self.io.transfer(Direction::Read, recv, drained) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable().await?,
                 other => return other,
@@ -682,7 +672,7 @@ impl TcpStream {
     /// Writes all of `data`, waiting for room as needed.
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
-            let send = || rustix::net::send(&self.socket, data, SendFlags::NOSIGNAL);
+            let send = || self.send(data);
             match self.io.transfer(Direction::Write, send, short_of(data.len())) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => data = &data[n..],
@@ -710,12 +700,10 @@ impl TcpStream {
 
     /// Leaves the loop: the socket (still non-blocking), for another runtime to take over.
     pub fn into_std(self) -> io::Result<std::net::TcpStream> {
-        let Self { io, socket } = self;
-        with_core(|core| epoll::delete(&core.epoll, &socket))
-            .ok_or_else(not_on_loop)?
-            .map_err(io::Error::from)?;
+        let Self { io, mut socket } = self;
+        with_core(|core| core.poll.borrow().registry().deregister(&mut socket)).ok_or_else(not_on_loop)??;
         drop(io);
-        Ok(socket)
+        Ok(socket.into())
     }
 }
 
@@ -729,16 +717,17 @@ impl AsFd for TcpStream {
 #[derive(Debug)]
 pub struct TcpListener {
     io: Registration,
-    socket: std::net::TcpListener,
+    socket: mio::net::TcpListener,
 }
 
 impl TcpListener {
     /// Takes a bound, listening socket into this thread's loop (made non-blocking).
     pub fn from_std(socket: std::net::TcpListener) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
+        let mut socket = mio::net::TcpListener::from_std(socket);
         Ok(Self {
             // Connections may be waiting already: the first accept tries.
-            io: Registration::new(socket.as_fd(), READABLE)?,
+            io: Registration::new(&mut socket, READABLE)?,
             socket,
         })
     }
@@ -746,24 +735,19 @@ impl TcpListener {
     /// The next connection (non-blocking, on this loop) and its peer's address.
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         let accept = || loop {
-            match rustix::net::acceptfrom_with(&self.socket, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
+            match self.socket.accept() {
                 // A connection reset while in the queue: take the next.
-                Err(Errno::CONNABORTED) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
                 other => return other,
             }
         };
-        let (fd, peer) = loop {
+        let (socket, peer) = loop {
             match self.io.transfer(Direction::Read, accept, |_| false) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     poll_fn(|cx| self.io.poll_ready(cx, Direction::Read)).await?;
                 }
                 other => break other?,
             }
-        };
-        let socket = std::net::TcpStream::from(fd);
-        let peer = match peer.and_then(|p| SocketAddr::try_from(p).ok()) {
-            Some(p) => p,
-            None => socket.peer_addr()?,
         };
         Ok((TcpStream::register(socket, WRITABLE)?, peer))
     }
@@ -1161,5 +1145,122 @@ mod tests {
         let (_client, server) = std_pair();
         let err = TcpStream::from_std(server).unwrap_err();
         assert_eq!(err.to_string(), "socket used outside its event loop");
+    }
+
+    #[test]
+    fn wakes_from_another_thread_each_reach_the_loop_through_its_waker() {
+        const ROUNDS: usize = 200;
+        // One sender thread; each round it wakes the loop while the loop sleeps in the kernel.
+        let sum = run(async {
+            let (tx, rx) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<usize>>();
+            let sender = std::thread::spawn(move || {
+                for (i, reply) in rx.iter().enumerate() {
+                    std::thread::sleep(Duration::from_micros(200));
+                    let _ = reply.send(i);
+                }
+            });
+            let mut sum = 0;
+            for _ in 0..ROUNDS {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                tx.send(reply).unwrap();
+                sum += answer.await.unwrap();
+            }
+            drop(tx);
+            drop(tokio::task::spawn_blocking(move || sender.join()).await);
+            // Many at once: the list fills while the loop is awake, one wake-up or several.
+            let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+            for i in 0..ROUNDS {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                std::thread::spawn(move || reply.send(i).unwrap());
+                let done_tx = done_tx.clone();
+                spawn(async move { done_tx.send(answer.await.unwrap()).unwrap() });
+            }
+            drop(done_tx);
+            while let Some(i) = done_rx.recv().await {
+                sum += i;
+            }
+            sum
+        });
+        assert_eq!(sum, 2 * (0..ROUNDS).sum::<usize>());
+    }
+
+    #[test]
+    fn a_task_that_panics_while_it_holds_a_socket_frees_it() {
+        let (out, sockets_left) = run(async {
+            let (mut client, server) = pair();
+            let (go, woken) = tokio::sync::oneshot::channel::<()>();
+            spawn(async move {
+                let _server = server;
+                // Panics in a later poll, woken from another thread (a tokio timer's).
+                let _ = woken.await;
+                panic!("a bug in one connection");
+            });
+            yield_once().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            go.send(()).unwrap();
+            // The panicked task's socket closes: the client reads the end of the stream.
+            let read = tokio::task::spawn_blocking(move || client.read(&mut [0u8; 8]))
+                .await
+                .unwrap();
+            (read.unwrap(), IO.with_borrow(Slab::len))
+        });
+        assert_eq!(out, 0);
+        assert_eq!(sockets_left, 0);
+    }
+
+    #[test]
+    fn a_spawned_task_holds_its_future_once() {
+        // An idle connection's memory is mostly its task's future: the wrapper adds its guard.
+        async fn large() {
+            let buf = [0u8; 1024];
+            yield_once().await;
+            std::hint::black_box(&buf);
+        }
+        let future = large();
+        let alone = std::mem::size_of_val(&future);
+        let tracked = Tracked {
+            future: Box::pin(future),
+            _finished: Finished(0),
+        };
+        let Tracked { future, .. } = &tracked;
+        assert_eq!(std::mem::size_of_val(&**future), alone);
+        assert!(std::mem::size_of_val(&tracked) <= 32);
+    }
+
+    #[test]
+    fn a_spent_budget_fails_reads_without_a_system_call_and_the_wait_yields() {
+        run(async {
+            let (mut client, server) = pair();
+            client.write_all(&[1u8; 4 * BUDGET as usize]).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut peek = [0u8; 4 * BUDGET as usize];
+            while server.socket.peek(&mut peek).unwrap_or(0) < peek.len() {
+                assert!(Instant::now() < deadline, "the bytes never arrived");
+                std::thread::yield_now();
+            }
+            assert!(readable_within(&server, Duration::from_secs(5)).await);
+            let other_ran = Rc::new(Cell::new(false));
+            let set = Rc::clone(&other_ran);
+            spawn(async move { set.set(true) });
+            // Byte by byte in one poll: each read fills its buffer, so the readiness stays.
+            let mut reads = 0;
+            let mut byte = [0u8; 1];
+            let spent = loop {
+                match server
+                    .io
+                    .transfer(Direction::Read, || server.recv(&mut byte), short_of(1))
+                {
+                    Ok(1) => reads += 1,
+                    other => break other.unwrap_err(),
+                }
+            };
+            assert_eq!(spent.kind(), io::ErrorKind::WouldBlock);
+            assert!(reads < BUDGET && reads + 2 >= BUDGET, "{reads} reads in one poll");
+            assert!(!other_ran.get());
+            // The readiness was kept; the wait yields once, and the other task has its turn.
+            server.readable().await.unwrap();
+            assert!(other_ran.get());
+            assert_eq!(server.read(&mut byte).await.unwrap(), 1);
+        });
     }
 }
