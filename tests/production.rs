@@ -19,6 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use kbs_proxy::config::{DnsSource, Settings};
 use kbs_proxy::control::discovery::Resolve;
 use kbs_proxy::dataplane::proxy::ProxyBody;
+use kbs_proxy::dataplane::server;
 use kbs_proxy_harness::kbs_client::{ClientError, KbsClient};
 use kbs_proxy_harness::sim::{SimConfig, SimKbs};
 use rustls::pki_types::ServerName;
@@ -90,6 +91,72 @@ async fn tls_termination_speaks_h2_and_http1_by_alpn_and_marks_the_cookie_secure
         let cookie = parts.headers["set-cookie"].to_str().unwrap();
         assert!(cookie.ends_with("; HttpOnly; Secure"), "{cookie}");
     }
+}
+
+/// Opens a TLS connection to `addr` and says how its handshake went.
+async fn handshake_kind(config: Arc<rustls::ClientConfig>, addr: SocketAddr) -> rustls::HandshakeKind {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (_, conn) = tls.get_ref();
+    assert!(!conn.is_early_data_accepted(), "no 0-RTT");
+    conn.handshake_kind().unwrap()
+}
+
+#[tokio::test]
+async fn a_tls_session_resumes_on_another_worker_without_early_data() {
+    let pki = Pki::new();
+    let files = pki.issue("proxy", &["localhost"]);
+    let sims = start_sims(1).await;
+    let config = Settings {
+        tls_cert: Some(files.cert.clone()),
+        tls_key: Some(files.key.clone()),
+        ..settings(backends_of(&sims))
+    }
+    .validate()
+    .unwrap();
+    // Two workers, as run_workers starts them: one proxy, one TLS configuration, two listeners.
+    let proxy = kbs_proxy::dataplane::proxy::Proxy::new(&config).unwrap();
+    let (_, tls) = kbs_proxy::control::tls_settings(&config).unwrap().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut addrs = Vec::new();
+    for _ in 0..2 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(listener.local_addr().unwrap());
+        let options = server::ServeOptions::from_config(&config, Some(Arc::clone(&tls)));
+        tokio::spawn(server::serve(proxy.worker(), listener, options, shutdown.clone()));
+    }
+    let mut client = (*pki.client_config(&[b"http/1.1"])).clone();
+    // The client would send early data if the server allowed it.
+    client.enable_early_data = true;
+    let client = Arc::new(client);
+
+    // A full handshake and a request on the first worker: the client reads its tickets.
+    let (_, parts, _) = tls_get(addrs[0], Arc::clone(&client), "/healthz").await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(
+        handshake_kind(Arc::clone(&client), addrs[1]).await,
+        rustls::HandshakeKind::Resumed,
+        "the ticket from worker 0 resumes on worker 1"
+    );
+    // A reload builds a new server configuration; tickets issued before it still resume.
+    let (_, reloaded) = kbs_proxy::control::tls_settings(&config).unwrap().unwrap();
+    tls.store(reloaded.load_full());
+    assert_eq!(
+        handshake_kind(Arc::clone(&client), addrs[0]).await,
+        rustls::HandshakeKind::Resumed,
+        "stateless tickets outlive a reload"
+    );
+    // Without a ticket (a client that keeps none) it is a full handshake, as before.
+    let mut fresh = (*client).clone();
+    fresh.resumption = rustls::client::Resumption::disabled();
+    assert_eq!(
+        handshake_kind(Arc::new(fresh), addrs[1]).await,
+        rustls::HandshakeKind::Full
+    );
+    shutdown.cancel();
 }
 
 #[tokio::test]
