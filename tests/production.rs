@@ -93,7 +93,8 @@ async fn tls_termination_speaks_h2_and_http1_by_alpn_and_marks_the_cookie_secure
     }
 }
 
-/// Opens a TLS connection to `addr` and says how its handshake went.
+/// Opens a TLS connection to `addr`, makes one HTTP/1.1 request on it (so the client reads
+/// the tickets that follow the handshake) and says how its handshake went.
 async fn handshake_kind(config: Arc<rustls::ClientConfig>, addr: SocketAddr) -> rustls::HandshakeKind {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(config)
@@ -102,7 +103,15 @@ async fn handshake_kind(config: Arc<rustls::ClientConfig>, addr: SocketAddr) -> 
         .unwrap();
     let (_, conn) = tls.get_ref();
     assert!(!conn.is_early_data_accepted(), "no 0-RTT");
-    conn.handshake_kind().unwrap()
+    let kind = conn.handshake_kind().unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/healthz")
+        .header("host", "localhost")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), StatusCode::OK);
+    kind
 }
 
 #[tokio::test]
