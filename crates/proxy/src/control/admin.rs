@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AdminToken;
+use crate::control::metrics::exposition::{to_text_004, Format};
 use crate::control::{ActionError, ControlPlane};
 use crate::dataplane::proxy::{ConnInfo, ProxyBody, ProxyError, Worker};
 use crate::kbs::RouteKind;
@@ -146,11 +147,11 @@ async fn handle(
         (&Method::GET, "/metrics") => {
             let proxy = control.proxy();
             let body = crate::control::metrics::render(proxy.stats(), proxy.routing_handle());
-            reply(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                body,
-            )
+            let accept = req.headers().get(http::header::ACCEPT).map(HeaderValue::as_bytes);
+            match Format::negotiate(accept) {
+                Format::OpenMetrics => reply(StatusCode::OK, Format::OpenMetrics.content_type(), body),
+                Format::Text004 => reply(StatusCode::OK, Format::Text004.content_type(), to_text_004(&body)),
+            }
         }
         (&Method::GET, "/backends") => reply(StatusCode::OK, "application/json", control.backends_json().to_string()),
         (&Method::POST, p) if p.starts_with("/backends/") => {

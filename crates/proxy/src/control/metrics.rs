@@ -1,6 +1,8 @@
 //! Metrics: lock-free counters bumped on the request path, encoded in the Prometheus text format
 //! only when scraped (a prometheus-client [`Collector`] reads the atomics and the current
-//! backend set).
+//! backend set); [`exposition`] gives the scraper the format it asks for.
+
+pub mod exposition;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
