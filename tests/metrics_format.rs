@@ -68,6 +68,16 @@ async fn each_format_passes_its_reference_checker() {
     let (ct, text) = scrape(&proxy, Some("text/plain; version=0.0.4")).await;
     assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
     assert!(text.contains("# TYPE kbs_proxy_requests_total counter"), "{text}");
+    for name in [
+        "kbs_proxy_build_info{version=",
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_max_fds ",
+        "process_start_time_seconds ",
+    ] {
+        assert!(text.contains(&format!("\n{name}")), "{name} exported: {text}");
+    }
     let mut promtool = Command::new("promtool");
     promtool.args(["check", "metrics"]);
     check_with(promtool, &text);

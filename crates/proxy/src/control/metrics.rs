@@ -3,6 +3,7 @@
 //! backend set); [`exposition`] gives the scraper the format it asks for.
 
 pub mod exposition;
+mod process;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -238,11 +239,15 @@ struct ProxyCollector {
 
 /// The Prometheus text exposition of the proxy's metrics.
 pub fn render(stats: &Arc<ProxyStats>, routing: &Arc<ArcSwap<Routing>>) -> String {
-    let mut registry = Registry::with_prefix("kbs_proxy");
-    registry.register_collector(Box::new(ProxyCollector {
-        stats: Arc::clone(stats),
-        routing: Arc::clone(routing),
-    }));
+    let mut registry = Registry::default();
+    registry
+        .sub_registry_with_prefix("kbs_proxy")
+        .register_collector(Box::new(ProxyCollector {
+            stats: Arc::clone(stats),
+            routing: Arc::clone(routing),
+        }));
+    // The standard process_* names carry no prefix.
+    registry.register_collector(Box::new(process::ProcessCollector));
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);

@@ -54,17 +54,19 @@ impl Format {
 }
 
 /// Rewrites prometheus-client's OpenMetrics text as the Prometheus text format 0.0.4: a
-/// counter family `foo` is described as `foo_total` (its samples' name), `# UNIT` lines and the
-/// closing `# EOF` go, the samples stay as they are.
+/// counter family `foo` is described as `foo_total` (its samples' name), an info family `bar` as
+/// the gauge `bar_info`, `# UNIT` lines and the closing `# EOF` go, the samples stay as they are.
 pub fn to_text_004(openmetrics: &str) -> String {
     let mut out = String::with_capacity(openmetrics.len());
     let lines: Vec<&str> = openmetrics.lines().collect();
     // Counter families, from their TYPE lines (HELP comes first, so look them all up front).
-    let counters: std::collections::HashSet<&str> = lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|rest| rest.strip_suffix(" counter"))
-        .collect();
+    let typed = |kind: &'static str| -> std::collections::HashSet<&str> {
+        lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(kind))
+            .collect()
+    };
+    let (counters, infos) = (typed(" counter"), typed(" info"));
     for line in lines {
         if line == "# EOF" || line.starts_with("# UNIT ") {
             continue;
@@ -80,8 +82,13 @@ pub fn to_text_004(openmetrics: &str) -> String {
                 if counters.contains(name) && !name.ends_with("_total") {
                     out.push_str("_total");
                 }
+                // The text format has no info type: an info family is a gauge named `_info`.
+                let info = infos.contains(name);
+                if info {
+                    out.push_str("_info");
+                }
                 out.push(' ');
-                out.push_str(tail);
+                out.push_str(if info && prefix == "# TYPE " { "gauge" } else { tail });
             }
             None => out.push_str(line),
         }
@@ -133,11 +140,13 @@ mod tests {
     #[test]
     fn counters_are_described_by_their_samples_name() {
         let om = "# HELP x_requests Responses.\n# TYPE x_requests counter\nx_requests_total{a=\"b\"} 3\n\
-                  # HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n# UNIT x_up seconds\n# EOF\n";
+                  # HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n# UNIT x_up seconds\n\
+                  # HELP x_build Version.\n# TYPE x_build info\nx_build_info{version=\"1\"} 1\n# EOF\n";
         assert_eq!(
             to_text_004(om),
             "# HELP x_requests_total Responses.\n# TYPE x_requests_total counter\nx_requests_total{a=\"b\"} 3\n\
-             # HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n"
+             # HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n\
+             # HELP x_build_info Version.\n# TYPE x_build_info gauge\nx_build_info{version=\"1\"} 1\n"
         );
     }
 }
