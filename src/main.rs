@@ -323,6 +323,10 @@ fn run_demo(args: ProxyArgs) -> anyhow::Result<()> {
         ..settings.clone()
     }
     .validate()?;
+    // The demo's own sessions are logged after its table, not above it: their access lines
+    // wait behind a gate that opens once the table is printed.
+    let gate = HeldUntilOpen::default();
+    kbs_proxy::telemetry::access::install(checked.log_format, gate.clone());
     telemetry::init(checked.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
@@ -340,7 +344,8 @@ fn run_demo(args: ProxyArgs) -> anyhow::Result<()> {
         println!("Try it (keep cookies with -b/-c, as the KBS client does):");
         println!("  curl -si -c jar -b jar -X POST {url}/kbs/v0/auth -d '{{\"version\":\"0.4.0\",\"tee\":\"sample\",\"extra-params\":{{}}}}'");
         println!("  curl -si -c jar -b jar {url}/kbs/v0/resource/{}", demo::DEMO_RESOURCE);
-        println!("Serving until Ctrl-C.");
+        println!("Serving until Ctrl-C; access log below.\n");
+        gate.open();
         wait_for_signal().await;
         demo.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), demo.task).await;
@@ -380,4 +385,30 @@ fn healthcheck(url: &str) -> anyhow::Result<()> {
         anyhow::ensure!(resp.status().is_success(), "status {}", resp.status());
         Ok(())
     })
+}
+
+/// Stderr, once opened: writes wait until then (the access log's writer thread waits there).
+#[derive(Clone, Default)]
+struct HeldUntilOpen(std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl HeldUntilOpen {
+    fn open(&self) {
+        *self.0 .0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.0 .1.notify_all();
+    }
+}
+
+impl std::io::Write for HeldUntilOpen {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut open = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        while !*open {
+            open = self.0 .1.wait(open).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(open);
+        std::io::stderr().write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }

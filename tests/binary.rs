@@ -288,3 +288,35 @@ async fn cookies_tokens_and_resource_bodies_never_reach_the_log_at_any_level() {
         "no Authorization value in the log"
     );
 }
+
+#[tokio::test]
+async fn the_demo_prints_its_table_before_any_access_line() {
+    // stdout and stderr into one pipe, in the order they were written.
+    let bin = env!("CARGO_BIN_EXE_kbs-affinity-proxy");
+    let mut child = Command::new("sh")
+        .args(["-c", r#"exec "$0" demo --listen 127.0.0.1:0 2>&1"#, bin])
+        .env("KBS_AFFINITY_PROXY_COOKIE_SECRET", SECRET)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // Until the demo's 12 access lines (4 sessions x 3 calls) are out, bounded.
+    while seen.iter().filter(|l: &&String| l.contains(" access: ")).count() < 12 {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .expect("the demo's output in time")
+            .unwrap()
+            .expect("the demo still running");
+        seen.push(line);
+    }
+    let table = seen.iter().position(|l| l.starts_with("session ")).expect("a table");
+    let first_access = seen.iter().position(|l| l.contains(" access: ")).unwrap();
+    assert!(table < first_access, "the table comes first:\n{}", seen.join("\n"));
+    assert!(
+        seen[table + 1..table + 5].iter().all(|l| l.ends_with(" ok")),
+        "{seen:#?}"
+    );
+}
