@@ -706,3 +706,41 @@ async fn graceful_shutdown_finishes_an_in_flight_slow_request() {
         "no longer accepting"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_health_check_says_why() {
+    use kbs_proxy::config::HealthMode;
+    use kbs_proxy::control::health::{check, CheckFailure};
+    let answering_503 = start_backend(|_req| async {
+        let mut r = Response::new(ProxyBody::full(Bytes::new()));
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        r
+    })
+    .await;
+    let silent = start_silent_backend().await;
+    let dead = dead_addr().await;
+    let config = settings(vec![
+        format!("a=http://{answering_503}"),
+        format!("b=http://{silent}"),
+        format!("c=http://{dead}"),
+    ])
+    .validate()
+    .unwrap();
+    let proxy = kbs_proxy::dataplane::proxy::Proxy::new(&config).unwrap();
+    let connector = proxy.connector();
+    let routing = proxy.routing();
+    let by_name = |n: &str| routing.backends.list.iter().find(|b| b.name == n).unwrap().clone();
+    let http = HealthMode::Http("/healthz".into());
+    let limit = Duration::from_secs(2);
+    assert_eq!(
+        check(&by_name("a"), &http, false, limit, &connector).await,
+        Err(CheckFailure::Status(503))
+    );
+    assert_eq!(
+        check(&by_name("b"), &http, false, limit, &connector).await,
+        Err(CheckFailure::Timeout(limit))
+    );
+    let refused = check(&by_name("c"), &HealthMode::Tcp, false, limit, &connector).await;
+    assert!(matches!(refused, Err(CheckFailure::Connect(_))), "{refused:?}");
+    assert!(refused.unwrap_err().to_string().starts_with("connect failed: "));
+}

@@ -15,80 +15,109 @@ use crate::config::{HealthConfig, HealthMode};
 use crate::upstream::backend::{Backend, Transition};
 use crate::upstream::connector::BackendConnector;
 
-/// Checks one backend once, speaking HTTP/2 for HTTP checks when `http2`; true when healthy.
+/// Why a check failed: what the log line of a backend marked down says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckFailure {
+    /// No connection (refused, unreachable, TLS refused) within the check.
+    #[error("connect failed: {0}")]
+    Connect(String),
+    /// Connected, but no HTTP answer (the request or the handshake failed, or it closed).
+    #[error("no HTTP answer: {0}")]
+    NoAnswer(String),
+    /// Answered with a status other than 2xx.
+    #[error("answered {0}")]
+    Status(u16),
+    /// Nothing within the check timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Checks one backend once, speaking HTTP/2 for HTTP checks when `http2`.
 pub async fn check(
     backend: &Backend,
     mode: &HealthMode,
     http2: bool,
     timeout: Duration,
     connector: &BackendConnector,
-) -> bool {
-    let uri: Uri = match format!("{}://{}/", backend.scheme, backend.authority).parse() {
-        Ok(u) => u,
-        Err(_) => return false,
-    };
+) -> Result<(), CheckFailure> {
+    let uri: Uri = format!("{}://{}/", backend.scheme, backend.authority)
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| CheckFailure::Connect(e.to_string()))?;
     let work = async {
         match mode {
-            HealthMode::Off => true,
-            HealthMode::Tcp => connector.connect(&uri).await.is_ok(),
+            HealthMode::Off => Ok(()),
+            HealthMode::Tcp => connector
+                .connect(&uri)
+                .await
+                .map(drop)
+                .map_err(|e| CheckFailure::Connect(e.to_string())),
             HealthMode::Http(path) => http_check(backend, &uri, path, http2, connector).await,
         }
     };
-    tokio::time::timeout(timeout, work).await.unwrap_or(false)
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or(Err(CheckFailure::Timeout(timeout)))
 }
 
 /// `GET path` answered 2xx, over HTTP/1.1 or, with `http2`, HTTP/2.
-async fn http_check(backend: &Backend, uri: &Uri, path: &str, http2: bool, connector: &BackendConnector) -> bool {
+async fn http_check(
+    backend: &Backend,
+    uri: &Uri,
+    path: &str,
+    http2: bool,
+    connector: &BackendConnector,
+) -> Result<(), CheckFailure> {
     const AGENT: HeaderValue = HeaderValue::from_static("kbs-affinity-proxy-health-check");
-    let Ok(stream) = connector.connect(uri).await else {
-        return false;
-    };
+    let no_answer = |e: &dyn std::fmt::Display| CheckFailure::NoAnswer(e.to_string());
+    let stream = connector
+        .connect(uri)
+        .await
+        .map_err(|e| CheckFailure::Connect(e.to_string()))?;
     if http2 {
         // Prior knowledge, or `h2` negotiated by the connector's TLS: the authority goes in the
         // target, and no `Connection` field (HTTP/2 has none).
-        let Some(authority) = uri.authority() else {
-            return false;
-        };
+        let authority = uri.authority().ok_or_else(|| no_answer(&"no authority"))?;
         let target = format!("{}://{authority}{path}", uri.scheme_str().unwrap_or("http"));
-        let Ok(req) = Request::get(target)
+        let req = Request::get(target)
             .header(USER_AGENT, AGENT)
             .body(Empty::<Bytes>::new())
-        else {
-            return false;
-        };
+            .map_err(|e| no_answer(&e))?;
         let executor = hyper_util::rt::TokioExecutor::new();
-        let Ok((mut sender, conn)) = hyper::client::conn::http2::handshake(executor, stream).await else {
-            return false;
-        };
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(executor, stream)
+            .await
+            .map_err(|e| no_answer(&e))?;
         answered_2xx(conn, sender.send_request(req)).await
     } else {
-        let Ok(host) = HeaderValue::from_str(backend.authority.as_str()) else {
-            return false;
-        };
+        let host = HeaderValue::from_str(backend.authority.as_str()).map_err(|e| no_answer(&e))?;
         let req = Request::get(path)
             .header(HOST, host)
             .header(CONNECTION, "close")
             .header(USER_AGENT, AGENT)
-            .body(Empty::<Bytes>::new());
-        let Ok(req) = req else {
-            return false;
-        };
-        let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(stream).await else {
-            return false;
-        };
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| no_answer(&e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(stream)
+            .await
+            .map_err(|e| no_answer(&e))?;
         answered_2xx(conn, sender.send_request(req)).await
     }
 }
 
 /// Awaits `answer` while the connection task `conn` runs; true on a 2xx. The task ends with the
 /// check: on the answer, on the check's timeout (dropped), or when the backend closes.
-async fn answered_2xx<C>(conn: C, answer: impl Future<Output = hyper::Result<Response<Incoming>>>) -> bool
+async fn answered_2xx<C>(
+    conn: C,
+    answer: impl Future<Output = hyper::Result<Response<Incoming>>>,
+) -> Result<(), CheckFailure>
 where
     C: Future + Send + 'static,
     C::Output: Send + 'static,
 {
     let _driver = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
-    answer.await.is_ok_and(|r| r.status().is_success())
+    match answer.await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(CheckFailure::Status(r.status().as_u16())),
+        Err(e) => Err(CheckFailure::NoAnswer(e.to_string())),
+    }
 }
 
 /// Checks every backend of the current table once, concurrently (HTTP checks in HTTP/2 when
@@ -111,12 +140,20 @@ pub(crate) async fn check_all(
         let connector = connector.clone();
         let (timeout, rise, fall) = (health.timeout, health.rise, health.fall);
         set.spawn(async move {
-            let ok = check(&backend, &mode, http2, timeout, &connector).await;
-            let transition = backend.record_check(ok, rise, fall);
-            match transition {
-                Some(Transition::Up) => tracing::info!(backend = backend.name, "backend is up"),
-                Some(Transition::Down) => tracing::warn!(backend = backend.name, "backend is down"),
-                None => {}
+            let result = check(&backend, &mode, http2, timeout, &connector).await;
+            let transition = backend.record_check(result.is_ok(), rise, fall);
+            match (transition, &result) {
+                (Some(Transition::Up), _) => tracing::info!(
+                    backend = backend.name,
+                    reason = format!("{rise} consecutive checks passed"),
+                    "backend is up"
+                ),
+                (Some(Transition::Down), Err(why)) => tracing::warn!(
+                    backend = backend.name,
+                    reason = format!("{fall} consecutive checks failed, the last: {why}"),
+                    "backend is down"
+                ),
+                _ => {}
             }
             (transition == Some(Transition::Up)).then_some(backend)
         });

@@ -202,6 +202,11 @@ impl Backend {
     pub(crate) fn record_failure(&self) {
         if self.passive.record_failure() {
             self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                backend = self.name,
+                reason = "a connect failed or a response timed out on real traffic",
+                "backend ejected for a back-off (new sessions avoid it)"
+            );
         }
     }
 
