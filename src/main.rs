@@ -213,6 +213,8 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     )?;
     shutdown.cancel();
     let _ = control_thread.join();
+    // The lines of the last requests, drained during the grace, are still in the buffers.
+    kbs_proxy::telemetry::access::flush();
     tracing::info!("stopped");
     Ok(())
 }
@@ -349,6 +351,7 @@ fn run_demo(args: ProxyArgs) -> anyhow::Result<()> {
         wait_for_signal().await;
         demo.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), demo.task).await;
+        kbs_proxy::telemetry::access::flush();
         Ok(())
     })
 }

@@ -17,7 +17,7 @@
 use std::cell::RefCell;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -58,6 +58,10 @@ struct Sink {
     buffers: Mutex<Vec<Buffer>>,
     /// The writer thread, to wake when a buffer fills.
     writer: Thread,
+    /// Passes the writer has completed over every buffer, for [`flush`] to wait on.
+    passes: Mutex<u64>,
+    /// Signalled at the end of each pass.
+    passed: Condvar,
 }
 
 static SINK: OnceLock<Sink> = OnceLock::new();
@@ -83,6 +87,8 @@ pub fn install(format: LogFormat, out: impl Write + Send + 'static) -> bool {
             format,
             buffers: Mutex::new(Vec::new()),
             writer: writer.thread().clone(),
+            passes: Mutex::new(0),
+            passed: Condvar::new(),
         }
     });
     installed
@@ -118,14 +124,27 @@ pub fn record(line: &Line<'_>) {
 }
 
 /// Writes what every thread has buffered, now (before exiting, and in tests).
+/// Waits (at most 2 s, for a stuck sink) until a whole pass of the writer has begun after the
+/// call and ended, with every line recorded before it written.
 pub fn flush() {
-    if let Some(sink) = SINK.get() {
-        sink.writer.unpark();
-        // The writer takes the buffers within a moment; wait (bounded) until they are empty.
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while std::time::Instant::now() < deadline && lock(&sink.buffers).iter().any(|b| !lock(b).is_empty()) {
-            std::thread::sleep(Duration::from_millis(1));
+    let Some(sink) = SINK.get() else { return };
+    let mut passes = lock(&sink.passes);
+    // The pass running now may have taken some buffers before the lines of this call were in.
+    let done = *passes + 2;
+    sink.writer.unpark();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while *passes < done {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
         }
+        // Wake the writer again: a pass that ended as this call began used up the unpark.
+        sink.writer.unpark();
+        passes = sink
+            .passed
+            .wait_timeout(passes, left.min(FLUSH_EVERY))
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
     }
 }
 
@@ -147,6 +166,8 @@ fn write_forever(mut out: impl Write) {
                 spare.clear();
             }
         }
+        *lock(&sink.passes) += 1;
+        sink.passed.notify_all();
     }
 }
 
@@ -172,14 +193,15 @@ fn millis(d: Duration) -> f64 {
 /// The RFC 3339 text of the last second a line was stamped with, so most lines copy it.
 #[derive(Default)]
 struct Clock {
-    second: u64,
+    /// The second `text` shows, once one was formatted.
+    second: Option<u64>,
     text: [u8; 19],
 }
 
 impl Clock {
     /// `YYYY-MM-DDTHH:MM:SS` of `secs` since the epoch.
     fn second(&mut self, secs: u64) -> &[u8; 19] {
-        if secs != self.second || self.text[0] == 0 {
+        if self.second != Some(secs) {
             let t = time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
             let mut w = &mut self.text[..];
             let _ = write!(
@@ -192,7 +214,7 @@ impl Clock {
                 t.minute(),
                 t.second()
             );
-            self.second = secs;
+            self.second = Some(secs);
         }
         &self.text
     }

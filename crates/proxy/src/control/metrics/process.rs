@@ -2,6 +2,8 @@
 //! other languages export them, read from `/proc` at scrape time (Linux; elsewhere the process
 //! metrics are left out).
 
+use std::sync::OnceLock;
+
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -24,10 +26,14 @@ struct Process {
 impl Process {
     fn read() -> Option<Self> {
         let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        let boot_time = std::fs::read_to_string("/proc/stat")
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())?;
+        // The boot time does not change: /proc/stat (all CPUs' counters) is read once.
+        static BOOT_TIME: OnceLock<Option<u64>> = OnceLock::new();
+        let boot_time = (*BOOT_TIME.get_or_init(|| {
+            std::fs::read_to_string("/proc/stat")
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())
+        }))?;
         let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
         let max_fds = rustix::process::getrlimit(rustix::process::Resource::Nofile)
             .current
