@@ -12,11 +12,15 @@
 #   H2_BACKENDS=1 bash benches/compare.sh   # also HAProxy and ours speaking HTTP/2 to the backends
 #   OURS_B=/tmp/old/kbs-affinity-proxy bash benches/compare.sh   # another build beside this one
 #   LOGS=1 bash benches/compare.sh          # also ours and HAProxy with their access logs on
+#   TLS=1 bash benches/compare.sh           # also ours, HAProxy and nginx terminating TLS
+#   KBS_SHAPED=0 bash benches/compare.sh    # backends answering a bare "ok" (before 2026-12)
 #
 # What it does, in one run:
 #  1. installs haproxy, nginx and wrk with apt-get when missing (apt-get update first);
 #  2. builds the proxy and three examples in release (examples/fast_backend.rs: two tiny
-#     backends answering 200 "ok"; examples/idle_conns.rs: the idle-connection opener;
+#     backends answering as the real KBS answers `GET /kbs/v0/resource/...` (fields and body
+#     size of its JWE; `--kbs`, see the example's docs), or with KBS_SHAPED=0 a bare 200 "ok";
+#     every request of the benchmark is that GET; examples/idle_conns.rs: the idle-connection opener;
 #     examples/relay_floor.rs: the floor relay on tokio) and benches/compare/relays (its own
 #     crate: the same relay on a bare epoll loop and on io_uring);
 #  3. starts the backends, HAProxy (benches/compare/haproxy.cfg), nginx
@@ -40,7 +44,13 @@
 #     LOGS=1 also ours-log (`--access-log on`, stderr to a file) right after ours and
 #     haproxy-log (`option httplog`, logging to a local Unix datagram socket drained by a
 #     sink on the load core) right after haproxy, one thread each (ours-log's ratios are to
-#     haproxy-log, and a table gives each one's cost against itself with logging off);
+#     haproxy-log, and a table gives each one's cost against itself with logging off); with
+#     TLS=1 also haproxy-tls, ours-tls and nginx-tls, one thread each, terminating TLS with the
+#     same ECDSA P-256 certificate (made with openssl for the run; TLS 1.3, the cipher suite and
+#     key exchange the client and each server agree on are printed), and with LOGS=1 also
+#     haproxy-tls-log and ours-tls-log: their modes run over HTTPS, so `close` is a full
+#     handshake per request (wrk resumes no sessions), and their ratios are to haproxy-tls
+#     (haproxy-tls-log);
 #  4. for REPS repetitions, interleaved (every target once per mode per repetition), runs
 #     `wrk -t1 -c$CONNS -d${DURATION}s --latency` in the MODES (default all four):
 #       ka-cookie    keep-alive, with a valid route cookie got first through that proxy
@@ -58,12 +68,14 @@
 #     set the req/s);
 #  6. restarts each proxy fresh and measures its RSS with IDLE_CONNS idle keep-alive client
 #     connections (each has made one request), and per connection (HAProxy: at most 9000,
-#     see benches/compare/haproxy.cfg), ours-b too when OURS_B is set.
+#     see benches/compare/haproxy.cfg), ours-b too when OURS_B is set, and with TLS=1 the
+#     same over TLS (ours-tls, haproxy-tls, nginx-tls).
 # Every run is bounded (wrk -d, timeouts on every wait); everything it starts is stopped on
 # exit. Ports used: 18080/18083 (proxy), 18081-18082 (backends), 18090/18092 (HAProxy),
 # 18091/18093 (nginx), the second of each pair for the two-thread variant; 18084-18086 (relay,
 # relay-uring, relay-epoll); 18087 (ours-h2), 18094 (haproxy-h2), 18088 (ours-b), 18089
-# (ours-log), 18095 (haproxy-log).
+# (ours-log), 18095 (haproxy-log), 18096-18100 (ours-tls, haproxy-tls, nginx-tls, ours-tls-log,
+# haproxy-tls-log).
 set -euo pipefail
 
 REPS=${REPS:-3}
@@ -76,6 +88,14 @@ FLOOR=${FLOOR-relay relay-epoll relay-uring}
 H2_BACKENDS=${H2_BACKENDS:-0}
 OURS_B=${OURS_B:-}
 LOGS=${LOGS:-0}
+TLS=${TLS:-0}
+KBS_SHAPED=${KBS_SHAPED:-1}
+REQUEST_PATH=/
+BACKEND_FLAGS=()
+if [[ $KBS_SHAPED == 1 ]]; then
+    REQUEST_PATH=/kbs/v0/resource/default/key/1
+    BACKEND_FLAGS=(--kbs)
+fi
 export PACE_MS=${PACE_MS:-2}
 PROXY_CPU=${PROXY_CPUS:-0}
 LOAD_CPU=${LOAD_CPUS:-1}
@@ -96,7 +116,7 @@ if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-for tool in curl taskset ss; do
+for tool in curl taskset ss openssl; do
     command -v "$tool" >/dev/null || { log "needs $tool"; exit 1; }
 done
 ulimit -n "$(ulimit -Hn)"
@@ -124,7 +144,7 @@ RELAY_BIN=$CARGO_TARGET_DIR/release/examples/relay_floor
 RELAY_URING_BIN=$CARGO_TARGET_DIR/release/relay-uring
 RELAY_EPOLL_BIN=$CARGO_TARGET_DIR/release/relay-epoll
 
-for port in 18080 18081 18082 18083 18084 18085 18086 18087 18088 18089 18090 18091 18092 18093 18094 18095; do
+for port in $(seq 18080 18100); do
     if ss -Htln "sport = :$port" | grep -q .; then
         log "port $port is taken"
         exit 1
@@ -147,7 +167,8 @@ wait_port() {
 
 # Each start_* sets $started to the pid of the process doing the work.
 start_backends() {
-    taskset -c "$LOAD_CPU" "$BACKEND_BIN" 127.0.0.1:18081 127.0.0.1:18082 2>"$WORK/backends.log" &
+    taskset -c "$LOAD_CPU" "$BACKEND_BIN" "${BACKEND_FLAGS[@]}" 127.0.0.1:18081 127.0.0.1:18082 \
+        2>"$WORK/backends.log" &
     started=$!
     CHILDREN+=("$started")
     wait_port 18081
@@ -259,6 +280,55 @@ while True:
     wait_port 18095
 }
 
+# The TLS variants (TLS=1): one thread each, the same certificate and key for all.
+TLS_CERT=$WORK/tls.crt
+TLS_KEY=$WORK/tls.key
+make_certificate() {
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+        -keyout "$TLS_KEY" -out "$TLS_CERT" 2>"$WORK/openssl.log"
+    cat "$TLS_CERT" "$TLS_KEY" >"$WORK/tls.pem"
+}
+
+start_ours-tls() {
+    start_proxy_instance ours-tls "$PROXY_BIN" 18096 1 --tls-cert "$TLS_CERT" --tls-key "$TLS_KEY"
+}
+
+start_ours-tls-log() {
+    start_proxy_instance ours-tls-log "$PROXY_BIN" 18099 1 --tls-cert "$TLS_CERT" --tls-key "$TLS_KEY" \
+        --access-log on
+}
+
+# HAProxy with the configuration $1 on port $2, TLS on its bind line.
+start_haproxy_tls_on() {
+    sed "s|bind 127.0.0.1:[0-9]*|bind 127.0.0.1:$2 ssl crt $WORK/tls.pem|" "$1" >"$WORK/haproxy-tls-$2.cfg"
+    taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy-tls-$2.cfg" 2>"$WORK/haproxy-tls-$2.log" &
+    started=$!
+    CHILDREN+=("$started")
+    wait_port "$2"
+}
+
+start_haproxy-tls() {
+    start_haproxy_tls_on benches/compare/haproxy.cfg 18097
+}
+
+start_haproxy-tls-log() {
+    start_haproxy-log
+    stop "$started"
+    start_haproxy_tls_on "$WORK/haproxy-log.cfg" 18100
+}
+
+start_nginx-tls() {
+    mkdir -p "$WORK/nginx-tls"
+    sed "s|listen 127.0.0.1:18091;|listen 127.0.0.1:18098 ssl;\n        ssl_certificate $TLS_CERT;\n        ssl_certificate_key $TLS_KEY;|" \
+        "$HERE/benches/compare/nginx.conf" >"$WORK/nginx-tls.conf"
+    taskset -c "$PROXY_CPU" nginx -p "$WORK/nginx-tls" -e stderr -c "$WORK/nginx-tls.conf" \
+        2>"$WORK/nginx-tls.log" &
+    started=$!
+    CHILDREN+=("$started")
+    wait_port 18098
+}
+
 # Starts the floor relay $1 (binary $2) on port $3, relaying to the first backend.
 start_floor() {
     taskset -c "$PROXY_CPU" "$2" "127.0.0.1:$3" 127.0.0.1:18081 2>"$WORK/$1.log" &
@@ -339,17 +409,24 @@ core_ticks() {
         END { print busy + 0, total + 0 }' /proc/stat
 }
 
-# The `route=...` pair of the Set-Cookie answered to a cookie-less request.
+# The URL a benchmark request of target $1 goes to.
+url_of() {
+    local scheme=http
+    [[ $1 == *-tls* ]] && scheme=https
+    echo "$scheme://127.0.0.1:${PORT[$1]}$REQUEST_PATH"
+}
+
+# The `route=...` pair of the Set-Cookie answered to a cookie-less request to target $1.
 route_cookie() {
-    curl -s -m 5 -D - -o /dev/null "http://127.0.0.1:$1/" |
+    curl -k -s -m 5 -D - -o /dev/null "$(url_of "$1")" |
         tr -d '\r' | sed -n 's/^[Ss]et-[Cc]ookie: \(route=[^;]*\).*/\1/p' | head -1
 }
 
-# Which backend answers with cookie $2 through port $1, five times: one name expected.
+# Which backend answers with cookie $2 through target $1, five times: one name expected.
 backends_seen() {
     local i
     for ((i = 0; i < 5; i++)); do
-        curl -s -m 5 -D - -o /dev/null -H "Cookie: $2" "http://127.0.0.1:$1/" |
+        curl -k -s -m 5 -D - -o /dev/null -H "Cookie: $2" "$(url_of "$1")" |
             tr -d '\r' | sed -n 's/^[Xx]-[Bb]ackend: //p'
     done | sort -u | tr '\n' ' '
 }
@@ -360,7 +437,8 @@ declare -A PID=([direct]=$started)
 declare -A PORT=([direct]=18081 [haproxy]=18090 [nginx]=18091 [ours]=18080
     [haproxy-2t]=18092 [nginx-2t]=18093 [ours-2t]=18083 [relay]=18084 [relay-uring]=18085
     [relay-epoll]=18086 [ours-h2]=18087 [haproxy-h2]=18094 [ours-b]=18088 [ours-log]=18089
-    [haproxy-log]=18095)
+    [haproxy-log]=18095 [ours-tls]=18096 [haproxy-tls]=18097 [nginx-tls]=18098 [ours-tls-log]=18099
+    [haproxy-tls-log]=18100)
 declare -A COOKIE=([direct]="route=none")
 TARGETS=(direct)
 for t in $FLOOR; do
@@ -396,6 +474,18 @@ for n in $THREADS; do
         fi
     done
 done
+if [[ $TLS == 1 ]]; then
+    make_certificate
+    tls_targets=(haproxy-tls ours-tls nginx-tls)
+    [[ $LOGS == 1 ]] && tls_targets=(haproxy-tls haproxy-tls-log ours-tls ours-tls-log nginx-tls)
+    for t in "${tls_targets[@]}"; do
+        "start_$t"
+        PID[$t]=$started
+        TARGETS+=("$t")
+        log "$t: $(openssl s_client -connect "127.0.0.1:${PORT[$t]}" -servername localhost </dev/null 2>/dev/null |
+            sed -n 's/^New, \(.*\)$/\1/p; s/^Server Temp Key: \(.*\)$/key exchange \1/p' | tr '\n' ' ')"
+    done
+fi
 if [[ $H2_BACKENDS == 1 ]]; then
     for t in haproxy-h2 ours-h2; do
         "start_$t"
@@ -405,19 +495,19 @@ if [[ $H2_BACKENDS == 1 ]]; then
 fi
 
 for t in "${TARGETS[@]:$((1 + FLOORS))}"; do
-    COOKIE[$t]=$(route_cookie "${PORT[$t]}")
+    COOKIE[$t]=$(route_cookie "$t")
     if [[ -z ${COOKIE[$t]} ]]; then
         log "$t answered no route cookie"
         exit 1
     fi
-    log "$t: cookie ${COOKIE[$t]:0:24}... routes to: $(backends_seen "${PORT[$t]}" "${COOKIE[$t]}")"
+    log "$t: cookie ${COOKIE[$t]:0:24}... routes to: $(backends_seen "$t" "${COOKIE[$t]}")"
 done
 
 # Runs wrk against target $1 in mode $2; appends one TSV line to $WORK/runs.tsv:
 # rep mode target req/s p50_us p99_us cpu_us_per_req requests errors user_us sys_us
 # proxy_cores_busy_% load_cores_busy_%
 run_wrk() {
-    local target=$1 mode=$2 rep=$3 port=${PORT[$1]} hdr=()
+    local target=$1 mode=$2 rep=$3 hdr=()
     case $mode in
         ka-cookie) hdr=(-H "Cookie: ${COOKIE[$target]}") ;;
         ka-nocookie) hdr=() ;;
@@ -434,7 +524,7 @@ run_wrk() {
     read -r lb0 lt0 < <(core_ticks "$LOAD_CPU")
     timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" \
         wrk -t1 -c"$CONNS" -d"${DURATION}s" --timeout 5s --latency "${hdr[@]}" \
-        "http://127.0.0.1:$port/" >"$WORK/wrk.out"
+        "$(url_of "$target")" >"$WORK/wrk.out"
     read -r u1 s1 < <(cpu_ticks "$pid")
     read -r pb1 pt1 < <(core_ticks "$PROXY_CPU")
     read -r lb1 lt1 < <(core_ticks "$LOAD_CPU")
@@ -466,7 +556,7 @@ run_wrk() {
 log "warm-up"
 for t in "${TARGETS[@]}"; do
     timeout 20 taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s -H "Cookie: ${COOKIE[$t]}" \
-        "http://127.0.0.1:${PORT[$t]}/" >/dev/null
+        "$(url_of "$t")" >/dev/null
 done
 
 : >"$WORK/runs.tsv"
@@ -567,7 +657,9 @@ awk -F'\t' -v modes="${MODES[*]}" -v targets="${TARGETS[*]}" "$SUMMARY_AWK"'
                 k = mode[m] SUBSEP target[t]
                 if (!(k in rps)) continue
                 h = mode[m] SUBSEP (target[t] ~ /-2t$/ ? "haproxy-2t" : \
-                    (target[t] == "ours-log" ? "haproxy-log" : "haproxy"))
+                    target[t] == "ours-log" ? "haproxy-log" : \
+                    target[t] == "ours-tls-log" ? "haproxy-tls-log" : \
+                    target[t] ~ /-tls$/ ? "haproxy-tls" : "haproxy")
                 rr = (h in rps) ? paired_spread("rps", k, h) : "-"
                 cr = (target[t] == "direct" || !(h in cpu)) ? "-" : paired_spread("cpu", k, h)
                 printf "| %s | %s | %d (%s) | %.3f | %.3f | %.1f (%.1f + %.1f) | %s | %s | %.0f / %.0f | %d |\n", \
@@ -609,8 +701,8 @@ if [[ $LOGS == 1 ]]; then
         END {
             nm = split(modes, mode, " ")
             for (m = 1; m <= nm; m++) {
-                split("ours haproxy", proxy, " ")
-                for (p = 1; p <= 2; p++) {
+                np = split("ours haproxy ours-tls haproxy-tls", proxy, " ")
+                for (p = 1; p <= np; p++) {
                     k = mode[m] SUBSEP proxy[p] "-log"; h = mode[m] SUBSEP proxy[p]
                     if (!(k in cpu) || !(h in cpu)) continue
                     printf "| %s | %s | %s | %s |\n", mode[m], proxy[p], \
@@ -631,17 +723,21 @@ echo "each proxy freshly started and warmed with 1 s of wrk -c8; RSS = VmRSS of 
 echo
 echo "| proxy | RSS before | RSS with the idle connections | per connection (connections) |"
 echo "|---|---:|---:|---:|"
-for t in ours ${OURS_B:+ours-b} haproxy nginx; do
+idle_targets=(ours ${OURS_B:+ours-b} haproxy nginx)
+[[ $TLS == 1 ]] && idle_targets+=(ours-tls haproxy-tls nginx-tls)
+for t in "${idle_targets[@]}"; do
     "start_$t" 1
     pid=$started
-    timeout 20 taskset -c "$LOAD_CPU" wrk -t1 -c8 -d1s "http://127.0.0.1:${PORT[$t]}/" >/dev/null
+    timeout 20 taskset -c "$LOAD_CPU" wrk -t1 -c8 -d1s "$(url_of "$t")" >/dev/null
     sleep 1
     before=$(rss_kb "$pid")
     n=$IDLE_CONNS
     # HAProxy will not start with room for more than 9990 connections under a 20000 fd limit.
-    [[ $t == haproxy ]] && ((n > 9000)) && n=9000
+    [[ $t == haproxy* ]] && ((n > 9000)) && n=9000
     : >"$WORK/idle.out"
-    taskset -c "$LOAD_CPU" "$IDLE_BIN" "127.0.0.1:${PORT[$t]}" "$n" 20 \
+    idle_flags=()
+    [[ $t == *-tls ]] && idle_flags=(--tls)
+    taskset -c "$LOAD_CPU" "$IDLE_BIN" "${idle_flags[@]}" "127.0.0.1:${PORT[$t]}" "$n" 20 \
         >"$WORK/idle.out" 2>"$WORK/idle.err" &
     idle=$!
     CHILDREN+=("$idle")

@@ -4,26 +4,35 @@
 //! ```text
 //! ulimit -n 65536
 //! cargo run --release --example idle_conns -- 127.0.0.1:8080 10000 30
+//! cargo run --release --example idle_conns -- --tls 127.0.0.1:8443 10000 30
 //! ```
 //!
-//! Arguments: address, number of connections, seconds to hold them. Prints `ready N` on stdout
+//! Arguments: `--tls` (HTTPS, TLS 1.3, the certificate not checked: a benchmark client),
+//! address, number of connections, seconds to hold them. Prints `ready N` on stdout
 //! once every connection has had its answer, then holds, then exits (closing them all). Each
 //! request is `GET /` with no cookie, so a proxy balances it and answers `Set-Cookie`; what the
 //! proxy keeps afterwards is an ordinary idle keep-alive connection.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
+
+/// A connection held open: plain or TLS.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
 
 /// Connections being opened at once: enough to be quick, few enough for the accept backlog.
 const PARALLEL: usize = 200;
 
 fn main() -> std::io::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let usage = "usage: idle_conns IP:PORT COUNT HOLD_SECONDS";
+    let mut args = std::env::args().skip(1).peekable();
+    let usage = "usage: idle_conns [--tls] IP:PORT COUNT HOLD_SECONDS";
+    let tls = args.next_if(|a| a == "--tls").map(|_| tls_config());
     let addr: SocketAddr = args.next().and_then(|a| a.parse().ok()).expect(usage);
     let count: usize = args.next().and_then(|a| a.parse().ok()).expect(usage);
     let hold: u64 = args.next().and_then(|a| a.parse().ok()).expect(usage);
@@ -36,7 +45,7 @@ fn main() -> std::io::Result<()> {
         let mut next = 0;
         while next < count || !pending.is_empty() {
             while next < count && pending.len() < PARALLEL {
-                pending.spawn(connect_and_ask(addr));
+                pending.spawn(connect_and_ask(addr, tls.clone()));
                 next += 1;
             }
             match pending.join_next().await {
@@ -63,10 +72,18 @@ fn main() -> std::io::Result<()> {
     })
 }
 
-/// Connects, sends one `GET /`, reads the whole answer (headers and `Content-Length` body).
-async fn connect_and_ask(addr: SocketAddr) -> std::io::Result<TcpStream> {
+/// Connects (with `tls`, over TLS), sends one `GET /`, reads the whole answer (headers and
+/// `Content-Length` body).
+async fn connect_and_ask(addr: SocketAddr, tls: Option<Arc<rustls::ClientConfig>>) -> std::io::Result<Box<dyn Conn>> {
     let fut = async {
-        let mut s = TcpStream::connect(addr).await?;
+        let tcp = TcpStream::connect(addr).await?;
+        let mut s: Box<dyn Conn> = match tls {
+            Some(config) => {
+                let name = ServerName::try_from("localhost").expect("a valid name");
+                Box::new(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?)
+            }
+            None => Box::new(tcp),
+        };
         s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n").await?;
         let mut buf = Vec::with_capacity(1024);
         let mut chunk = [0u8; 1024];
@@ -96,4 +113,16 @@ async fn connect_and_ask(addr: SocketAddr) -> std::io::Result<TcpStream> {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// TLS 1.3 (what clients of the proxy use), any certificate: this tool measures memory, the
+/// certificate is the benchmark's own.
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    let config = rustls::ClientConfig::builder_with_provider(kbs_proxy::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3 is supported")
+        .dangerous()
+        .with_custom_certificate_verifier(kbs_proxy::tls::accept_any_certificate())
+        .with_no_client_auth();
+    Arc::new(config)
 }

@@ -6,6 +6,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kbs_proxy::config::Settings;
@@ -90,6 +91,20 @@ async fn start_mirror() -> SocketAddr {
 /// one response by `Connection: close`, or read until the response is complete).
 async fn exchange(addr: SocketAddr, raw: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(raw).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    out
+}
+
+/// [`exchange`] over TLS (`client` trusts the proxy's certificate for `localhost`).
+async fn exchange_tls(addr: SocketAddr, client: &Arc<rustls::ClientConfig>, raw: &[u8]) -> Vec<u8> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(Arc::clone(client))
+        .connect(name, tcp)
+        .await
+        .unwrap();
     let _ = s.write_all(raw).await;
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
@@ -181,6 +196,58 @@ async fn pair(mirror: SocketAddr) -> Pair {
     }
 }
 
+/// A [`Pair`] terminating TLS, and a client that trusts them.
+struct TlsPair {
+    proxies: Pair,
+    client: Arc<rustls::ClientConfig>,
+    _pki: pki::Pki,
+}
+
+impl TlsPair {
+    async fn new(mirror: SocketAddr) -> Self {
+        let pki = pki::Pki::new();
+        let files = pki.issue("proxy", &["localhost"]);
+        let s = |fast: &str| Settings {
+            fast_path: Some(fast.into()),
+            tls_cert: Some(files.cert.clone()),
+            tls_key: Some(files.key.clone()),
+            ..settings(vec![format!("mirror=http://{mirror}")])
+        };
+        let proxies = Pair {
+            fast: start_proxy(s("on")).await,
+            hyper: start_proxy(s("off")).await,
+        };
+        Self {
+            proxies,
+            client: pki.client_config(&[b"http/1.1"]),
+            _pki: pki,
+        }
+    }
+
+    /// `raw` through the fast path and through hyper: both raw responses.
+    async fn both(&self, raw: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        (
+            exchange_tls(self.proxies.fast.addr, &self.client, raw).await,
+            exchange_tls(self.proxies.hyper.addr, &self.client, raw).await,
+        )
+    }
+}
+
+/// The fast path's answer and hyper's to one request mean the same, and so do the requests the
+/// backend got.
+fn assert_same_exchange(fast: &[u8], hyper: &[u8]) -> Result<(), TestCaseError> {
+    let fast = parse_response(fast).expect("fast path answered");
+    let hyper = parse_response(hyper).expect("hyper path answered");
+    prop_assert_eq!(fast.status, hyper.status);
+    // Same bytes at the backend, as HTTP means them.
+    let f = parse_mirrored(&fast.body);
+    let h = parse_mirrored(&hyper.body);
+    prop_assert!(f.is_some() || fast.status != 200, "a 200 carries the mirrored request");
+    prop_assert_eq!(f, h, "backend views differ");
+    prop_assert_eq!(fast.fields, hyper.fields, "client views differ");
+    Ok(())
+}
+
 fn route_cookie_for(name: &str) -> String {
     route_value(kbs_proxy::routing::route_cookie::BackendId::from_name(name))
 }
@@ -247,36 +314,62 @@ fn the_fast_path_forwards_and_answers_exactly_as_the_hyper_path() {
         let (fast, hyper) = rt.block_on(async {
             (exchange(proxies.fast.addr, &raw).await, exchange(proxies.hyper.addr, &raw).await)
         });
-        let fast = parse_response(&fast).expect("fast path answered");
-        let hyper = parse_response(&hyper).expect("hyper path answered");
-        prop_assert_eq!(fast.status, hyper.status);
-        // Same bytes at the backend, as HTTP means them.
-        let f = parse_mirrored(&fast.body);
-        let h = parse_mirrored(&hyper.body);
-        prop_assert!(f.is_some() || fast.status != 200, "a 200 carries the mirrored request");
-        prop_assert_eq!(f, h, "backend views differ");
-        prop_assert_eq!(fast.fields, hyper.fields, "client views differ");
+        assert_same_exchange(&fast, &hyper)?;
     });
+}
+
+/// The same over TLS: the fast path serves HTTP/1.1 over TLS too (rustls in its own task), and
+/// must keep doing what hyper over tokio-rustls does.
+#[test]
+fn over_tls_the_fast_path_forwards_and_answers_exactly_as_the_hyper_path() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pair = rt.block_on(async { TlsPair::new(start_mirror().await).await });
+    let config = ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(raw in request_strategy())| {
+        let (fast, hyper) = rt.block_on(pair.both(&raw));
+        assert_same_exchange(&fast, &hyper)?;
+    });
+}
+
+/// Requests both paths must refuse with a 400.
+const BAD_FRAMING: [&[u8]; 6] = [
+    b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+    b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 1x\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n folded\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: h\r\nBad\x01Name: v\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: h\r\nNoColon\r\n\r\n",
+];
+
+fn assert_both_refused(raw: &[u8], fast: &[u8], hyper: &[u8]) {
+    let status = |r: &[u8]| String::from_utf8_lossy(r).split(' ').nth(1).unwrap_or("").to_owned();
+    assert_eq!(status(fast), status(hyper), "{:?}", String::from_utf8_lossy(raw));
+    assert_eq!(status(fast), "400", "{:?}", String::from_utf8_lossy(raw));
 }
 
 #[tokio::test]
 async fn both_paths_refuse_bad_framing_alike() {
     let mirror = start_mirror().await;
     let p = pair(mirror).await;
-    let cases: [&[u8]; 6] = [
-        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
-        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n",
-        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 1x\r\n\r\n",
-        b"GET /x HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n folded\r\n\r\n",
-        b"GET /x HTTP/1.1\r\nHost: h\r\nBad\x01Name: v\r\n\r\n",
-        b"GET /x HTTP/1.1\r\nHost: h\r\nNoColon\r\n\r\n",
-    ];
-    for raw in cases {
+    for raw in BAD_FRAMING {
         let fast = exchange(p.fast.addr, raw).await;
         let hyper = exchange(p.hyper.addr, raw).await;
-        let status = |r: &[u8]| String::from_utf8_lossy(r).split(' ').nth(1).unwrap_or("").to_owned();
-        assert_eq!(status(&fast), status(&hyper), "{:?}", String::from_utf8_lossy(raw));
-        assert_eq!(status(&fast), "400", "{:?}", String::from_utf8_lossy(raw));
+        assert_both_refused(raw, &fast, &hyper);
+    }
+}
+
+#[tokio::test]
+async fn over_tls_both_paths_refuse_bad_framing_alike() {
+    let pair = TlsPair::new(start_mirror().await).await;
+    for raw in BAD_FRAMING {
+        let (fast, hyper) = pair.both(raw).await;
+        assert_both_refused(raw, &fast, &hyper);
     }
 }
 

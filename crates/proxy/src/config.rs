@@ -296,7 +296,7 @@ pub struct Config {
     pub tokens_portable: bool,
     /// Client limits.
     pub limits: ClientLimits,
-    /// Plain HTTP/1.1 on the fast path (off whenever `backend_http2` is on).
+    /// HTTP/1.1 (plain or over TLS) on the fast path (off whenever `backend_http2` is on).
     pub fast_path: bool,
     /// HTTP/2 to the backends instead of pooled HTTP/1.1.
     pub backend_http2: bool,

@@ -192,7 +192,7 @@ pub fn client_config(tls: &BackendTls, http2: bool) -> Result<Arc<ClientConfig>,
     let builder = if tls.insecure_skip_verify {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
+            .with_custom_certificate_verifier(accept_any_certificate())
     } else {
         let mut roots = RootCertStore::empty();
         match &tls.ca {
@@ -218,8 +218,14 @@ pub fn client_config(tls: &BackendTls, http2: bool) -> Result<Arc<ClientConfig>,
     Ok(Arc::new(config))
 }
 
-/// `--backend-insecure-skip-verify`: accepts any certificate, still checks signatures are
-/// well-formed so the handshake completes. Never for production.
+/// A verifier that accepts any certificate and still checks signatures are well-formed, so the
+/// handshake completes: `--backend-insecure-skip-verify`, and benchmark clients. Never for
+/// production.
+pub fn accept_any_certificate() -> Arc<dyn ServerCertVerifier> {
+    Arc::new(NoVerification(provider()))
+}
+
+/// See [`accept_any_certificate`].
 #[derive(Debug)]
 struct NoVerification(Arc<CryptoProvider>);
 

@@ -34,6 +34,12 @@ pub trait Stream: Sized + Send + Sync + 'static {
     fn read_vec(&self, buf: &mut Vec<u8>) -> impl Future<Output = io::Result<usize>> + Send;
     /// Reads into `buf`, waiting for data.
     fn read(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
+    /// Reads into `buf` without waiting: `WouldBlock` when the socket has nothing.
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes what the socket takes of `data` without waiting: `WouldBlock` when it has no room.
+    fn try_write(&self, data: &[u8]) -> io::Result<usize>;
+    /// Waits until a write would not block.
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
     /// Writes all of `data`, waiting for room as needed.
     fn write_all(&self, data: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
     /// Sends a FIN: the peer reads the end of the stream.

@@ -660,20 +660,29 @@ impl TcpStream {
     /// Reads into `buf`, waiting for data.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            let drained = short_of(buf.len());
-            let recv = || self.recv(buf);
-            match self.io.transfer(Direction::Read, recv, drained) {
+            match self.try_read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable().await?,
                 other => return other,
             }
         }
     }
 
+    /// Reads into `buf` without waiting: `WouldBlock` when the socket has nothing.
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let drained = short_of(buf.len());
+        self.io.transfer(Direction::Read, || self.recv(buf), drained)
+    }
+
+    /// Writes what the socket takes of `data` without waiting: `WouldBlock` when it has no room.
+    pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        self.io
+            .transfer(Direction::Write, || self.send(data), short_of(data.len()))
+    }
+
     /// Writes all of `data`, waiting for room as needed.
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
-            let send = || self.send(data);
-            match self.io.transfer(Direction::Write, send, short_of(data.len())) {
+            match self.try_write(data) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => data = &data[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
@@ -798,6 +807,18 @@ impl crate::Stream for TcpStream {
 
     fn read(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send {
         TcpStream::read(self, buf)
+    }
+
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        TcpStream::try_read(self, buf)
+    }
+
+    fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        TcpStream::try_write(self, data)
+    }
+
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        TcpStream::writable(self)
     }
 
     fn write_all(&self, data: &[u8]) -> impl Future<Output = io::Result<()>> + Send {

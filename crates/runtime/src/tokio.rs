@@ -67,6 +67,18 @@ impl crate::Stream for TcpStream {
         }
     }
 
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+
+    fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        self.0.try_write(data)
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        self.0.writable().await
+    }
+
     async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             match self.0.try_write(data) {

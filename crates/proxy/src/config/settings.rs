@@ -333,7 +333,7 @@ settings! {
     /// Largest request head (HTTP/1.1) or header list (HTTP/2), bytes; over it: 431.
     #[arg(long, value_name = "BYTES")]
     max_header_bytes: usize = defaults::MAX_HEADER_BYTES;
-    /// Plain HTTP/1.1 on the proxy's own fast path (on), or hyper for everything (off).
+    /// HTTP/1.1 (plain or over TLS) on the proxy's own fast path (on), or hyper for everything (off).
     #[arg(long, value_name = "on|off")]
     #[serde(deserialize_with = "text_or_bool")]
     fast_path: String = defaults::FAST_PATH;

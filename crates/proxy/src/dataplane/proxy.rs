@@ -8,8 +8,8 @@
 //!    itself ([`ProxyError`], in the KBS error shape).
 //!
 //! Two transports run these steps and keep only what is really transport: [`hyper_path`]
-//! (HTTP/2, TLS, anything unusual, on hyper) and [`fast`] (plain HTTP/1.1 parsed and relayed
-//! from the connection's own buffers). Admin writes go to every replica through [`fanout`].
+//! (HTTP/2, anything unusual, on hyper) and [`fast`] (HTTP/1.1, plain or over TLS, parsed and
+//! relayed from the connection's own buffers). Admin writes go to every replica through [`fanout`].
 //!
 //! [`Proxy`] holds what all workers share; [`Worker`] adds the backend client, whose connection
 //! pool lives on the runtime that created it (one per worker thread).
@@ -41,6 +41,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 pub use body::ProxyBody;
 pub use error::ProxyError;
 pub use fast::{fast_buffers_in_use, FastRuntime, FastState, Pool, Rewind};
+pub(crate) use fast::{ClientIo, Handoff, Plain, TlsClient};
 
 use access_log::{log_request, AccessLog};
 use hyper_path::forward_headers;

@@ -3,7 +3,7 @@
 //!
 //! One `current_thread` runtime per core costs less per request than tokio's multi-thread
 //! runtime: no work stealing, and a connection, its requests and its pooled backend connections
-//! all stay on one thread. With the fast path on (plain TCP), each worker's listener is served
+//! all stay on one thread. With the fast path on, each worker's listener is served
 //! by an event loop of the fast path's own ([`rt::own`]) on a second thread, cheaper per request
 //! still; what it hands over (HTTP/2, HTTP/1.0, `auth`/`attest`, admin writes, ...) hyper serves
 //! on the worker's runtime.
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientLimits, Config};
 use crate::dataplane::proxy::FastRuntime;
-use crate::dataplane::proxy::{ConnInfo, Proxy, Rewind, Worker};
+use crate::dataplane::proxy::{ClientIo as _, ConnInfo, Handoff, Plain, Proxy, Rewind, TlsClient, Worker};
 use rt::{Listener as _, Stream as _};
 
 /// Streams one HTTP/2 client may have open at once.
@@ -82,7 +82,7 @@ pub struct ServeOptions {
     pub limits: ClientLimits,
     /// Time open requests get to finish on shutdown.
     pub grace: Duration,
-    /// Serve plain HTTP/1.1 on the fast path (hyper for everything else).
+    /// Serve HTTP/1.1 (plain or over TLS) on the fast path (hyper for everything else).
     pub fast_path: bool,
     /// The runtime the fast path runs on.
     pub fast_loop: FastLoop,
@@ -183,7 +183,7 @@ impl Drop for ConnGuard {
 /// accepting, new connections wait in the kernel's listen backlog (and are refused when it is
 /// full), and memory stays bounded.
 pub async fn serve(worker: Worker, listener: TcpListener, options: ServeOptions, shutdown: CancellationToken) {
-    if options.fast_path && options.tls.is_none() {
+    if options.fast_path {
         return serve_fast(worker, listener, options, shutdown).await;
     }
     let ServeOptions { tls, limits, grace, .. } = options;
@@ -311,19 +311,20 @@ fn hyper_builder(limits: &ClientLimits) -> auto::Builder<TokioExecutor> {
 
 /// A connection the fast path gave to hyper.
 struct HandedOver {
-    /// Bytes already read from it, to be read again first.
+    /// Bytes already read from it (decrypted, over TLS), to be read again first.
     read: Vec<u8>,
-    socket: std::net::TcpStream,
+    conn: Handoff,
     peer: SocketAddr,
     guard: ConnGuard,
 }
 
-/// Serves plain-TCP clients with the fast path: an event loop of its own ([`rt::own`]), on a
+/// Serves clients with the fast path: an event loop of its own ([`rt::own`]), on a
 /// thread of its own (or, with [`FastLoop::Tokio`], this runtime), accepts and serves HTTP/1.1;
 /// what it hands over, hyper serves here, on this runtime, whose handle the loop's thread enters
 /// (tokio's timers and DNS lookups work there). Stops as [`serve`] does.
 async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions, shutdown: CancellationToken) {
     let ServeOptions {
+        tls,
         limits,
         grace,
         fast_loop,
@@ -343,14 +344,20 @@ async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions
     let (to_hyper, mut handed_over) = tokio::sync::mpsc::unbounded_channel();
     // `stop`: the grace ran out, the loop ends now; `ended`: it has ended.
     let (stop, ended) = (CancellationToken::new(), CancellationToken::new());
-    let (accept_worker, accept_shutdown, accept_stop) = (Arc::clone(&worker), shutdown.clone(), stop.clone());
-    let accept = accept_fast::<rt::own::Own>;
+    let accept = FastAccept {
+        worker: Arc::clone(&worker),
+        listener,
+        tls: tls.clone(),
+        limits,
+        shutdown: shutdown.clone(),
+        stop: stop.clone(),
+        to_hyper,
+    };
     let event_loop = if fast_loop == FastLoop::Tokio {
         let ended = ended.clone();
         tokio::spawn(async move {
             let _ended = ended.drop_guard();
-            let accept = accept_fast::<rt::tokio::Tokio>;
-            if let Err(e) = accept(accept_worker, listener, limits, accept_shutdown, accept_stop, to_hyper).await {
+            if let Err(e) = accept_fast::<rt::tokio::Tokio>(accept).await {
                 tracing::error!(error = %e, "the fast path's accept loop failed");
             }
         });
@@ -362,16 +369,7 @@ async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let _ended = ended.drop_guard();
             let _entered = handle.enter();
-            let served = rt::own::Runtime::new().and_then(|rt| {
-                rt.block_on(accept(
-                    accept_worker,
-                    listener,
-                    limits,
-                    accept_shutdown,
-                    accept_stop,
-                    to_hyper,
-                ))
-            });
+            let served = rt::own::Runtime::new().and_then(|rt| rt.block_on(accept_fast::<rt::own::Own>(accept)));
             if let Err(e) = served.and_then(|r| r) {
                 tracing::error!(error = %e, "the fast path's event loop failed");
             }
@@ -389,7 +387,7 @@ async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions
     loop {
         let HandedOver {
             read,
-            socket,
+            conn: Handoff { socket, tls: session },
             peer,
             guard,
         } = tokio::select! {
@@ -404,9 +402,10 @@ async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions
         };
         let conn = Conn {
             worker: Arc::clone(&worker),
-            info: ConnInfo::new(peer, false),
+            info: ConnInfo::new(peer, session.is_some()),
         };
         let (builder, watcher) = (Arc::clone(&builder), graceful.watcher());
+        let tls = tls.clone();
         tokio::spawn(async move {
             // The socket is new to tokio's reactor: its first event (writable) comes first, as
             // for an accepted socket. hyper may otherwise find its answer unflushable and, on a
@@ -415,7 +414,26 @@ async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions
             if stream.writable().await.is_err() {
                 return;
             }
-            serve_with_hyper(builder, TokioIo::new(Rewind::new(read, stream)), conn, watcher, guard).await;
+            match (session, tls) {
+                (Some(session), Some(tls)) => {
+                    // tokio-rustls makes its stream only from a handshake: this one starts with the
+                    // session the fast path completed (swapped in before it starts: it sees no
+                    // handshake to do, sends what the session has queued, and is done). The
+                    // session it made to be replaced costs a few µs, on hand-overs only.
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
+                    let stream = match acceptor.accept_with(stream, move |s| *s = *session).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::debug!(error = %e, %peer, "TLS connection lost at the hand-over");
+                            return;
+                        }
+                    };
+                    serve_with_hyper(builder, TokioIo::new(Rewind::new(read, stream)), conn, watcher, guard).await;
+                }
+                _ => {
+                    serve_with_hyper(builder, TokioIo::new(Rewind::new(read, stream)), conn, watcher, guard).await;
+                }
+            }
         });
     }
     // Connections handed over with the shutdown are not started.
@@ -437,16 +455,33 @@ async fn serve_fast(worker: Worker, listener: TcpListener, options: ServeOptions
     }
 }
 
-/// The fast path's accept loop, on its event loop: serves each connection as a task of the loop
-/// until `shutdown`, then waits for them to finish the request in flight (or for `stop`).
-async fn accept_fast<R: FastRuntime>(
+/// What the fast path's accept loop works with.
+struct FastAccept {
     worker: Arc<Worker>,
     listener: std::net::TcpListener,
+    /// Client-facing TLS, when on: each connection's handshake is made in its task.
+    tls: Option<TlsSettings>,
     limits: ClientLimits,
+    /// Stop accepting; connections finish the request in flight.
     shutdown: CancellationToken,
+    /// The grace ran out: end now.
     stop: CancellationToken,
+    /// Where connections the fast path does not serve go (hyper, on the worker's runtime).
     to_hyper: tokio::sync::mpsc::UnboundedSender<HandedOver>,
-) -> io::Result<()> {
+}
+
+/// The fast path's accept loop, on its event loop: serves each connection as a task of the loop
+/// until `shutdown`, then waits for them to finish the request in flight (or for `stop`).
+async fn accept_fast<R: FastRuntime>(accept: FastAccept) -> io::Result<()> {
+    let FastAccept {
+        worker,
+        listener,
+        tls,
+        limits,
+        shutdown,
+        stop,
+        to_hyper,
+    } = accept;
     let listener = R::listener(listener)?;
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
@@ -456,19 +491,43 @@ async fn accept_fast<R: FastRuntime>(
         // Small request/response exchanges: do not let Nagle hold the last segment back.
         let _ = stream.set_nodelay(true);
         let guard = ConnGuard::new(&worker, slot);
-        let info = Arc::new(ConnInfo::new(peer, false));
+        let info = Arc::new(ConnInfo::new(peer, tls.is_some()));
         let to_hyper = to_hyper.clone();
-        let handoff = move |read, socket| {
+        let handoff = move |read, conn| {
             let _ = to_hyper.send(HandedOver {
                 read,
-                socket,
+                conn,
                 peer,
                 guard,
             });
         };
         let (idle, max_head) = (limits.idle_timeout, limits.max_header_bytes);
-        // Spawned as it is (no block around it): every idle connection holds this state.
-        R::spawn(Arc::clone(&worker).serve_fast::<R>(stream, info, idle, max_head, shutdown.clone(), handoff));
+        let worker = Arc::clone(&worker);
+        match &tls {
+            // Spawned as it is (no block around it): every idle connection holds this state.
+            None => R::spawn(worker.serve_fast::<R, _>(Plain(stream), info, idle, max_head, shutdown.clone(), handoff)),
+            Some(settings) => {
+                let (config, shutdown) = (settings.load_full(), shutdown.clone());
+                R::spawn(async move {
+                    let accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, TlsClient::accept(stream, config));
+                    let client = match accepted.await {
+                        Ok(Ok(client)) => client,
+                        Ok(Err(e)) => return tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    };
+                    // HTTP/2 is hyper's; HTTP/1.1 (or no ALPN) the fast path's.
+                    if client.alpn() == Some(b"h2") {
+                        if let Ok(conn) = client.into_handoff() {
+                            handoff(Vec::new(), conn);
+                        }
+                        return;
+                    }
+                    worker
+                        .serve_fast::<R, _>(client, info, idle, max_head, shutdown, handoff)
+                        .await;
+                });
+            }
+        }
     }
     drop(listener);
     // Connections finish their request in flight and stop (they watch `shutdown`); each holds a

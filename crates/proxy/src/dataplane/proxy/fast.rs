@@ -1,4 +1,5 @@
-//! The HTTP/1.1 fast path, for plain-TCP clients.
+//! The HTTP/1.1 fast path, for clients over plain TCP or TLS ([`client`]: rustls in the
+//! connection's own task; HTTP/2 chosen by ALPN goes to hyper).
 //!
 //! A request head is parsed with `httparse` into borrowed slices in the connection's read
 //! buffer; routing is decided from those bytes (the same [`decide`] as the hyper path); the head
@@ -19,6 +20,7 @@
 mod alarm;
 mod buf;
 mod chunked;
+mod client;
 mod clock;
 mod lines;
 mod rewind;
@@ -37,6 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use buf::in_use as fast_buffers_in_use;
+pub use client::{ClientIo, Handoff, Plain, TlsClient};
 pub use rewind::Rewind;
 
 use self::alarm::{AlarmHandle, Alarms};
@@ -435,20 +438,20 @@ impl Worker {
         self.fast.alarms.sweep(shutdown, period).await;
     }
 
-    /// Serves one plain-TCP client connection on the fast path's event loop; see the module docs.
+    /// Serves one client connection (plain or TLS) on the fast path's event loop; see the module docs.
     /// A connection the fast path does not serve goes to `handoff`: the bytes read so far (to be
-    /// read again first) and the socket, out of the loop.
+    /// read again first) and the socket with its TLS session, out of the loop.
     // An async block, not an async fn: an async fn keeps its arguments twice in its state (moved
     // into locals beside the captured ones: 136 bytes here), and every idle connection holds it.
     #[allow(clippy::manual_async_fn)]
-    pub(crate) fn serve_fast<R: FastRuntime>(
+    pub(crate) fn serve_fast<R: FastRuntime, C: ClientIo>(
         self: Arc<Self>,
-        mut stream: R::Stream,
+        mut stream: C,
         conn: Arc<ConnInfo>,
         idle_timeout: Duration,
         max_head: usize,
         shutdown: CancellationToken,
-        handoff: impl FnOnce(Vec<u8>, std::net::TcpStream),
+        handoff: impl FnOnce(Vec<u8>, Handoff),
     ) -> impl Future<Output = ()> {
         async move {
             let mut buf = Buf::default();
@@ -525,8 +528,8 @@ impl Worker {
                     Prepared::Partial => unreachable!("handled in the loop"),
                     Prepared::Close => return,
                     Prepared::Handoff => {
-                        if let Ok(socket) = stream.into_std() {
-                            handoff(buf.into_vec(), socket);
+                        if let Ok(conn) = stream.into_handoff() {
+                            handoff(buf.into_vec(), conn);
                         }
                         return;
                     }
@@ -573,12 +576,12 @@ impl Worker {
                     }
                     Prepared::Forward(ref mut plan) => {
                         let close = plan.client_close;
-                        let exchange = self.forward::<R>(&mut stream, &mut buf, &conn, plan, started, &mut alarm);
+                        let exchange = self.forward::<R, C>(&mut stream, &mut buf, &conn, plan, started, &mut alarm);
                         match exchange.await {
                             Ok(Some(done)) if !close => last = done,
                             // An abort was counted and logged where it happened.
                             Ok(_) | Err(_) => {
-                                let _ = stream.shutdown_write();
+                                stream.shutdown_write();
                                 return;
                             }
                         }
@@ -782,9 +785,9 @@ impl Worker {
     }
 
     /// Reads and drops a request body of `len` bytes following the head.
-    async fn discard_body<S: Stream>(
+    async fn discard_body<C: ClientIo>(
         &self,
-        stream: &mut S,
+        stream: &mut C,
         buf: &mut Vec<u8>,
         head_len: usize,
         len: u64,
@@ -810,9 +813,9 @@ impl Worker {
 
     /// Forwards one planned request and streams the response back. `Ok(Some(t))`: done at `t`,
     /// and the client connection can take another request; `Ok(None)`/`Err`: close it.
-    async fn forward<R: FastRuntime>(
+    async fn forward<R: FastRuntime, C: ClientIo>(
         &self,
-        client: &mut R::Stream,
+        client: &mut C,
         buf: &mut Buf,
         conn: &ConnInfo,
         plan: &mut Plan,
@@ -973,9 +976,9 @@ impl Worker {
 
     /// Copies `more` request body bytes from the client to the backend (the buffer held only
     /// body bytes, all sent already).
-    async fn stream_request_body<S: Stream>(
+    async fn stream_request_body<C: ClientIo, S: Stream>(
         &self,
-        client: &mut S,
+        client: &mut C,
         backend: &mut S,
         mut more: u64,
     ) -> Result<(), Abort> {
@@ -996,9 +999,9 @@ impl Worker {
     /// Writes the response head (rewritten) and streams the body. Returns (status, whether the
     /// backend connection can be reused, whether the client connection can); nothing is
     /// written when the head is refused.
-    async fn relay_response<S: Stream>(
+    async fn relay_response<C: ClientIo, S: Stream>(
         &self,
-        client: &mut S,
+        client: &mut C,
         up: &mut Upstream<'_, S>,
         mut out: Buf,
         conn: &ConnInfo,
@@ -1127,9 +1130,9 @@ impl Worker {
     /// Answers an error of our own before any response byte was sent. Boxed: rare, and its
     /// state (the error) would otherwise enlarge the exchange's future, which is part of every
     /// connection's task.
-    fn fail<'a, S: Stream>(
+    fn fail<'a, C: ClientIo>(
         &'a self,
-        client: &'a mut S,
+        client: &'a mut C,
         buf: &'a mut Vec<u8>,
         plan: &'a Plan,
         err: ProxyError,
@@ -1299,7 +1302,7 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// Copies exactly `n` bytes from `from` to `to`.
-async fn copy_exact<S: Stream>(from: &S, to: &S, mut n: u64, scratch: &mut Vec<u8>) -> io::Result<()> {
+async fn copy_exact<S: Stream, C: ClientIo>(from: &S, to: &mut C, mut n: u64, scratch: &mut Vec<u8>) -> io::Result<()> {
     if n == 0 {
         return Ok(()); // the common case: the whole body came with the head
     }
@@ -1317,9 +1320,9 @@ async fn copy_exact<S: Stream>(from: &S, to: &S, mut n: u64, scratch: &mut Vec<u
 }
 
 /// Copies a chunked body until its end; `Ok(false)` when the backend sent bytes past it.
-async fn copy_chunked<S: Stream>(
+async fn copy_chunked<S: Stream, C: ClientIo>(
     from: &S,
-    to: &S,
+    to: &mut C,
     scanner: &mut ChunkedScanner,
     scratch: &mut Vec<u8>,
 ) -> io::Result<bool> {
@@ -1342,7 +1345,7 @@ async fn copy_chunked<S: Stream>(
 }
 
 /// Copies until `from` closes.
-async fn copy_to_eof<S: Stream>(from: &S, to: &S, scratch: &mut Vec<u8>) -> io::Result<()> {
+async fn copy_to_eof<S: Stream, C: ClientIo>(from: &S, to: &mut C, scratch: &mut Vec<u8>) -> io::Result<()> {
     init_scratch(scratch);
     loop {
         let got = from.read(scratch).await?;

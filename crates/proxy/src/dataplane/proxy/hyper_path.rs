@@ -1,4 +1,5 @@
-//! The hyper transport: HTTP/2, TLS and every request the fast path hands over. It runs the
+//! The hyper transport: HTTP/2 (h2c, or `h2` by ALPN over TLS), every request the fast path
+//! hands over, and everything when the fast path is off. It runs the
 //! pipeline's shared steps — [`super::route`] to decide, [`super::retry`] to pick the next
 //! attempt, [`super::access_log`] and the counters to observe — around hyper's client.
 
