@@ -2,7 +2,9 @@
 //! particular to TLS. The same requests through the fast path and through hyper are compared in
 //! tests/fastpath.rs (`over_tls_*`); here: the hand-over to hyper with the TLS session, the ends
 //! of a connection (close_notify both ways), records that are cut short or forged, KeyUpdate,
-//! and bodies larger than a record.
+//! a TLS 1.2 renegotiation (refused), and bodies larger than a record. A certificate swapped
+//! while connections are open, session resumption across workers and reloads, and ALPN `h2`
+//! (hyper's) are in tests/production.rs.
 
 mod support;
 
@@ -302,4 +304,36 @@ async fn a_key_update_from_the_client_changes_nothing_for_it() {
         assert_eq!((r.status, r.body_len), (200, 2));
     }
     assert_eq!(t.backend.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_tls12_renegotiation_is_refused_and_the_proxy_serves_on() {
+    // A client that renegotiates: OpenSSL's s_client on TLS 1.2 (`R` asks for it; TLS 1.3 has
+    // no renegotiation). rustls answers with a `no_renegotiation` alert, which OpenSSL takes as
+    // the end of the connection.
+    let t = start(Answer::Length(2)).await;
+    let mut client = match tokio::process::Command::new("openssl")
+        .args(["s_client", "-tls1_2", "-servername", "localhost", "-connect"])
+        .arg(t.proxy.addr.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => panic!("this test needs the `openssl` command-line tool (Debian: openssl): {e}"),
+    };
+    let mut stdin = client.stdin.take().unwrap();
+    stdin.write_all(b"R\n").await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), client.wait_with_output())
+        .await
+        .expect("s_client ends once refused")
+        .unwrap();
+    drop(stdin);
+    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("RENEGOTIATING"), "{said}");
+    assert!(said.contains("no renegotiation"), "refused with the alert: {said}");
+    assert_eq!(t.backend.load(Ordering::SeqCst), 0);
+    assert_eq!(ask(&mut t.connect().await, GET).await.status, 200);
 }
