@@ -11,3 +11,5 @@ pub mod demo;
 pub mod kbs_client;
 pub mod loadgen;
 pub mod sim;
+#[cfg(test)]
+mod svg_check;
