@@ -4,33 +4,17 @@
 //! the tail, where proxies differ, gets as much room as the median. Drawn with plotters' SVG
 //! backend only: the picture is a file to open in a browser or put in a document.
 
-use std::ops::Range;
-
-use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint};
 use plotters::prelude::*;
 
 use super::{Percentile, Phase, Report};
-
-/// A picture could not be drawn (plotters' own error, as text: its type is generic over the
-/// backend).
-#[derive(Debug, thiserror::Error)]
-#[error("cannot draw the chart: {0}")]
-pub struct PlotError(pub String);
-
-impl<E: std::error::Error + Send + Sync> From<DrawingAreaErrorKind<E>> for PlotError {
-    fn from(e: DrawingAreaErrorKind<E>) -> Self {
-        Self(e.to_string())
-    }
-}
+pub use crate::chart::PlotError;
+use crate::chart::{draw_legend, legend_square, TickAxis, LABELS};
 
 /// Width and height of the pictures, in SVG pixels.
-pub(crate) const SIZE: (u32, u32) = (900, 540);
+const SIZE: (u32, u32) = (900, 540);
 
 /// The width of the steps' lines, in SVG pixels (the axes are 1).
 const LINE_WIDTH: u32 = 2;
-
-/// The font of axis labels and legends.
-pub(crate) const LABELS: (&str, u32) = ("sans-serif", 15);
 
 /// Each step its own colour, the same in every plot (the palette of matplotlib's "tab10"; the
 /// whole session in black, above the others).
@@ -58,33 +42,6 @@ fn percentile_label(x: f64) -> String {
     format!("{:.*}%", decimals, 100.0 * (1.0 - 10f64.powf(-x)))
 }
 
-/// The x axis: the nines scale from 0 to a whole number of nines, its ticks at the median and
-/// at every nine. (plotters' `with_key_points` would place the ticks, but leaves an `f64` axis
-/// without a label formatter.)
-struct NinesAxis(f64);
-
-impl Ranged for NinesAxis {
-    type FormatOption = DefaultFormatting;
-    type ValueType = f64;
-
-    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
-        limit.0 + (f64::from(limit.1 - limit.0) * value / self.0).round() as i32
-    }
-
-    fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
-        if hint.max_num_points() == 0 {
-            return Vec::new();
-        }
-        let mut ticks = vec![0.0, 2f64.log10()];
-        ticks.extend((1..=self.0 as u32).map(f64::from));
-        ticks
-    }
-
-    fn range(&self) -> Range<f64> {
-        0.0..self.0
-    }
-}
-
 /// The report's latency-percentile plot as an SVG document: one line per step that has
 /// measurements (`auth`, `attest`, `resource`, `session`), latency in milliseconds.
 pub fn latency_svg(report: &Report) -> Result<String, PlotError> {
@@ -96,6 +53,13 @@ pub fn latency_svg(report: &Report) -> Result<String, PlotError> {
     let all = || lines.iter().flat_map(|(_, points)| points.iter());
     let x_max = all().map(|p| nines(p.percentile)).fold(MIN_NINES, f64::max).ceil();
     let y_max = all().map(|p| p.us).max().unwrap_or(1000).max(1) as f64 / 1000.0 * 1.05;
+    // Ticks at the median and at every whole nine.
+    let mut ticks = vec![0.0, 2f64.log10()];
+    ticks.extend((1..=x_max as u32).map(f64::from));
+    let x_axis = TickAxis {
+        range: 0.0..x_max,
+        ticks,
+    };
 
     let mut svg = String::new();
     {
@@ -113,7 +77,7 @@ pub fn latency_svg(report: &Report) -> Result<String, PlotError> {
             .margin_right(36)
             .x_label_area_size(48)
             .y_label_area_size(70)
-            .build_cartesian_2d(NinesAxis(x_max), 0.0..y_max)?;
+            .build_cartesian_2d(x_axis, 0.0..y_max)?;
         chart
             .configure_mesh()
             .x_desc("percentile (log scale of nines)")
@@ -132,15 +96,9 @@ pub fn latency_svg(report: &Report) -> Result<String, PlotError> {
                 ))?
                 .label(phase.as_str())
                 // A filled square, not a line, so that the lines of the plot are the steps' only.
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+                .legend(legend_square(color));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(LABELS)
-            .draw()?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         root.present()?;
     }
     Ok(svg)
