@@ -53,6 +53,12 @@ pub fn latency_svg(report: &Report) -> Result<String, PlotError> {
     let all = || lines.iter().flat_map(|(_, points)| points.iter());
     let x_max = all().map(|p| nines(p.percentile)).fold(MIN_NINES, f64::max).ceil();
     let y_max = all().map(|p| p.us).max().unwrap_or(1000).max(1) as f64 / 1000.0 * 1.05;
+    // Enough decimals that sub-millisecond ticks do not all read the same.
+    let decimals = match y_max {
+        y if y < 1.0 => 3,
+        y if y < 10.0 => 2,
+        _ => 1,
+    };
     // Ticks at the median and at every whole nine.
     let mut ticks = vec![0.0, 2f64.log10()];
     ticks.extend((1..=x_max as u32).map(f64::from));
@@ -66,7 +72,7 @@ pub fn latency_svg(report: &Report) -> Result<String, PlotError> {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         root.fill(&WHITE)?;
         let caption = format!(
-            "KBS session latency by percentile: {}, {} clients, {}",
+            "KBS session latency by percentile: {}, concurrency {}, {}",
             report.url,
             report.concurrency,
             humantime::format_rfc3339_seconds(report.started_at)
@@ -85,7 +91,7 @@ pub fn latency_svg(report: &Report) -> Result<String, PlotError> {
             .label_style(LABELS)
             .axis_desc_style(LABELS)
             .x_label_formatter(&|x| percentile_label(*x))
-            .y_label_formatter(&|y| format!("{y:.1}"))
+            .y_label_formatter(&|y| format!("{y:.decimals$}"))
             .draw()?;
         for &(phase, points) in &lines {
             let color = step_color(phase);
