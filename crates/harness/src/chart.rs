@@ -4,8 +4,7 @@
 use std::ops::Range;
 
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
-use plotters::coord::CoordTranslate;
-use plotters::prelude::*;
+use plotters::drawing::DrawingAreaErrorKind;
 
 /// A picture could not be drawn (plotters' own error, as text: its type is generic over the
 /// backend).
@@ -21,29 +20,6 @@ impl<E: std::error::Error + Send + Sync> From<DrawingAreaErrorKind<E>> for PlotE
 
 /// The font of axis labels and legends.
 pub(crate) const LABELS: (&str, u32) = ("sans-serif", 15);
-
-/// A series' square in the legend, filled with its colour.
-pub(crate) fn legend_square(color: RGBColor) -> impl Fn((i32, i32)) -> Rectangle<(i32, i32)> {
-    move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled())
-}
-
-/// Draws the legend of `chart`'s labelled series, in the corner at `position`.
-pub(crate) fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
-    chart: &mut ChartContext<'a, DB, CT>,
-    position: SeriesLabelPosition,
-) -> Result<(), PlotError>
-where
-    DB::ErrorType: 'static,
-{
-    chart
-        .configure_series_labels()
-        .position(position)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(LABELS)
-        .draw()?;
-    Ok(())
-}
 
 /// A numeric axis over `range` with its ticks (and labels) exactly at `ticks`: the median and
 /// every nine of a percentile axis, the middle of each group of bars. (plotters'

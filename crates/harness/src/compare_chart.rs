@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::chart::{draw_legend, legend_square, PlotError, TickAxis, LABELS};
+use crate::chart::{PlotError, TickAxis, LABELS};
 
 /// One line of the runs file: the columns the chart uses.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,23 +180,25 @@ pub fn ratios(runs: &[Run], metric: Metric) -> Vec<Ratio> {
     out
 }
 
-/// Each target its own colour, the same in both panels.
+/// Each target its own colour, the same in both panels: matplotlib's "tab20" palette, its ten
+/// strong colours first (a full compare.sh run has about a dozen targets besides HAProxy).
 fn target_color(i: usize) -> RGBColor {
-    const TAB10: [RGBColor; 8] = [
-        RGBColor(0x1f, 0x77, 0xb4),
-        RGBColor(0xff, 0x7f, 0x0e),
-        RGBColor(0x2c, 0xa0, 0x2c),
-        RGBColor(0xd6, 0x27, 0x28),
-        RGBColor(0x94, 0x67, 0xbd),
-        RGBColor(0x8c, 0x56, 0x4b),
-        RGBColor(0xe3, 0x77, 0xc2),
-        RGBColor(0x7f, 0x7f, 0x7f),
+    const TAB20: [u32; 20] = [
+        0x1f77b4, 0xff7f0e, 0x2ca02c, 0xd62728, 0x9467bd, 0x8c564b, 0xe377c2, 0x7f7f7f, 0xbcbd22, 0x17becf, 0xaec7e8,
+        0xffbb78, 0x98df8a, 0xff9896, 0xc5b0d5, 0xc49c94, 0xf7b6d2, 0xc7c7c7, 0xdbdb8d, 0x9edae5,
     ];
-    TAB10[i % TAB10.len()]
+    let [_, r, g, b] = TAB20[i % TAB20.len()].to_be_bytes();
+    RGBColor(r, g, b)
 }
 
 /// Width of a picture, at least, and per bar; each panel is [`PANEL_HEIGHT`] high.
-const WIDTH: (u32, u32) = (1000, 30);
+const WIDTH: (u32, u32) = (1000, 40);
+/// Height of a row of the key.
+const KEY_ROW: i32 = 24;
+/// The key's left edge, in line with the panels' y axes.
+const KEY_INDENT: i32 = 80;
+/// The font of the values above the bars, smaller than the labels: bars can be narrow.
+const VALUES: (&str, u32) = ("sans-serif", 13);
 /// Height of one panel.
 const PANEL_HEIGHT: u32 = 420;
 /// The share of a mode's slot its bars fill together.
@@ -216,15 +218,41 @@ pub fn chart_svg(runs: &[Run], title: &str) -> Result<String, PlotError> {
     {
         let bars = (modes.len() * targets.len()) as u32;
         let width = WIDTH.0.max(200 + WIDTH.1 * bars);
-        let root = SVGBackend::with_string(&mut svg, (width, 2 * PANEL_HEIGHT + 40)).into_drawing_area();
+        let (key, key_height) = key_layout(width as i32, &targets);
+        let height = 2 * PANEL_HEIGHT + 40 + key_height as u32;
+        let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
         root.fill(&WHITE)?;
         let root = root.titled(title, ("sans-serif", 18))?;
+        let (key_area, root) = root.split_vertically(key_height);
+        for (i, (&target, &(x, y))) in targets.iter().zip(&key).enumerate() {
+            let square = [(x, y + 6), (x + 12, y + 18)];
+            key_area.draw(&Rectangle::new(square, target_color(i).filled()))?;
+            let style = TextStyle::from(LABELS).pos(Pos::new(HPos::Left, VPos::Center));
+            key_area.draw(&Text::new(target, (x + 18, y + 12), style))?;
+        }
         for ((metric, bars), area) in panels.iter().zip(root.split_evenly((2, 1))) {
             draw_panel(&area, *metric, bars, &modes, &targets)?;
         }
         root.present()?;
     }
     Ok(svg)
+}
+
+/// Where each target's entry of the key goes, in rows across the top (one key for both panels,
+/// outside them, so that it never hides a bar), and the key's height.
+fn key_layout(width: i32, targets: &[&str]) -> (Vec<(i32, i32)>, i32) {
+    let (mut x, mut y) = (KEY_INDENT, 0);
+    let mut at = Vec::new();
+    for target in targets {
+        // The square, the name at about 9 px a character, a gap.
+        let entry = 18 + 9 * target.len() as i32 + 24;
+        if x + entry > width && x > KEY_INDENT {
+            (x, y) = (KEY_INDENT, y + KEY_ROW);
+        }
+        at.push((x, y));
+        x += entry;
+    }
+    (at, y + KEY_ROW)
 }
 
 fn draw_panel<DB: DrawingBackend>(
@@ -237,8 +265,8 @@ fn draw_panel<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    // Room above the tallest error bar for its value and for the legend.
-    let y_max = bars.iter().map(|b| b.high).fold(1.1, f64::max) * 1.3;
+    // Room above the tallest error bar for its value.
+    let y_max = bars.iter().map(|b| b.high).fold(1.1, f64::max) * 1.15;
     let x_axis = TickAxis {
         range: 0.0..modes.len().max(1) as f64,
         ticks: (0..modes.len()).map(|i| i as f64 + 0.5).collect(),
@@ -279,26 +307,23 @@ where
         if mine.is_empty() {
             continue;
         }
-        chart
-            .draw_series(
-                mine.iter()
-                    .map(|&(x, b)| Rectangle::new([(x + slot * 0.1, 0.0), (x + slot * 0.9, b.median)], color.filled())),
-            )?
-            .label(target)
-            .legend(legend_square(color));
+        chart.draw_series(
+            mine.iter()
+                .map(|&(x, b)| Rectangle::new([(x + slot * 0.1, 0.0), (x + slot * 0.9, b.median)], color.filled())),
+        )?;
         chart.draw_series(mine.iter().map(|&(x, b)| {
             ErrorBar::new_vertical(x + slot / 2.0, b.low, b.median, b.high, BLACK.stroke_width(1), 8)
         }))?;
-        let value_style = TextStyle::from(LABELS).pos(Pos::new(HPos::Center, VPos::Bottom));
+        let value_style = TextStyle::from(VALUES).pos(Pos::new(HPos::Center, VPos::Bottom));
         chart.draw_series(mine.iter().map(|&(x, b)| {
             Text::new(
                 format!("{:.2}", b.median),
-                (x + slot / 2.0, b.high),
+                (x + slot / 2.0, b.high + y_max / 100.0),
                 value_style.clone(),
             )
         }))?;
     }
-    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -401,7 +426,7 @@ mod tests {
         let elements = svg_check::elements(&svg).unwrap_or_else(|e| panic!("{e}:\n{svg}"));
         assert_eq!(elements[0].name, "svg");
         // ours is the only target with bars: its colour fills one bar per mode in each of
-        // the two panels, and the legend's square in each.
+        // the two panels, and its square in the key.
         let ours = format!(
             "#{:02X}{:02X}{:02X}",
             target_color(0).0,
@@ -412,7 +437,7 @@ mod tests {
             .iter()
             .filter(|e| e.name == "rect" && e.attrs.get("fill") == Some(&ours))
             .count();
-        assert_eq!(filled, 2 * (2 + 1), "{svg}");
+        assert_eq!(filled, 2 * 2 + 1, "{svg}");
         let texts: Vec<&str> = elements
             .iter()
             .filter(|e| e.name == "text")

@@ -8,7 +8,7 @@ use plotters::prelude::*;
 
 use super::{Percentile, Phase, Report};
 pub use crate::chart::PlotError;
-use crate::chart::{draw_legend, legend_square, TickAxis, LABELS};
+use crate::chart::{TickAxis, LABELS};
 
 /// Width and height of the pictures, in SVG pixels.
 const SIZE: (u32, u32) = (900, 540);
@@ -102,9 +102,15 @@ pub fn latency_svg(report: &Report) -> Result<String, PlotError> {
                 ))?
                 .label(phase.as_str())
                 // A filled square, not a line, so that the lines of the plot are the steps' only.
-                .legend(legend_square(color));
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
         }
-        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(LABELS)
+            .draw()?;
         root.present()?;
     }
     Ok(svg)
