@@ -758,3 +758,7 @@ for t in "${idle_targets[@]}"; do
     }'
     stop "$pid"
 done
+
+# A chart of the ratios, drawn from the runs (docs/benchmarks.md): CHART=FILE.svg, its path
+# from the repository root or absolute.
+[[ -z ${CHART:-} ]] || "$PROXY_BIN" bench-chart "$WORK/runs.tsv" --out "$CHART"

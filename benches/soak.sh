@@ -139,7 +139,7 @@ if command -v jq >/dev/null; then
         "per replica: \(.sessions_by_replica | to_entries | map("\(.key) \(.value)") | join(", "))",
         "failures by type:\(if (.errors | length) == 0 then " none" else "" end)",
         (.errors | to_entries[] | "  \(.value)  \(.key)"),
-        "latency ms (p50 / p99 / max): " + (.latency | to_entries | map("\(.key) \(.value.p50_us / 1000) / \(.value.p99_us / 1000) / \(.value.max_us / 1000)") | join("; "))
+        "latency ms (p50 / p99 / max): " + (.steps | map("\(.step) \(.latency.p50_us / 1000) / \(.latency.p99_us / 1000) / \(.latency.max_us / 1000)") | join("; "))
     ' "$WORK/report.json"
     NON_KBS=$(jq '[.errors | to_entries[] | select(.key | test("\\([0-9]{3}\\)$") | not) | .value] | add // 0' "$WORK/report.json")
     echo "non-KBS failures (http, timeout, non-KBS body): $NON_KBS"

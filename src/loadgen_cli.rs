@@ -1,12 +1,14 @@
 //! The `loadgen` subcommand: the flags of [`kbs_proxy_harness::loadgen`], a runtime, a
-//! progress line on stderr and the report on stdout.
+//! progress line on stderr, the report on stdout, and on request in files as JSON and as an
+//! SVG plot.
 
 use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use kbs_proxy_harness::loadgen::{self, LoadOptions};
+use kbs_proxy_harness::loadgen::{self, plot, schema::ReportDoc, LoadOptions, Report};
 
 /// Flags of `kbs-affinity-proxy loadgen`.
 #[derive(Args, Debug)]
@@ -39,9 +41,18 @@ pub struct LoadgenArgs {
     /// The proxy's route cookie name, for --drop-route-cookie.
     #[arg(long, default_value = "route", value_name = "NAME")]
     route_cookie: String,
-    /// Print the report as JSON instead of a table.
+    /// Print the report as JSON instead of a table (the document of --report-json).
     #[arg(long)]
     json: bool,
+    /// Also write the report to FILE as JSON: run metadata, totals, and per step the offered
+    /// and achieved rates, counts, errors by kind and latency percentiles (schema in
+    /// docs/benchmarks.md).
+    #[arg(long, value_name = "FILE")]
+    report_json: Option<PathBuf>,
+    /// Also write an SVG plot to FILE: latency by percentile (x on a log scale of nines), one
+    /// line per step.
+    #[arg(long, value_name = "FILE")]
+    report_svg: Option<PathBuf>,
 }
 
 /// Runs the load and prints the report; progress goes to stderr about once a second.
@@ -64,12 +75,26 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let report = rt.block_on(loadgen::run(opts, |p| eprintln!("{p}")));
     let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &report.to_json())?;
-        writeln!(out)?;
+        writeln!(out, "{}", json_text(&report))?;
     } else {
         write!(out, "{}", report.render_table())?;
     }
+    if let Some(path) = &args.report_json {
+        write_file(path, &json_text(&report))?;
+    }
+    if let Some(path) = &args.report_svg {
+        write_file(path, &plot::latency_svg(&report)?)?;
+    }
     Ok(())
+}
+
+/// The JSON document, its fields in the schema's order (a `serde_json::Value` would sort them).
+fn json_text(report: &Report) -> String {
+    serde_json::to_string_pretty(&ReportDoc::from(report)).expect("the document is plain data")
+}
+
+pub(crate) fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// `500ms`, `10s`, `2m`, or a number of seconds.

@@ -14,6 +14,7 @@ use kbs_proxy_harness::demo;
 use kbs_proxy_harness::sim::{SimConfig, SimKbs};
 use tokio_util::sync::CancellationToken;
 
+mod bench_chart_cli;
 mod loadgen_cli;
 
 /// EX_USAGE from sysexits.h: bad command line or configuration.
@@ -47,6 +48,8 @@ enum Command {
     Sim(SimArgs),
     /// Drive full KBS sessions against a URL and report latencies, errors and affinity.
     Loadgen(loadgen_cli::LoadgenArgs),
+    /// Draw a bar chart (SVG) of a benches/compare.sh runs file: ratios to HAProxy per mode.
+    BenchChart(bench_chart_cli::BenchChartArgs),
     /// Exit 0 when URL answers 2xx within 2 s (container health checks without curl).
     Healthcheck {
         /// The URL to GET, e.g. http://127.0.0.1:9090/healthz.
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Some(Command::Demo(args)) => run_demo(*args),
         Some(Command::Sim(args)) => run_sim(args),
         Some(Command::Loadgen(args)) => loadgen_cli::run(args),
+        Some(Command::BenchChart(args)) => bench_chart_cli::run(args),
         Some(Command::Healthcheck { url }) => healthcheck(&url),
     };
     match result {

@@ -167,3 +167,32 @@ fn the_cookie_secret_is_refused_as_a_flag() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bench_chart_draws_a_runs_file_and_names_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs.tsv");
+    let svg = dir.path().join("chart.svg");
+    let mut lines = String::new();
+    for rep in 1..=3 {
+        for (target, rps) in [("haproxy", 30000), ("ours", 33000 + rep * 1000)] {
+            lines += &format!("{rep}\tka-cookie\t{target}\t{rps}\t900\t2000\t20.0\t1\t0\t5\t15\t90\t90\n");
+        }
+    }
+    std::fs::write(&runs, lines).unwrap();
+    let (runs, svg_path) = (runs.to_str().unwrap(), svg.to_str().unwrap());
+    let (code, stderr) = run(&["bench-chart", runs, "--out", svg_path]);
+    assert_eq!(code, 0, "{stderr}");
+    // ours' req/s ratios are 34/30, 35/30 and 36/30: the bar stands at their median.
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("\nka-cookie\n") && svg.contains("\n1.17\n"),
+        "{svg}"
+    );
+
+    std::fs::write(dir.path().join("bad.tsv"), "1\tka-cookie\tours\n").unwrap();
+    let bad = dir.path().join("bad.tsv");
+    let (code, stderr) = run(&["bench-chart", bad.to_str().unwrap(), "-o", svg_path]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("bad.tsv") && stderr.contains("line 1"), "{stderr}");
+}

@@ -52,7 +52,8 @@ async fn through_the_proxy_every_session_succeeds_on_one_replica() {
     let json = report.to_json();
     assert_eq!(json["sessions_ok"], 40);
     assert_eq!(json["affinity_violations"], 0);
-    assert!(json["latency"]["session"]["p99_us"].as_u64().unwrap() > 0);
+    assert_eq!(json["steps"][3]["step"], "session");
+    assert!(json["steps"][3]["latency"]["p99_us"].as_u64().unwrap() > 0);
     let _ = ticks; // progress may or may not have ticked in so short a run
 }
 
@@ -143,4 +144,56 @@ async fn a_duration_bound_stops_the_run() {
     assert_eq!(report.sessions_failed, 0, "{:?}", report.errors);
     // Sessions under way at the deadline finish; none starts after it.
     assert!(report.elapsed < Duration::from_secs(10), "{:?}", report.elapsed);
+}
+
+/// Runs `kbs-affinity-proxy loadgen ARGS` (bounded by its session count, and a minute).
+async fn loadgen_binary(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_kbs-affinity-proxy"))
+        .arg("loadgen")
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_binary_writes_the_json_and_svg_reports_it_is_asked_for() {
+    let (_sims, proxy) = two_replicas().await;
+    let url = proxy.url();
+    let dir = tempfile::tempdir().unwrap();
+    let (json, svg) = (dir.path().join("report.json"), dir.path().join("report.svg"));
+    let args = ["--url", &url, "--concurrency", "2", "--sessions", "10", "--report-json"];
+    let mut args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    args.extend([json.as_os_str(), "--report-svg".as_ref(), svg.as_os_str()]);
+    let out = loadgen_binary(&args).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("sessions: 10 ok, 0 failed"),
+        "the table still goes to stdout: {stdout}"
+    );
+
+    let doc: loadgen::schema::ReportDoc = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(doc.run.target, url);
+    assert_eq!((doc.sessions_ok, doc.run.flags.sessions), (10, Some(10)));
+    assert_eq!(doc.steps.len(), Phase::ALL.len());
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
+    assert_eq!(svg.matches("stroke-width=\"2\"").count(), Phase::ALL.len(), "{svg}");
+
+    // A file that cannot be written fails the run and names the file.
+    let args = [
+        "--url",
+        &url,
+        "--sessions",
+        "1",
+        "--report-svg",
+        "/nonexistent/dir/r.svg",
+    ];
+    let out = loadgen_binary(&args.map(|a| a.as_ref())).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/dir/r.svg"));
 }

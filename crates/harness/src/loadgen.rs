@@ -15,19 +15,26 @@
 //! Every run is bounded: by [`LoadOptions::duration`], by [`LoadOptions::sessions`], or by
 //! [`DEFAULT_DURATION`] when neither is given; each request by
 //! [`LoadOptions::request_timeout`]. Sessions under way at the deadline are finished.
+//!
+//! The [`Report`] prints as a table ([`Report::render_table`]), as a versioned JSON document
+//! ([`schema`]) and as an SVG latency-percentile plot ([`plot`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hdrhistogram::Histogram;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::kbs_client::{ClientError, KbsClient};
+
+pub mod plot;
+pub mod schema;
 
 /// The run length when neither a duration nor a session count is given.
 pub(crate) const DEFAULT_DURATION: Duration = Duration::from_secs(10);
@@ -140,12 +147,14 @@ impl fmt::Display for Progress {
     }
 }
 
-/// Latency summary of one phase, in microseconds, over its successful requests.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// Latency summary of one phase, in microseconds, over its successful requests; its JSON form
+/// is the `latency` object of a step in the [`schema`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Latency {
     /// Requests (or sessions) measured.
     pub count: u64,
-    /// Mean.
+    /// Mean, rounded to 0.1 µs (the histograms keep three significant digits, no more).
     pub mean_us: f64,
     /// Median.
     pub p50_us: u64,
@@ -154,6 +163,7 @@ pub struct Latency {
     /// 99th percentile.
     pub p99_us: u64,
     /// 99.9th percentile.
+    #[serde(rename = "p99_9_us")]
     pub p999_us: u64,
     /// Largest.
     pub max_us: u64,
@@ -166,7 +176,7 @@ impl Latency {
         }
         Self {
             count: h.len(),
-            mean_us: h.mean(),
+            mean_us: round_to(h.mean(), 1),
             p50_us: h.value_at_quantile(0.50),
             p90_us: h.value_at_quantile(0.90),
             p99_us: h.value_at_quantile(0.99),
@@ -174,18 +184,83 @@ impl Latency {
             max_us: h.max(),
         }
     }
+}
 
-    fn to_json(self) -> Value {
-        json!({
-            "count": self.count,
-            "mean_us": (self.mean_us * 10.0).round() / 10.0,
-            "p50_us": self.p50_us,
-            "p90_us": self.p90_us,
-            "p99_us": self.p99_us,
-            "p99_9_us": self.p999_us,
-            "max_us": self.max_us,
-        })
+/// One point of a latency-percentile curve.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Percentile {
+    /// The percentile, 0 to 100 (99.9 is the 99.9th).
+    pub percentile: f64,
+    /// The latency at or below which that share of the requests finished, in microseconds.
+    pub us: u64,
+}
+
+/// Points per "nine" of a percentile curve: 0.1 apart on the `-log10(1 - q)` scale.
+const CURVE_POINTS_PER_NINE: u32 = 10;
+
+/// The latency-percentile curve of `h`: points evenly spaced on the "nines" scale
+/// (`-log10(1 - q)`: 90 % is 1, 99 % is 2, 99.9 % is 3) up to the last percentile its count can
+/// tell apart (`1 - 1/count`), where the largest value is put. Empty for an empty histogram.
+fn curve(h: &Histogram<u64>) -> Vec<Percentile> {
+    if h.is_empty() {
+        return Vec::new();
     }
+    let last_nines = (h.len() as f64).log10();
+    let mut points: Vec<Percentile> = (0..)
+        .map(|i| f64::from(i) / f64::from(CURVE_POINTS_PER_NINE))
+        .take_while(|&nines| nines < last_nines)
+        .map(|nines| {
+            let q = 1.0 - 10f64.powf(-nines);
+            Percentile {
+                percentile: round_to(100.0 * q, 4),
+                us: h.value_at_quantile(q),
+            }
+        })
+        .collect();
+    points.push(Percentile {
+        percentile: round_to(100.0 * (1.0 - 1.0 / h.len() as f64), 4),
+        us: h.max(),
+    });
+    points
+}
+
+/// `x` rounded to `decimals` places. The JSON report's fractions are rounded so that they read
+/// well and parse back to the same `f64` (serde_json's parser is exact up to about 15 digits).
+pub(crate) fn round_to(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
+}
+
+/// The machine the load ran on, for telling runs apart.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    /// The first `model name` of `/proc/cpuinfo`; `None` where there is none (not Linux, or
+    /// CPUs that do not name their model there, as many arm64 ones).
+    pub cpu_model: Option<String>,
+    /// CPUs this process may run on.
+    pub cpus: usize,
+}
+
+impl Host {
+    /// This machine.
+    pub fn detect() -> Self {
+        Self {
+            cpu_model: std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|info| cpu_model(&info)),
+            cpus: std::thread::available_parallelism().map_or(1, usize::from),
+        }
+    }
+}
+
+/// The first `model name` of a `/proc/cpuinfo` text.
+fn cpu_model(cpuinfo: &str) -> Option<String> {
+    cpuinfo.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == "model name" && !value.trim().is_empty()).then(|| value.trim().to_owned())
+    })
 }
 
 /// The outcome of a run.
@@ -195,6 +270,12 @@ pub struct Report {
     pub url: String,
     /// Virtual clients.
     pub concurrency: usize,
+    /// The options of the run, defaults filled in: what the JSON report records as its flags.
+    pub options: LoadOptions,
+    /// When the run started (wall clock), to tell reports apart.
+    pub started_at: SystemTime,
+    /// The machine it ran on.
+    pub host: Host,
     /// From the start to the end of the last session.
     pub elapsed: Duration,
     /// Sessions whose three steps succeeded.
@@ -218,6 +299,9 @@ pub struct Report {
     pub error_examples: BTreeMap<String, String>,
     /// Latency of each phase, over successful requests (sessions, for [`Phase::Session`]).
     pub latency: BTreeMap<Phase, Latency>,
+    /// The latency-percentile curve of each phase, over the same requests: what
+    /// [`plot::latency_svg`] draws.
+    pub curves: BTreeMap<Phase, Vec<Percentile>>,
 }
 
 impl Report {
@@ -297,29 +381,9 @@ impl Report {
         out
     }
 
-    /// The report as JSON, latencies in microseconds.
+    /// The report as the JSON document of [`schema`], latencies in microseconds.
     pub fn to_json(&self) -> Value {
-        let latency: serde_json::Map<String, Value> = self
-            .latency
-            .iter()
-            .map(|(p, l)| (p.as_str().to_owned(), l.to_json()))
-            .collect();
-        json!({
-            "url": self.url,
-            "concurrency": self.concurrency,
-            "elapsed_s": self.elapsed.as_secs_f64(),
-            "sessions_ok": self.sessions_ok,
-            "sessions_failed": self.sessions_failed,
-            "sessions_per_s": self.sessions_per_sec(),
-            "requests": self.requests,
-            "requests_per_s": self.requests_per_sec(),
-            "affinity_violations": self.affinity_violations,
-            "sessions_unattributed": self.sessions_unattributed,
-            "sessions_by_replica": self.sessions_by_replica,
-            "errors": self.errors,
-            "error_examples": self.error_examples,
-            "latency": latency,
-        })
+        serde_json::to_value(schema::ReportDoc::from(self)).expect("the document is plain data")
     }
 }
 
@@ -413,6 +477,7 @@ pub async fn run(opts: LoadOptions, mut progress: impl FnMut(&Progress)) -> Repo
     }
     let opts = Arc::new(opts);
     let shared = Arc::new(Shared::default());
+    let started_at = SystemTime::now();
     let start = Instant::now();
     let deadline = opts.duration.map(|d| start + d);
 
@@ -444,6 +509,9 @@ pub async fn run(opts: LoadOptions, mut progress: impl FnMut(&Progress)) -> Repo
     Report {
         url: opts.url.clone(),
         concurrency: opts.concurrency,
+        options: LoadOptions::clone(&opts),
+        started_at,
+        host: Host::detect(),
         elapsed: start.elapsed(),
         sessions_ok: total.ok,
         sessions_failed: total.failed,
@@ -456,6 +524,10 @@ pub async fn run(opts: LoadOptions, mut progress: impl FnMut(&Progress)) -> Repo
         latency: Phase::ALL
             .iter()
             .map(|&p| (p, Latency::of(&total.latency[p.index()])))
+            .collect(),
+        curves: Phase::ALL
+            .iter()
+            .map(|&p| (p, curve(&total.latency[p.index()])))
             .collect(),
     }
 }
@@ -573,6 +645,36 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_cpu_model_is_the_first_model_name() {
+        let x86 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\n";
+        assert_eq!(cpu_model(x86).as_deref(), Some("AMD EPYC 7B13"));
+        assert_eq!(
+            cpu_model("processor\t: 0\nBogoMIPS\t: 50.00\nCPU part\t: 0xd0c\n"),
+            None
+        );
+        assert_eq!(cpu_model("model name\t:\n"), None);
+    }
+
+    #[test]
+    fn a_curve_runs_from_the_minimum_to_the_maximum_on_the_nines_scale() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3).unwrap();
+        assert!(curve(&h).is_empty());
+        for us in 1..=1000 {
+            h.record(us).unwrap();
+        }
+        let c = curve(&h);
+        // Three nines in ten points each, then the maximum at 1 - 1/1000.
+        assert_eq!(c.len(), 31, "{c:?}");
+        assert_eq!(c[0], Percentile { percentile: 0.0, us: 1 });
+        assert!((c[10].percentile - 90.0).abs() < 1e-9 && c[10].us == 900, "{:?}", c[10]);
+        assert_eq!(c[30].us, 1000);
+        assert!((c[30].percentile - 99.9).abs() < 1e-9);
+        assert!(c
+            .windows(2)
+            .all(|w| w[0].percentile < w[1].percentile && w[0].us <= w[1].us));
+    }
+
     #[tokio::test]
     async fn against_one_replica_every_session_succeeds_and_is_attributed() {
         let sim = SimKbs::start_local(SimConfig::new("kbs-0")).await.unwrap();
@@ -611,7 +713,9 @@ mod tests {
         assert_eq!(report.errors.get("resource: PluginError (401)"), Some(&3));
         let json = report.to_json();
         assert_eq!(json["errors"]["resource: PluginError (401)"], 3);
-        assert_eq!(json["latency"]["auth"]["count"], 3);
+        assert_eq!(json["steps"][0]["step"], "auth");
+        assert_eq!(json["steps"][0]["latency"]["count"], 3);
+        assert_eq!(json["steps"][2]["errors"]["PluginError (401)"], 3);
         assert!(report.render_table().contains("resource: PluginError (401)"));
         sim.stop();
     }
