@@ -14,6 +14,7 @@
 #   LOGS=1 bash benches/compare.sh          # also ours and HAProxy with their access logs on
 #   TLS=1 bash benches/compare.sh           # also ours, HAProxy and nginx terminating TLS
 #   KBS_SHAPED=0 bash benches/compare.sh    # backends answering a bare "ok" (before 2026-12)
+#   CHART=ratios.svg bash benches/compare.sh  # also a chart of the ratios (bench-chart)
 #
 # What it does, in one run:
 #  1. installs haproxy, nginx and wrk with apt-get when missing (apt-get update first);

@@ -11,7 +11,8 @@
 //!
 //! and pairs them as compare.sh's summary table does: a target's figure divided by its
 //! reference's in the same repetition (`*-2t` against `haproxy-2t`, `ours-log` against
-//! `haproxy-log`, every other target against `haproxy`), then the median of those ratios and
+//! `haproxy-log`, `ours-tls-log` against `haproxy-tls-log`, the other TLS targets against
+//! `haproxy-tls`, every other target against `haproxy`), then the median of those ratios and
 //! their range without the lowest and highest quarter (rounded down: with three repetitions,
 //! all of them). The references themselves (a ratio of 1 by definition) are the dashed line at
 //! 1; `direct` has no CPU ratio (its CPU column is the backend's).
@@ -119,6 +120,10 @@ pub fn reference(target: &str) -> &'static str {
         "haproxy-2t"
     } else if target == "ours-log" {
         "haproxy-log"
+    } else if target == "ours-tls-log" {
+        "haproxy-tls-log"
+    } else if target.contains("-tls") {
+        "haproxy-tls"
     } else {
         "haproxy"
     }
@@ -403,6 +408,9 @@ mod tests {
         assert_eq!(reference("ours-2t"), "haproxy-2t");
         assert_eq!(reference("ours-log"), "haproxy-log");
         assert_eq!(reference("ours-h2"), "haproxy");
+        assert_eq!(reference("ours-tls"), "haproxy-tls");
+        assert_eq!(reference("haproxy-tls-log"), "haproxy-tls");
+        assert_eq!(reference("ours-tls-log"), "haproxy-tls-log");
     }
 
     #[test]
