@@ -11,6 +11,21 @@ DOCKERFILE=${DOCKERFILE:-Dockerfile}
 stage=$(mktemp -d /tmp/image-build-stage.XXXXXX)
 trap 'rm -rf "$stage"' EXIT
 
+# What .dockerignore keeps out of the build context: a COPY of it fails in `docker build`, so
+# it fails here too (simple patterns: a path, a glob, **/ in front; no ! exceptions).
+mapfile -t ignored < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^$/d' -e 's|^/||' -e 's|^\*\*/||' .dockerignore 2>/dev/null)
+excluded() {
+    local p
+    for p in "${ignored[@]}"; do
+        # Unquoted on the right: a glob.
+        # shellcheck disable=SC2053
+        if [[ $1 == $p || $1 == $p/* ]]; then
+            return 0
+        fi
+    done
+    return 1
+}
+
 in_build=0
 ran=0
 # The Dockerfile with its continuation lines joined.
@@ -24,6 +39,11 @@ while IFS= read -r line; do
         read -ra args <<<"${line#COPY }"
         dest=${args[-1]}
         for src in "${args[@]:0:${#args[@]}-1}"; do
+            src=${src#./}
+            if excluded "$src"; then
+                echo "image build stage: COPY $src, which .dockerignore keeps out of the context" >&2
+                exit 1
+            fi
             if [[ $dest == */ ]]; then
                 mkdir -p "$stage/$dest"
                 cp -r "$src" "$stage/$dest"
