@@ -53,6 +53,8 @@ fn bad_values_exit_64_naming_the_key() {
             "cookie-secret-file",
         ),
         (vec!["--backend", "ftp://x:1"], "backend"),
+        (vec![B, "--backend-tls-name", "kbs example"], "backend-tls-name"),
+        (vec!["--backend", "https://x:1;tls-name=-"], "backend"),
         (
             vec!["--backend", "a=http://x:1", "--backend", "a=http://y:1"],
             "backend",

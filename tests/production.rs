@@ -297,6 +297,67 @@ async fn https_backends_with_a_private_ca_sni_and_client_certificates() {
     assert!(String::from_utf8_lossy(&body).contains("/errors/BadGateway"));
 }
 
+#[tokio::test]
+async fn backend_tls_name_verifies_a_certificate_naming_neither_the_address_nor_the_host() {
+    let pki = Pki::new();
+    // The replica's certificate names only the KBS's service name, which the proxy never
+    // connects to: it connects to 127.0.0.1, or to localhost.
+    let server = pki.issue("kbs", &["kbs.trustee.example"]);
+    let addr = start_tls_backend(pki.server_config(&server, false)).await;
+    let by_ip = format!("https://127.0.0.1:{}", addr.port());
+    let by_host = format!("https://localhost:{}", addr.port());
+    let get = |proxy: TestProxy| async move {
+        let resp = send(
+            Request::get(format!("{}/kbs/v0/resource/a/b/c", proxy.url()))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        (resp, proxy)
+    };
+
+    // Without the name: the handshake fails, and the client gets the KBS-shaped 502.
+    for url in [&by_ip, &by_host] {
+        let ((parts, body), _proxy) = get(start_proxy(Settings {
+            backend_ca: Some(pki.ca_path.clone()),
+            ..settings(vec![url.clone()])
+        })
+        .await)
+        .await;
+        assert_eq!(parts.status, StatusCode::BAD_GATEWAY, "{url}");
+        assert!(String::from_utf8_lossy(&body).contains("/errors/BadGateway"));
+    }
+
+    // With it, for every backend (and checked the same way by the health checks).
+    for url in [&by_ip, &by_host] {
+        let ((parts, body), proxy) = get(start_proxy(Settings {
+            backend_ca: Some(pki.ca_path.clone()),
+            backend_tls_name: Some("kbs.trustee.example".into()),
+            ..manual_health("http").merge(settings(vec![url.clone()]))
+        })
+        .await)
+        .await;
+        assert_eq!((parts.status, &body[..]), (StatusCode::OK, &b"tls ok"[..]), "{url}");
+        assert_eq!(parts.headers["x-sni"], "kbs.trustee.example");
+        // Two checks would mark it down (fall 2) if they verified another name.
+        proxy.control.check_health().await;
+        proxy.control.check_health().await;
+        let backends = backends_json(&proxy).await;
+        assert_eq!(backends[0]["healthy"], true, "{backends}");
+    }
+
+    // Or per backend, in its spec; it wins over the setting.
+    let ((parts, _), _proxy) = get(start_proxy(Settings {
+        backend_ca: Some(pki.ca_path.clone()),
+        backend_tls_name: Some("wrong.example".into()),
+        ..settings(vec![format!("kbs={by_ip};tls-name=kbs.trustee.example")])
+    })
+    .await)
+    .await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(parts.headers["x-sni"], "kbs.trustee.example");
+}
+
 fn manual_health(mode: &str) -> Settings {
     Settings {
         health_check: Some(mode.into()),

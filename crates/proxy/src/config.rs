@@ -130,6 +130,8 @@ pub struct DnsSource {
     pub host: String,
     /// The port of every address.
     pub port: u16,
+    /// For `https`: the name the backends' certificates must carry (sent as SNI).
+    pub tls_name: String,
 }
 
 /// Active health checking.
@@ -342,6 +344,63 @@ mod tests {
         assert_eq!(parse_backend("http://kbs").unwrap().authority.as_str(), "kbs:80");
         for bad in ["ftp://x:1", "http://x:1/path", "x", "=http://x:1", "http://u:p@x:1"] {
             assert!(parse_backend(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn certificate_names_per_backend_then_the_setting_then_the_host() {
+        let b = parse_backend("kbs-a=https://10.0.0.1:8443;tls-name=kbs.example").unwrap();
+        assert_eq!((b.name.as_str(), b.tls_name.as_str()), ("kbs-a", "kbs.example"));
+        assert_eq!(b.authority.as_str(), "10.0.0.1:8443");
+        assert_eq!(parse_backend("https://[fd00::1]:8443").unwrap().tls_name, "fd00::1");
+        let d = parse_dns_source("https://kbs-headless:8080;tls-name=kbs.ns.svc").unwrap();
+        assert_eq!((d.host.as_str(), d.tls_name.as_str()), ("kbs-headless", "kbs.ns.svc"));
+        let c = Settings {
+            backend: Some(vec![
+                "https://10.0.0.1:8443".into(),
+                "https://10.0.0.2:8443;tls-name=own.example".into(),
+            ]),
+            backend_dns: Some(vec!["https://kbs-headless:8080".into()]),
+            backend_tls_name: Some("kbs.example".into()),
+            ..Settings::default()
+        }
+        .validate()
+        .unwrap();
+        let names: Vec<&str> = c.backends.iter().map(|b| b.tls_name.as_str()).collect();
+        assert_eq!(names, ["kbs.example", "own.example"]);
+        assert_eq!(c.backend_dns[0].tls_name, "kbs.example");
+        for (s, key) in [
+            (
+                Settings {
+                    backend_tls_name: Some("not a name!".into()),
+                    ..with_backends()
+                },
+                "`backend-tls-name`",
+            ),
+            (
+                Settings {
+                    backend: Some(vec!["https://h:1;tls-name=bad name".into()]),
+                    ..Settings::default()
+                },
+                "`backend`",
+            ),
+            (
+                Settings {
+                    backend: Some(vec!["https://h:1;sni=x".into()]),
+                    ..Settings::default()
+                },
+                "`backend`",
+            ),
+            (
+                Settings {
+                    backend_dns: Some(vec!["https://h:1;tls-name=".into()]),
+                    ..Settings::default()
+                },
+                "`backend-dns`",
+            ),
+        ] {
+            let msg = s.validate().unwrap_err().to_string();
+            assert!(msg.contains(key), "{msg} should name {key}");
         }
     }
 

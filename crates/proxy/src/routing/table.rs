@@ -70,11 +70,13 @@ impl Routing {
     }
 }
 
-/// The new backend list: `specs` in order, reusing `old` backends with the same name, scheme
-/// and address; old backends no longer wanted are retired (drained) and kept until their drain
+/// The new backend list: `specs` in order, reusing `old` backends with the same name, scheme,
+/// address and certificate name; old backends no longer wanted are retired (drained) and kept until their drain
 /// expires, so the sessions pinned to them can finish.
 fn rebuild(old: Option<&Backends>, specs: &[&BackendSpec], drain_timeout: Duration) -> Backends {
-    let same = |b: &Backend, s: &BackendSpec| b.name == s.name && b.scheme == s.scheme && b.authority == s.authority;
+    let same = |b: &Backend, s: &BackendSpec| {
+        b.name == s.name && b.scheme == s.scheme && b.authority == s.authority && b.tls_name == s.tls_name
+    };
     let mut list: Vec<Arc<Backend>> = Vec::with_capacity(specs.len());
     for spec in specs {
         if list.iter().any(|b| b.name == spec.name) {
