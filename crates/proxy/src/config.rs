@@ -523,6 +523,46 @@ mod tests {
     }
 
     #[test]
+    fn a_dns_name_without_a_dot_is_qualified_with_the_namespace() {
+        let with = |ns: &str, dns: &[&str]| Settings {
+            backend_dns: Some(dns.iter().map(|d| d.to_string()).collect()),
+            backend_dns_namespace: Some(ns.into()),
+            ..Settings::default()
+        };
+        let c = with(
+            "trustee-operator-system",
+            &["https://kbs-headless:8080", "kbs.other.svc:8080"],
+        )
+        .validate()
+        .unwrap();
+        let hosts: Vec<(&str, &str)> = c
+            .backend_dns
+            .iter()
+            .map(|d| (d.host.as_str(), d.tls_name.as_str()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                (
+                    "kbs-headless.trustee-operator-system.svc",
+                    "kbs-headless.trustee-operator-system.svc"
+                ),
+                ("kbs.other.svc", "kbs.other.svc"),
+            ]
+        );
+        // Without the setting, names are looked up as written.
+        let c = Settings {
+            backend_dns: Some(vec!["kbs-headless:8080".into()]),
+            ..Settings::default()
+        };
+        assert_eq!(c.validate().unwrap().backend_dns[0].host, "kbs-headless");
+        for bad in ["", "Trustee", "-ns", "a.b", &"n".repeat(64)] {
+            let msg = with(bad, &["kbs:1"]).validate().unwrap_err().to_string();
+            assert!(msg.contains("`backend-dns-namespace`"), "{bad}: {msg}");
+        }
+    }
+
+    #[test]
     fn health_settings() {
         let c = with_backends().validate().unwrap();
         assert_eq!(c.health.mode, HealthMode::Tcp);

@@ -229,6 +229,10 @@ settings! {
     /// `;tls-name=NAME` after it: the name their certificates carry (default: HOST).
     #[arg(long, value_name = "[https://]HOST:PORT[;tls-name=NAME]")]
     backend_dns: Vec<String> = Unset("none");
+    /// Kubernetes namespace for --backend-dns names without a dot: HOST is looked up as
+    /// HOST.NAMESPACE.svc (the manifests fill it from the pod's own namespace).
+    #[arg(long, value_name = "NAMESPACE")]
+    backend_dns_namespace: String = Unset("names are looked up as written");
     /// How often --backend-dns names are re-resolved.
     #[arg(long, value_name = "DURATION")]
     #[serde(deserialize_with = "text_or_number")]

@@ -155,11 +155,22 @@ impl Settings {
             Some(name) => Some(tls_name("backend-tls-name", name, name)?),
             None => None,
         };
+        let namespace = match self.backend_dns_namespace.as_deref() {
+            Some(ns) if is_dns_label(ns) => Some(ns),
+            Some(ns) => {
+                return Err(invalid(
+                    "backend-dns-namespace",
+                    ns,
+                    "expected a Kubernetes namespace: lowercase letters, digits and '-', at most 63",
+                ))
+            }
+            None => None,
+        };
         let backend_dns = self
             .backend_dns
             .iter()
             .flatten()
-            .map(|d| parse_dns_source_with(d, tls_name))
+            .map(|d| parse_dns_source_with(d, tls_name, namespace))
             .collect::<Result<Vec<_>, _>>()?;
         let backends = parse_backends(
             self.backend.as_deref().unwrap_or_default(),
@@ -475,12 +486,27 @@ fn both_or_neither(
 
 /// Parses `[http://|https://]HOST:PORT[;tls-name=NAME]` for `backend-dns`.
 pub fn parse_dns_source(item: &str) -> Result<DnsSource, ConfigError> {
-    parse_dns_source_with(item, None)
+    parse_dns_source_with(item, None, None)
+}
+
+/// An RFC 1123 label, as Kubernetes namespaces are.
+fn is_dns_label(s: &str) -> bool {
+    let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    s.len() <= 63
+        && alnum(s.as_bytes().first())
+        && alnum(s.as_bytes().last())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// The same, with the certificate name `default_tls_name` (`backend-tls-name`) when the item
-/// names none; HOST without either.
-fn parse_dns_source_with(item: &str, default_tls_name: Option<&str>) -> Result<DnsSource, ConfigError> {
+/// names none, HOST without either; a HOST without a dot is qualified with `namespace`
+/// (`backend-dns-namespace`): `HOST.NAMESPACE.svc`, the Service's name in the cluster.
+fn parse_dns_source_with(
+    item: &str,
+    default_tls_name: Option<&str>,
+    namespace: Option<&str>,
+) -> Result<DnsSource, ConfigError> {
     let (source, own_tls_name) = split_tls_name("backend-dns", item)?;
     let (scheme, rest) = match source.split_once("://") {
         Some(("http", rest)) => (Scheme::HTTP, rest),
@@ -507,6 +533,10 @@ fn parse_dns_source_with(item: &str, default_tls_name: Option<&str>) -> Result<D
             item,
             "expected HOST:PORT, e.g. kbs-headless.trustee-operator-system.svc:8080",
         ));
+    };
+    let host = match namespace {
+        Some(ns) if !host.contains('.') => format!("{host}.{ns}.svc"),
+        _ => host,
     };
     let tls_name = own_tls_name.or(default_tls_name).unwrap_or(&host).to_owned();
     Ok(DnsSource {
