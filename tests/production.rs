@@ -4,11 +4,8 @@
 mod support;
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,8 +13,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use kbs_proxy::config::{DnsSource, Settings};
-use kbs_proxy::control::discovery::Resolve;
+use kbs_proxy::config::Settings;
 use kbs_proxy::dataplane::proxy::ProxyBody;
 use kbs_proxy::dataplane::server;
 use kbs_proxy_harness::kbs_client::{ClientError, KbsClient};
@@ -176,9 +172,16 @@ async fn a_certificate_swapped_on_disk_is_served_to_new_connections() {
     let proxy = start_proxy(Settings {
         tls_cert: Some(files.cert.clone()),
         tls_key: Some(files.key.clone()),
+        admin_listen: Some("127.0.0.1:0".into()),
         ..settings(backends_of(&sims))
     })
     .await;
+    let reloads = |text: &str| {
+        (
+            sample(text, "kbs_proxy_tls_reloads_total{result=\"ok\"}"),
+            sample(text, "kbs_proxy_tls_reloads_total{result=\"error\"}"),
+        )
+    };
     let client = pki.client_config(&[b"http/1.1"]);
     let before = cert_serial(client.clone(), proxy.addr).await;
     // A long-lived connection opened before the swap keeps working after it.
@@ -194,18 +197,30 @@ async fn a_certificate_swapped_on_disk_is_served_to_new_connections() {
     std::fs::copy(&renewed.cert, &files.cert).unwrap();
     std::fs::copy(&renewed.key, &files.key).unwrap();
     // Make the change visible to the mtime check even on coarse-grained file systems.
-    let later = std::time::SystemTime::now() + Duration::from_secs(5);
-    for f in [&files.cert, &files.key] {
-        std::fs::File::options()
-            .write(true)
-            .open(f)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
-    }
+    let touch = |secs: u64| {
+        let later = std::time::SystemTime::now() + Duration::from_secs(secs);
+        for f in [&files.cert, &files.key] {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(later)
+                .unwrap();
+        }
+    };
     proxy.control.housekeeping();
-    let after = cert_serial(client, proxy.addr).await;
+    assert_eq!(reloads(&metrics(&proxy).await), (0.0, 0.0), "unchanged: no reload");
+    touch(5);
+    proxy.control.housekeeping();
+    let after = cert_serial(client.clone(), proxy.addr).await;
     assert_ne!(before, after, "new connections get the new certificate");
+    assert_eq!(reloads(&metrics(&proxy).await), (1.0, 0.0));
+    // A file that does not load: counted, and the certificate in use stays.
+    std::fs::write(&files.cert, "not a certificate").unwrap();
+    touch(10);
+    proxy.control.housekeeping();
+    assert_eq!(reloads(&metrics(&proxy).await), (1.0, 1.0));
+    assert_eq!(cert_serial(client, proxy.addr).await, after);
     let req = Request::get("/healthz")
         .header("host", "localhost")
         .body(Full::<Bytes>::default())
@@ -375,21 +390,6 @@ async fn backends_json(proxy: &TestProxy) -> serde_json::Value {
     serde_json::from_slice(&body).unwrap()
 }
 
-async fn metrics(proxy: &TestProxy) -> String {
-    let (status, body) = admin_get(proxy, "/metrics").await;
-    assert_eq!(status, StatusCode::OK);
-    String::from_utf8(body.to_vec()).unwrap()
-}
-
-/// The value of the sample whose line starts with `prefix` (name and labels).
-fn sample(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn a_backend_going_down_and_up_follows_the_hysteresis() {
     for mode in ["tcp", "http"] {
@@ -532,20 +532,6 @@ async fn admin_writes_from_other_than_loopback_need_the_token() {
         ..settings(vec!["http://127.0.0.1:1".into()])
     };
     assert!(s.validate().unwrap_err().to_string().contains("admin-token-file"));
-}
-
-/// A resolver the test controls.
-#[derive(Clone, Default)]
-struct FakeDns(Arc<Mutex<Vec<SocketAddr>>>);
-
-impl Resolve for FakeDns {
-    fn resolve<'a>(
-        &'a self,
-        _: &'a DnsSource,
-    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
-        let addrs = self.0.lock().unwrap().clone();
-        Box::pin(async move { Ok(addrs) })
-    }
 }
 
 #[tokio::test]

@@ -69,7 +69,7 @@ fn access_lines(marker: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The request counters and the latency histogram's counts from `/metrics`.
+/// The request, error and retry counters and the latency histograms' counts from `/metrics`.
 async fn request_metrics(proxy: &TestProxy) -> Vec<String> {
     let (_, body) = admin_get(proxy, "/metrics").await;
     let mut lines: Vec<String> = String::from_utf8_lossy(&body)
@@ -79,6 +79,10 @@ async fn request_metrics(proxy: &TestProxy) -> Vec<String> {
                 || l.starts_with("kbs_proxy_request_duration_seconds_count")
                 || l.starts_with("kbs_proxy_pinned_refused_total")
                 || l.starts_with("kbs_proxy_cookies_")
+                || l.starts_with("kbs_proxy_local_answers_total")
+                || l.starts_with("kbs_proxy_upstream_errors_total")
+                || l.starts_with("kbs_proxy_retries_total")
+                || l.starts_with("kbs_proxy_backend_response_duration_seconds_count")
         })
         .map(str::to_owned)
         .collect();

@@ -63,6 +63,41 @@ pub fn health_by_hand(s: Settings) -> Settings {
     }
 }
 
+/// `/metrics` from the proxy's admin port.
+pub async fn metrics(proxy: &TestProxy) -> String {
+    let (status, body) = admin_get(proxy, "/metrics").await;
+    assert_eq!(status, http::StatusCode::OK);
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// The value of the sample whose line starts with `prefix` (name and labels); 0 when absent.
+pub fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A resolver the test controls: these addresses, or a lookup error while there are none.
+#[derive(Clone, Default)]
+pub struct FakeDns(pub Arc<std::sync::Mutex<Vec<SocketAddr>>>);
+
+impl kbs_proxy::control::discovery::Resolve for FakeDns {
+    fn resolve<'a>(
+        &'a self,
+        _: &'a kbs_proxy::config::DnsSource,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        let addrs = self.0.lock().unwrap().clone();
+        Box::pin(async move {
+            match addrs.is_empty() {
+                true => Err(std::io::Error::other("SERVFAIL")),
+                false => Ok(addrs),
+            }
+        })
+    }
+}
+
 /// `GET path` on the proxy's admin port: status and body.
 pub async fn admin_get(proxy: &TestProxy, path: &str) -> (http::StatusCode, Bytes) {
     let (parts, body) = send(

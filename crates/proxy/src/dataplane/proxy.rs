@@ -57,7 +57,7 @@ use crate::routing::route_cookie::{cookie_values, BackendId, Rejection};
 use crate::routing::sessions::{hash_key, jwt_expiry, session_from_set_cookie, session_key, AffinityTable};
 use crate::routing::Routing;
 use crate::tls::TlsError;
-use crate::upstream::backend::Backend;
+use crate::upstream::backend::{Backend, UpstreamCause};
 use crate::upstream::connector::BackendConnector;
 
 /// How long an idle pooled backend connection is kept.

@@ -49,7 +49,7 @@ use super::{body::ProxyBody, ConnInfo, ProxyError, Worker};
 use crate::kbs::RouteKind;
 use crate::routing::route_cookie::{BackendId, Pin as RoutePin, Rejection, RouteCookieCodec, ENCODED_LEN};
 use crate::routing::{CookieIssuer, Routing};
-use crate::upstream::backend::{Backend, InFlight};
+use crate::upstream::backend::{Backend, InFlight, UpstreamCause};
 use rt::Stream;
 
 use crate::control::metrics::AbortReason;
@@ -113,6 +113,8 @@ impl<S> Default for Pool<S> {
 struct Upstream<'b, S> {
     conn: S,
     head: Buf,
+    /// From the request sent to its response head's arrival.
+    response_time: Duration,
     _in_flight: InFlight<&'b Backend>,
 }
 
@@ -695,7 +697,7 @@ impl Worker {
                 let mut log = super::AccessLog::new(routing.access_log, method.clone(), path);
                 log.backend = backend;
                 log.answered_locally(&err);
-                let resp = err.into_response(kind);
+                let resp = err.into_response(kind, &self.shared.stats);
                 return Prepared::Local {
                     resp,
                     head_len,
@@ -844,8 +846,15 @@ impl Worker {
                 None => match self.connect(backend).await {
                     Ok(c) => (false, c),
                     Err(e) => {
-                        let next =
-                            attempts.refused(&plan.routing, backend, plan.kind, plan.session_bound, whole_body_here);
+                        let cause = UpstreamCause::of_connect(&e);
+                        let next = attempts.refused(
+                            &plan.routing,
+                            backend,
+                            cause,
+                            plan.kind,
+                            plan.session_bound,
+                            whole_body_here,
+                        );
                         let err = match next {
                             AfterRefusal::RetryOn(next) => {
                                 plan.backend = next;
@@ -882,17 +891,21 @@ impl Worker {
                     alarm.set(sent_at + plan.routing.response_timeout);
                     tokio::select! {
                         biased;
-                        head = read_response_head(&mut bc, &mut rbuf) => Ok(head),
+                        // The loop's time of the turn the head came in: no clock read of our own.
+                        head = read_response_head(&mut bc, &mut rbuf) => Ok(head.map(|()| {
+                            loop_now::<R>().saturating_duration_since(sent_at)
+                        })),
                         () = alarm.rung(false) => Err(NoHeadInTime),
                     }
                 }
                 Err(_) => Ok(Err(HeadError::Closed)),
             };
             match answered {
-                Ok(Ok(())) => {
+                Ok(Ok(response_time)) => {
                     break Upstream {
                         conn: bc,
                         head: rbuf,
+                        response_time,
                         _in_flight: in_flight,
                     }
                 }
@@ -902,8 +915,12 @@ impl Worker {
                     fresh_only = true;
                     continue;
                 }
-                Ok(Err(_)) => {
+                Ok(Err(e)) => {
                     backend.record_failure();
+                    backend.stats.count_error(match e {
+                        HeadError::Closed => UpstreamCause::Reset,
+                        HeadError::Invalid => UpstreamCause::BadResponse,
+                    });
                     let err = ProxyError::BadResponse {
                         backend: backend.name.clone(),
                     };
@@ -911,6 +928,7 @@ impl Worker {
                 }
                 Err(NoHeadInTime) => {
                     backend.record_failure();
+                    backend.stats.count_error(UpstreamCause::ResponseTimeout);
                     let err = ProxyError::Timeout {
                         backend: backend.name.clone(),
                     };
@@ -927,6 +945,7 @@ impl Worker {
         let result = self.relay_response(client, &mut up, out, conn, plan).await;
         if let Err(Relay::BadHead) = result {
             backend.record_failure();
+            backend.stats.count_error(UpstreamCause::BadResponse);
             let err = ProxyError::BadResponse {
                 backend: backend.name.clone(),
             };
@@ -1055,6 +1074,10 @@ impl Worker {
         };
         let backend = &plan.backend;
         backend.stats.count_response(plan.kind, status);
+        backend
+            .stats
+            .response_latency
+            .observe(self.latency.slot, up.response_time);
         if plan.issue_cookie {
             let value = routing.cookie.set_cookie(backend.id, plan.now, conn.tls);
             out.extend_from_slice(b"set-cookie: ");
@@ -1137,7 +1160,7 @@ impl Worker {
     ) -> Pin<Box<dyn Future<Output = Result<Option<Instant>, Abort>> + Send + 'a>> {
         Box::pin(async move {
             tracing::debug!(route = plan.kind.as_str(), error = %err, "answered by the proxy");
-            let resp = err.into_response(plan.kind);
+            let resp = err.into_response(plan.kind, &self.shared.stats);
             let status = resp.status().as_u16();
             self.shared.stats.count_local(plan.kind, status);
             self.latency.observe(plan.kind, started.elapsed());

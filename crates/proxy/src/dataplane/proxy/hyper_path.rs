@@ -26,7 +26,7 @@ impl Worker {
             Err(err) => {
                 log.answered_locally(&err);
                 tracing::debug!(route = kind.as_str(), error = %err, cause = ?std::error::Error::source(&err), "answered by the proxy");
-                let resp = err.into_response(kind);
+                let resp = err.into_response(kind, &self.shared.stats);
                 self.shared.stats.count_local(kind, resp.status().as_u16());
                 resp
             }
@@ -96,14 +96,20 @@ impl Worker {
                 outgoing.take_request(&target.backend)
             };
             let in_flight = target.backend.start_request();
+            let sent_at = Instant::now();
             let sent = tokio::time::timeout(routing.response_timeout, self.client.request(req)).await;
             match sent {
                 Ok(Ok(resp)) => {
+                    let backend_stats = &target.backend.stats;
+                    backend_stats
+                        .response_latency
+                        .observe(self.latency.slot, sent_at.elapsed());
                     target.backend.record_success();
                     let (mut parts, body) = resp.into_parts();
                     target.backend.stats.count_response(kind, parts.status.as_u16());
                     if !headers::settle_decoded_framing(&mut parts.headers) {
                         target.backend.record_failure();
+                        backend_stats.count_error(UpstreamCause::BadResponse);
                         return Err(ProxyError::BadResponse {
                             backend: target.backend.name.clone(),
                         });
@@ -125,7 +131,8 @@ impl Worker {
                     return Ok(Response::from_parts(parts, ProxyBody::Stream(body, Some(in_flight))));
                 }
                 Ok(Err(e)) if e.is_connect() => {
-                    match attempts.refused(routing, &target.backend, kind, target.session_bound, replayable) {
+                    let cause = connect_cause(&e);
+                    match attempts.refused(routing, &target.backend, cause, kind, target.session_bound, replayable) {
                         AfterRefusal::RetryOn(next) => {
                             log.decision = "retried";
                             target = Target {
@@ -144,6 +151,7 @@ impl Worker {
                     }
                 }
                 Ok(Err(e)) => {
+                    target.backend.stats.count_error(exchange_cause(&e));
                     return Err(ProxyError::Backend {
                         backend: target.backend.name.clone(),
                         source: e,
@@ -151,6 +159,7 @@ impl Worker {
                 }
                 Err(_elapsed) => {
                     target.backend.record_failure();
+                    target.backend.stats.count_error(UpstreamCause::ResponseTimeout);
                     return Err(ProxyError::Timeout {
                         backend: target.backend.name.clone(),
                     });
@@ -159,6 +168,33 @@ impl Worker {
             // Only reached when `may_retry` held, so `outgoing` was copied, not taken.
         }
     }
+}
+
+/// Why hyper's client could not connect: its connector's timeout, or no connection.
+fn connect_cause(e: &hyper_util::client::legacy::Error) -> UpstreamCause {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return UpstreamCause::of_connect(io);
+        }
+        source = s.source();
+    }
+    UpstreamCause::ConnectRefused
+}
+
+/// Why an exchange failed after connecting: a response hyper could not parse, else the
+/// connection closing or resetting under it.
+fn exchange_cause(e: &hyper_util::client::legacy::Error) -> UpstreamCause {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
+                return UpstreamCause::BadResponse;
+            }
+        }
+        source = s.source();
+    }
+    UpstreamCause::Reset
 }
 
 /// `auth` bodies are buffered (they are small and must be re-sendable when the pinned replica
