@@ -327,6 +327,67 @@ pub async fn eventually(limit: std::time::Duration, mut done: impl FnMut() -> bo
     }
 }
 
+/// Every log line of the test binary, captured as JSON: the proxy's `tracing` events and its
+/// access lines (through its own batched writer, as the binary writes them).
+pub mod logs {
+    use std::io::Write;
+    use std::sync::{Mutex, OnceLock};
+
+    static LINES: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+    struct Capture;
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            LINES.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Installs the process-wide subscriber once: the fast path logs from its own threads, so a
+    /// thread-local one would not see it.
+    pub fn capture() {
+        static ONCE: OnceLock<()> = OnceLock::new();
+        ONCE.get_or_init(|| {
+            tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_writer(|| Capture)
+                .with_max_level(tracing::Level::INFO)
+                .init();
+            kbs_proxy::telemetry::access::install(kbs_proxy::config::LogFormat::Json, Capture);
+        });
+    }
+
+    /// What was logged so far.
+    pub fn captured() -> String {
+        String::from_utf8_lossy(&LINES.lock().unwrap()).into_owned()
+    }
+
+    /// Drops the lines logged so far that contain `marker`, so a case can be sent again.
+    pub fn forget(marker: &str) {
+        let mut lines = LINES.lock().unwrap();
+        let kept: Vec<u8> = String::from_utf8_lossy(&lines)
+            .lines()
+            .filter(|l| !l.contains(marker))
+            .flat_map(|l| l.bytes().chain([b'\n']))
+            .collect();
+        *lines = kept;
+    }
+
+    /// The access lines whose path contains `marker`.
+    pub fn access_lines(marker: &str) -> Vec<serde_json::Value> {
+        captured()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "access" && v["path"].as_str().is_some_and(|p| p.contains(marker)))
+            .collect()
+    }
+}
+
 /// A throw-away PKI: a CA and certificates it signs, as PEM files in a temporary folder.
 pub mod pki {
     use std::path::PathBuf;

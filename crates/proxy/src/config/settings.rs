@@ -289,6 +289,10 @@ settings! {
     /// File with the bearer token that allows admin writes from other than loopback.
     #[arg(long, value_name = "FILE")]
     admin_token_file: PathBuf = Unset("loopback only");
+    /// A client address or CIDR whose X-Forwarded-For the access log shows (an ingress or load
+    /// balancer in front). Repeatable; the header is forwarded to the backends either way.
+    #[arg(long, value_name = "IP[/PREFIX]")]
+    trusted_proxies: Vec<String> = Unset("none");
     /// One log line per request: on or off.
     #[arg(long, value_name = "on|off")]
     #[serde(deserialize_with = "text_or_bool")]

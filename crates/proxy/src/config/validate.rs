@@ -10,7 +10,7 @@ use http::Uri;
 
 use super::settings::defaults;
 use super::{
-    invalid, AdminConfig, AdminFanout, AdminToken, BackendSpec, BackendTls, ClientLimits, Config, ConfigError,
+    invalid, AdminConfig, AdminFanout, AdminToken, BackendSpec, BackendTls, Cidr, ClientLimits, Config, ConfigError,
     CookieConfig, DnsSource, HealthConfig, HealthMode, LogFormat, SameSite, Settings, TlsFiles,
 };
 use crate::routing::balance::Policy;
@@ -24,6 +24,7 @@ struct Serving {
     limits: ClientLimits,
     log_format: LogFormat,
     access_log: bool,
+    trusted_proxies: Vec<Cidr>,
     fast_path: bool,
 }
 
@@ -88,6 +89,7 @@ impl Settings {
             health,
             admin: admin.admin,
             access_log: serving.access_log,
+            trusted_proxies: serving.trusted_proxies,
             admin_fanout: admin.fanout,
             admin_journal: admin.journal,
             admin_journal_max: admin.journal_max,
@@ -146,6 +148,12 @@ impl Settings {
             limits,
             log_format,
             access_log: switch("access-log", self.access_log.as_deref(), defaults::ACCESS_LOG)?,
+            trusted_proxies: self
+                .trusted_proxies
+                .iter()
+                .flatten()
+                .map(|t| Cidr::parse(t).ok_or_else(|| invalid("trusted-proxies", t, "expected IP or IP/PREFIX")))
+                .collect::<Result<_, _>>()?,
             fast_path: switch("fast-path", self.fast_path.as_deref(), defaults::FAST_PATH)?,
         })
     }

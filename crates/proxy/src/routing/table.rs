@@ -27,6 +27,8 @@ pub struct Routing {
     pub auth_body_limit: usize,
     /// One log line per request.
     pub access_log: bool,
+    /// Clients whose `X-Forwarded-For` chain the access log shows.
+    pub trusted_proxies: Arc<[crate::config::Cidr]>,
     /// Admin writes broadcast to every replica (`None`: passthrough).
     pub admin_fanout: Option<AdminFanout>,
     /// How long a learned session id is kept at most.
@@ -47,6 +49,7 @@ impl Routing {
             response_timeout: config.response_timeout,
             auth_body_limit: config.auth_body_limit,
             access_log: config.access_log,
+            trusted_proxies: config.trusted_proxies.clone().into(),
             admin_fanout: config.admin_fanout.clone(),
             session_lifetime: config.session_lifetime,
             tokens_portable: config.tokens_portable,
@@ -63,6 +66,7 @@ impl Routing {
             response_timeout: self.response_timeout,
             auth_body_limit: self.auth_body_limit,
             access_log: self.access_log,
+            trusted_proxies: Arc::clone(&self.trusted_proxies),
             admin_fanout: self.admin_fanout.clone(),
             session_lifetime: self.session_lifetime,
             tokens_portable: self.tokens_portable,

@@ -44,6 +44,7 @@ use self::buf::{Buf, STREAM_CHUNK};
 use self::chunked::ChunkedScanner;
 use self::clock::WallClock;
 use self::lines::Lines;
+use super::request_id;
 use super::retry::{AfterRefusal, Attempts};
 use super::{body::ProxyBody, ConnInfo, ProxyError, Worker};
 use crate::kbs::RouteKind;
@@ -194,8 +195,8 @@ struct Plan {
     decision: &'static str,
     /// Unix seconds when the request was read: the issue time of a Set-Cookie.
     now: u64,
-    /// For the access log only (method, path without query).
-    log: Option<(String, String)>,
+    /// For the access log only (method, path without query, who asked).
+    log: Option<(String, String, super::Requester)>,
 }
 
 /// What the fast path knows of a request before its head is parsed.
@@ -695,6 +696,9 @@ impl Worker {
             Ok(route) => route,
             Err((err, backend)) => {
                 let mut log = super::AccessLog::new(routing.access_log, method.clone(), path);
+                if routing.access_log {
+                    log.requester = Some(self.local_requester(headers, conn, routing));
+                }
                 log.backend = backend;
                 log.answered_locally(&err);
                 let resp = err.into_response(kind, &self.shared.stats);
@@ -713,7 +717,8 @@ impl Worker {
             return Prepared::Handoff; // TLS to the backend: hyper's client does it
         }
 
-        // The head for the backend: request line, end-to-end fields, X-Forwarded-*.
+        // The head for the backend: request line, end-to-end fields, X-Forwarded-*, and one
+        // X-Request-Id (the client's first acceptable one, else a new one).
         let mut out = Buf::take();
         let mut lines = Lines::new(buf);
         lines.request_line(&mut out, method_str, target);
@@ -721,6 +726,7 @@ impl Worker {
         let mut xff_fields = 0;
         let mut host: &[u8] = b"";
         let mut length_sent = false;
+        let mut request_id: Option<&[u8]> = None;
         for h in headers {
             let name = h.name;
             if is_hop_by_hop(name, tokens) {
@@ -744,6 +750,13 @@ impl Worker {
             if name.eq_ignore_ascii_case("x-forwarded-proto") || name.eq_ignore_ascii_case("x-forwarded-host") {
                 continue;
             }
+            if name.len() == request_id::NAME.len() && name.eq_ignore_ascii_case(request_id::NAME) {
+                if request_id.is_none() && request_id::acceptable(h.value) {
+                    request_id = Some(h.value);
+                    lines.field(&mut out, name, h.value);
+                }
+                continue;
+            }
             if name.eq_ignore_ascii_case("host") {
                 host = h.value;
             }
@@ -763,9 +776,25 @@ impl Worker {
         });
         out.extend_from_slice(b"x-forwarded-host: ");
         out.extend_from_slice(host);
-        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(b"\r\n");
+        let generated;
+        let request_id = match request_id {
+            Some(id) => id,
+            None => {
+                generated = self.request_ids.generate();
+                out.extend_from_slice(b"x-request-id: ");
+                out.extend_from_slice(&generated);
+                out.extend_from_slice(b"\r\n");
+                &generated[..]
+            }
+        };
+        out.extend_from_slice(b"\r\n");
 
-        let log = routing.access_log.then(|| (method.to_string(), path.to_owned()));
+        let log = routing.access_log.then(|| {
+            let chain = || xff[..xff_fields].iter().copied();
+            let requester = super::Requester::new(request_id, conn, &routing.trusted_proxies, chain);
+            (method.to_string(), path.to_owned(), requester)
+        });
         Prepared::Forward(Plan {
             routing: Arc::clone(routing),
             head_len,
@@ -1418,7 +1447,7 @@ fn local_answer(resp: Response<ProxyBody>, head: bool, close: bool) -> Vec<u8> {
 }
 
 fn log_access(plan: &Plan, status: u16, elapsed: Duration) {
-    if let Some((method, path)) = &plan.log {
+    if let Some((method, path, requester)) = &plan.log {
         super::log_request(
             method,
             path,
@@ -1427,7 +1456,38 @@ fn log_access(plan: &Plan, status: u16, elapsed: Duration) {
             plan.kind,
             plan.decision,
             elapsed,
+            Some(requester),
         );
+    }
+}
+
+impl Worker {
+    /// Who asked a request the fast path answers itself, for its access-log line: its first
+    /// acceptable `X-Request-Id`, else a new one (nothing goes to a backend).
+    fn local_requester(
+        &self,
+        headers: &[httparse::Header<'_>],
+        conn: &ConnInfo,
+        routing: &Routing,
+    ) -> super::Requester {
+        let given = headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(request_id::NAME) && request_id::acceptable(h.value));
+        let generated;
+        let id = match given {
+            Some(h) => h.value,
+            None => {
+                generated = self.request_ids.generate();
+                &generated[..]
+            }
+        };
+        let chain = || {
+            headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+                .map(|h| h.value)
+        };
+        super::Requester::new(id, conn, &routing.trusted_proxies, chain)
     }
 }
 

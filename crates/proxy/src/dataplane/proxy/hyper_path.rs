@@ -16,11 +16,12 @@ struct Target {
 
 impl Worker {
     /// Handles one request. Never fails: errors become responses here, in one place.
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+    pub async fn handle(&self, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
         let started = Instant::now();
+        self.settle_request_id(req.headers_mut());
         let kind = RouteKind::classify(req.method(), req.uri().path());
         let routing = self.shared.routing.load_full();
-        let mut log = AccessLog::begin(routing.access_log, &req);
+        let mut log = AccessLog::begin(routing.access_log, &req, conn, &routing.trusted_proxies);
         let resp = match self.handle_inner(req, kind, conn, &routing, &mut log).await {
             Ok(resp) => resp,
             Err(err) => {
@@ -35,6 +36,26 @@ impl Worker {
         self.latency.observe(kind, elapsed);
         log.finish(kind, resp.status().as_u16(), elapsed);
         resp
+    }
+
+    /// Leaves one `X-Request-Id`, the one the backend gets and the log shows: the client's first
+    /// acceptable one, else a new one (as the fast path does).
+    fn settle_request_id(&self, headers: &mut HeaderMap) {
+        let mut given = headers.get_all(request_id::NAME).iter();
+        let only_one_good =
+            given.next().is_some_and(|v| request_id::acceptable(v.as_bytes())) && given.next().is_none();
+        if only_one_good {
+            return;
+        }
+        let chosen = headers
+            .get_all(request_id::NAME)
+            .iter()
+            .find(|v| request_id::acceptable(v.as_bytes()))
+            .cloned()
+            .unwrap_or_else(|| {
+                HeaderValue::from_bytes(&self.request_ids.generate()).expect("hex digits are a valid value")
+            });
+        headers.insert(http::HeaderName::from_static(request_id::NAME), chosen);
     }
 
     async fn handle_inner(
