@@ -1,6 +1,6 @@
 //! Each metric moves when its event happens: backend failures by cause, retries, the proxy's
 //! own answers by KBS error type and response times (on both transports), DNS lookups,
-//! evicted learned sessions. Certificate reloads: `production.rs`.
+//! certificate reloads, evicted learned sessions.
 
 mod support;
 
@@ -12,6 +12,7 @@ use http_body_util::Full;
 use kbs_proxy::config::Settings;
 use kbs_proxy_harness::kbs_client::KbsClient;
 use kbs_proxy_harness::sim::{SimConfig, SimKbs};
+use support::pki::{self, Pki};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -218,6 +219,42 @@ async fn start_proxy_by_hand_with(s: Settings, dns: FakeDns) -> TestProxy {
         ..StartOptions::default()
     };
     start_proxy_opts(s, |c| c.with_resolver(dns), opts).await
+}
+
+#[tokio::test]
+async fn certificate_reloads_are_counted_by_result() {
+    let pki = Pki::new();
+    let files = pki.issue("proxy", &["localhost"]);
+    let sims = start_sims(1).await;
+    // The control loop off: only the housekeeping rounds below reload, so the counts are known.
+    let proxy = start_proxy_by_hand(Settings {
+        tls_cert: Some(files.cert.clone()),
+        tls_key: Some(files.key.clone()),
+        admin_listen: Some("127.0.0.1:0".into()),
+        ..settings(backends_of(&sims))
+    })
+    .await;
+    let reloads = |text: &str| {
+        (
+            sample(text, "kbs_proxy_tls_reloads_total{result=\"ok\"}"),
+            sample(text, "kbs_proxy_tls_reloads_total{result=\"error\"}"),
+        )
+    };
+    proxy.control.housekeeping();
+    assert_eq!(reloads(&metrics(&proxy).await), (0.0, 0.0), "unchanged: no reload");
+
+    let renewed = pki.issue("renewed", &["localhost"]);
+    std::fs::copy(&renewed.cert, &files.cert).unwrap();
+    std::fs::copy(&renewed.key, &files.key).unwrap();
+    pki::touch_later(&[&files.cert, &files.key], 5);
+    proxy.control.housekeeping();
+    assert_eq!(reloads(&metrics(&proxy).await), (1.0, 0.0));
+
+    // A file that does not load: counted (at each round until it is fixed).
+    std::fs::write(&files.cert, "not a certificate").unwrap();
+    pki::touch_later(&[&files.cert], 10);
+    proxy.control.housekeeping();
+    assert_eq!(reloads(&metrics(&proxy).await), (1.0, 1.0));
 }
 
 #[tokio::test]

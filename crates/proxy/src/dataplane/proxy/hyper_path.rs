@@ -121,10 +121,8 @@ impl Worker {
             let sent = tokio::time::timeout(routing.response_timeout, self.client.request(req)).await;
             match sent {
                 Ok(Ok(resp)) => {
+                    let response_time = sent_at.elapsed();
                     let backend_stats = &target.backend.stats;
-                    backend_stats
-                        .response_latency
-                        .observe(self.latency.slot, sent_at.elapsed());
                     target.backend.record_success();
                     let (mut parts, body) = resp.into_parts();
                     target.backend.stats.count_response(kind, parts.status.as_u16());
@@ -135,6 +133,8 @@ impl Worker {
                             backend: target.backend.name.clone(),
                         });
                     }
+                    // A head the fast path would relay too: timed on both alike.
+                    backend_stats.response_latency.observe(self.latency.slot, response_time);
                     headers::remove_hop_by_hop(&mut parts.headers);
                     if matches!(kind, RouteKind::Auth | RouteKind::Attest) {
                         self.learn_session(&parts.headers, &target.backend, routing, now);
