@@ -69,6 +69,15 @@ struct ProxyArgs {
 }
 
 impl ProxyArgs {
+    /// Whether the logs are to be JSON: the flag or the variable, else the file, when it reads.
+    fn json_logs(&self) -> bool {
+        let from_file = || {
+            let file = Settings::from_file(self.config.as_ref()?).ok()?;
+            file.log_format
+        };
+        self.settings.log_format.clone().or_else(from_file).as_deref() == Some("json")
+    }
+
     /// The file, then the environment and the flags (clap has put the flags over the environment).
     fn layered(self) -> Result<Settings, ConfigError> {
         let base = match &self.config {
@@ -102,6 +111,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    let json = match &cli.command {
+        None => cli.proxy.json_logs(),
+        Some(Command::Demo(args)) => args.json_logs(),
+        Some(_) => false,
+    };
     let result = match cli.command {
         None => run_proxy(cli.proxy),
         Some(Command::Demo(args)) => run_demo(*args),
@@ -113,9 +127,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match e.downcast_ref::<ConfigError>() {
-            Some(ce) => usage_error(ce),
+            Some(ce) => usage_error(ce, json),
             None => {
-                eprintln!("kbs-affinity-proxy: {e:#}");
+                report(json, None, &format!("{e:#}"));
                 ExitCode::FAILURE
             }
         },
@@ -128,7 +142,7 @@ fn parse(command: &clap::Command) -> Result<Cli, ExitCode> {
     let error = match command.clone().try_get_matches() {
         Ok(matches) => {
             let proxy = matches.subcommand_matches("demo").unwrap_or(&matches);
-            config::refuse_secret_flag(proxy).map_err(|e| usage_error(&e))?;
+            config::refuse_secret_flag(proxy).map_err(|e| usage_error(&e, json_in_raw_args()))?;
             match Cli::from_arg_matches(&matches) {
                 Ok(cli) => return Ok(cli),
                 Err(e) => e,
@@ -140,7 +154,7 @@ fn parse(command: &clap::Command) -> Result<Cli, ExitCode> {
         // clap reads the proxy's variables before it sees a subcommand: the others do without them.
         return match Cli::try_parse() {
             Ok(cli) if !cli.runs_proxy() => Ok(cli),
-            _ => Err(usage_error(&from_env)),
+            _ => Err(usage_error(&from_env, json_in_raw_args())),
         };
     }
     let _ = error.print();
@@ -152,9 +166,41 @@ fn parse(command: &clap::Command) -> Result<Cli, ExitCode> {
 }
 
 /// A configuration error: one line naming the key, exit code 64.
-fn usage_error(e: &ConfigError) -> ExitCode {
-    eprintln!("kbs-affinity-proxy: {e}");
+fn usage_error(e: &ConfigError, json: bool) -> ExitCode {
+    report(json, Some(e.key().unwrap_or("config")), &e.to_string());
     ExitCode::from(EX_USAGE)
+}
+
+/// Says why the proxy stops: a plain line, or in JSON mode a JSON line like all the others (a
+/// log collector parses every line of a JSON-mode proxy).
+fn report(json: bool, key: Option<&str>, error: &str) {
+    if !json {
+        eprintln!("kbs-affinity-proxy: {error}");
+        return;
+    }
+    if !tracing::dispatcher::has_been_set() {
+        telemetry::init(config::LogFormat::Json);
+    }
+    match key {
+        Some(key) => tracing::error!(key, error, "invalid configuration; not starting"),
+        None => tracing::error!(error, "stopping on an error"),
+    }
+}
+
+/// Whether the raw command line or the environment asks for JSON logs: for the errors found
+/// before the settings are parsed.
+fn json_in_raw_args() -> bool {
+    let var = std::env::var(format!("{}LOG_FORMAT", config::ENV_PREFIX));
+    let mut args = std::env::args().skip(1);
+    let mut flag = None;
+    while let Some(arg) = args.next() {
+        match arg.strip_prefix("--log-format") {
+            Some("") => flag = args.next(),
+            Some(v) if v.starts_with('=') => flag = Some(v[1..].to_owned()),
+            _ => {}
+        }
+    }
+    flag.or(var.ok()).as_deref() == Some("json")
 }
 
 fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
@@ -190,23 +236,21 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         .map(|a| a.to_string());
     let token = config.admin.as_ref().and_then(|a| a.token.clone());
     let control_thread = spawn_control_plane(control, admin_listener, token, shutdown.clone())?;
-    let backends: Vec<String> = config
-        .backends
-        .iter()
-        .map(|b| format!("{}={}", b.name, b.authority))
-        .collect();
-    let dns: Vec<String> = config
-        .backend_dns
-        .iter()
-        .map(|d| format!("{}:{}", d.host, d.port))
-        .collect();
+    // One line per backend and DNS name, each a field of its own (no list stringified into one
+    // field, which JSON log collectors cannot query), then the summary.
+    for b in &config.backends {
+        tracing::info!(backend = b.name, address = %b.authority, scheme = %b.scheme, "backend configured");
+    }
+    for d in &config.backend_dns {
+        tracing::info!(name = d.host, port = d.port, scheme = %d.scheme, "backends from DNS");
+    }
     tracing::info!(
         listen = %bound,
         tls = config.tls.is_some(),
         admin = admin.as_deref().unwrap_or("off"),
         workers = config.workers,
-        ?backends,
-        ?dns,
+        backends = config.backends.len(),
+        dns_names = config.backend_dns.len(),
         "kbs-affinity-proxy serving"
     );
     server::run_workers(

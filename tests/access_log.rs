@@ -51,6 +51,9 @@ fn a_stuck_sink_drops_and_counts_lines_and_the_rest_arrive_in_order() {
             route: "resource",
             decision: "pinned",
             elapsed: Duration::from_micros(250),
+            request_id: "r-1",
+            client: "127.0.0.1",
+            forwarded_for: None,
         });
         recorded += 1;
         if access::dropped() > 100 {
@@ -72,7 +75,10 @@ fn a_stuck_sink_drops_and_counts_lines_and_the_rest_arrive_in_order() {
     let seqs: Vec<usize> = text
         .lines()
         .map(|l| {
-            assert!(l.ends_with(" duration_ms=0.250"), "a whole line: {l}");
+            assert!(
+                l.ends_with(" duration_ms=0.250 request_id=\"r-1\" client=\"127.0.0.1\""),
+                "a whole line: {l}"
+            );
             let at = l.find("/seq/").unwrap() + 5;
             l[at..at + 6].parse().unwrap()
         })

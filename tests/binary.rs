@@ -15,6 +15,8 @@ struct Running {
     child: tokio::process::Child,
     lines: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
     start: serde_json::Value,
+    /// The lines logged before the "serving" one.
+    before: Vec<serde_json::Value>,
 }
 
 impl Running {
@@ -40,19 +42,28 @@ impl Running {
                 }
             }
         });
-        let start = Self::wait_in(&mut lines, "kbs-affinity-proxy serving").await;
-        Self { child, lines, start }
+        let mut before = Vec::new();
+        let start = Self::wait_in(&mut lines, "kbs-affinity-proxy serving", &mut before).await;
+        Self {
+            child,
+            lines,
+            start,
+            before,
+        }
     }
 
+    /// The next line with `message`; the lines before it go to `skipped`.
     async fn wait_in(
         lines: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
         message: &str,
+        skipped: &mut Vec<serde_json::Value>,
     ) -> serde_json::Value {
         tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(v) = lines.recv().await {
                 if v["message"] == message {
                     return v;
                 }
+                skipped.push(v);
             }
             panic!("the proxy exited before logging {message:?}");
         })
@@ -61,7 +72,7 @@ impl Running {
     }
 
     async fn wait_for(&mut self, message: &str) -> serde_json::Value {
-        Self::wait_in(&mut self.lines, message).await
+        Self::wait_in(&mut self.lines, message, &mut Vec::new()).await
     }
 
     fn signal(&self, sig: &str) {
@@ -120,6 +131,20 @@ async fn sighup_reloads_the_config_file_and_refuses_a_bad_one() {
     let mut proxy = Running::start(&args).await;
     let addr = proxy.field("listen");
     assert_eq!(cookie_name(&addr).await, "first");
+    // Every field of the start-up lines a value of its own: no list stringified into one.
+    assert_eq!(proxy.start["backends"], 1, "{}", proxy.start);
+    let configured: Vec<_> = proxy
+        .before
+        .iter()
+        .filter(|l| l["message"] == "backend configured")
+        .collect();
+    assert_eq!(configured.len(), 1, "{:?}", proxy.before);
+    assert_eq!(configured[0]["backend"], "kbs-0");
+    for line in proxy.before.iter().chain([&proxy.start]) {
+        for (k, v) in line.as_object().unwrap() {
+            assert!(!v.as_str().is_some_and(|s| s.starts_with('[')), "{k}: {line}");
+        }
+    }
 
     std::fs::write(&file, "cookie-name = 42\n").unwrap();
     proxy.signal("-HUP");

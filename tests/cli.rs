@@ -53,6 +53,8 @@ fn bad_values_exit_64_naming_the_key() {
             "cookie-secret-file",
         ),
         (vec!["--backend", "ftp://x:1"], "backend"),
+        (vec![B, "--backend-tls-name", "kbs example"], "backend-tls-name"),
+        (vec!["--backend", "https://x:1;tls-name=-"], "backend"),
         (
             vec!["--backend", "a=http://x:1", "--backend", "a=http://y:1"],
             "backend",
@@ -70,6 +72,48 @@ fn bad_values_exit_64_naming_the_key() {
         assert!(stderr.contains(key), "{args:?}: stderr should name {key}: {stderr}");
         assert!(!stderr.contains("tiny"), "secrets never printed: {stderr}");
         assert!(stderr.lines().count() <= 6, "short and clear: {stderr}");
+    }
+}
+
+#[test]
+fn in_json_mode_a_bad_value_is_one_json_line_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("json.toml");
+    std::fs::write(&file, "log-format = \"json\"\nbalance = \"random\"\n").unwrap();
+    let file = file.to_str().unwrap();
+    type Env<'a> = Vec<(&'a str, &'a str)>;
+    let cases: Vec<(Vec<&str>, Env, &str)> = vec![
+        (
+            vec![B, "--log-format", "json", "--balance", "random"],
+            vec![],
+            "balance",
+        ),
+        (
+            vec![B, "--balance=random"],
+            vec![("KBS_AFFINITY_PROXY_LOG_FORMAT", "json")],
+            "balance",
+        ),
+        (vec![B, "--config", file], vec![], "balance"),
+        (
+            vec![B, "--log-format=json"],
+            vec![("KBS_AFFINITY_PROXY_COOKIE_MAX_AGE", "soon")],
+            "cookie-max-age",
+        ),
+        (
+            vec![B, "--log-format", "json", "--backend-tls-name", "a b"],
+            vec![],
+            "backend-tls-name",
+        ),
+    ];
+    for (args, env, key) in cases {
+        let (code, stderr) = run_with_env(&args, &env);
+        assert_eq!(code, 64, "{args:?} {env:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?} {env:?}: {stderr}");
+        let v: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
+        assert_eq!(v["level"], "ERROR", "{v}");
+        assert_eq!(v["key"], key, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(key), "{v}");
     }
 }
 

@@ -75,6 +75,12 @@ async fn each_format_passes_its_reference_checker() {
         "process_open_fds ",
         "process_max_fds ",
         "process_start_time_seconds ",
+        "kbs_proxy_backend_response_duration_seconds_bucket{le=\"0.005\",backend=",
+        "kbs_proxy_upstream_errors_total{backend=",
+        "kbs_proxy_retries_total{backend=",
+        "kbs_proxy_local_answers_total{error=\"BadGateway\"} ",
+        "kbs_proxy_sessions_evicted_total{by=\"session_id\"} ",
+        "kbs_proxy_tls_reloads_total{result=\"ok\"} ",
     ] {
         assert!(text.contains(&format!("\n{name}")), "{name} exported: {text}");
     }

@@ -4,11 +4,8 @@
 mod support;
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,8 +13,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use kbs_proxy::config::{DnsSource, Settings};
-use kbs_proxy::control::discovery::Resolve;
+use kbs_proxy::config::Settings;
 use kbs_proxy::dataplane::proxy::ProxyBody;
 use kbs_proxy::dataplane::server;
 use kbs_proxy_harness::kbs_client::{ClientError, KbsClient};
@@ -193,16 +189,7 @@ async fn a_certificate_swapped_on_disk_is_served_to_new_connections() {
     let renewed = pki.issue("renewed", &["localhost"]);
     std::fs::copy(&renewed.cert, &files.cert).unwrap();
     std::fs::copy(&renewed.key, &files.key).unwrap();
-    // Make the change visible to the mtime check even on coarse-grained file systems.
-    let later = std::time::SystemTime::now() + Duration::from_secs(5);
-    for f in [&files.cert, &files.key] {
-        std::fs::File::options()
-            .write(true)
-            .open(f)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
-    }
+    support::pki::touch_later(&[&files.cert, &files.key], 5);
     proxy.control.housekeeping();
     let after = cert_serial(client, proxy.addr).await;
     assert_ne!(before, after, "new connections get the new certificate");
@@ -297,6 +284,67 @@ async fn https_backends_with_a_private_ca_sni_and_client_certificates() {
     assert!(String::from_utf8_lossy(&body).contains("/errors/BadGateway"));
 }
 
+#[tokio::test]
+async fn backend_tls_name_verifies_a_certificate_naming_neither_the_address_nor_the_host() {
+    let pki = Pki::new();
+    // The replica's certificate names only the KBS's service name, which the proxy never
+    // connects to: it connects to 127.0.0.1, or to localhost.
+    let server = pki.issue("kbs", &["kbs.trustee.example"]);
+    let addr = start_tls_backend(pki.server_config(&server, false)).await;
+    let by_ip = format!("https://127.0.0.1:{}", addr.port());
+    let by_host = format!("https://localhost:{}", addr.port());
+    let get = |proxy: TestProxy| async move {
+        let resp = send(
+            Request::get(format!("{}/kbs/v0/resource/a/b/c", proxy.url()))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        (resp, proxy)
+    };
+
+    // Without the name: the handshake fails, and the client gets the KBS-shaped 502.
+    for url in [&by_ip, &by_host] {
+        let ((parts, body), _proxy) = get(start_proxy(Settings {
+            backend_ca: Some(pki.ca_path.clone()),
+            ..settings(vec![url.clone()])
+        })
+        .await)
+        .await;
+        assert_eq!(parts.status, StatusCode::BAD_GATEWAY, "{url}");
+        assert!(String::from_utf8_lossy(&body).contains("/errors/BadGateway"));
+    }
+
+    // With it, for every backend (and checked the same way by the health checks).
+    for url in [&by_ip, &by_host] {
+        let ((parts, body), proxy) = get(start_proxy(Settings {
+            backend_ca: Some(pki.ca_path.clone()),
+            backend_tls_name: Some("kbs.trustee.example".into()),
+            ..manual_health("http").merge(settings(vec![url.clone()]))
+        })
+        .await)
+        .await;
+        assert_eq!((parts.status, &body[..]), (StatusCode::OK, &b"tls ok"[..]), "{url}");
+        assert_eq!(parts.headers["x-sni"], "kbs.trustee.example");
+        // Two checks would mark it down (fall 2) if they verified another name.
+        proxy.control.check_health().await;
+        proxy.control.check_health().await;
+        let backends = backends_json(&proxy).await;
+        assert_eq!(backends[0]["healthy"], true, "{backends}");
+    }
+
+    // Or per backend, in its spec; it wins over the setting.
+    let ((parts, _), _proxy) = get(start_proxy(Settings {
+        backend_ca: Some(pki.ca_path.clone()),
+        backend_tls_name: Some("wrong.example".into()),
+        ..settings(vec![format!("kbs={by_ip};tls-name=kbs.trustee.example")])
+    })
+    .await)
+    .await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(parts.headers["x-sni"], "kbs.trustee.example");
+}
+
 fn manual_health(mode: &str) -> Settings {
     Settings {
         health_check: Some(mode.into()),
@@ -312,21 +360,6 @@ fn manual_health(mode: &str) -> Settings {
 async fn backends_json(proxy: &TestProxy) -> serde_json::Value {
     let (_, body) = admin_get(proxy, "/backends").await;
     serde_json::from_slice(&body).unwrap()
-}
-
-async fn metrics(proxy: &TestProxy) -> String {
-    let (status, body) = admin_get(proxy, "/metrics").await;
-    assert_eq!(status, StatusCode::OK);
-    String::from_utf8(body.to_vec()).unwrap()
-}
-
-/// The value of the sample whose line starts with `prefix` (name and labels).
-fn sample(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -471,20 +504,6 @@ async fn admin_writes_from_other_than_loopback_need_the_token() {
         ..settings(vec!["http://127.0.0.1:1".into()])
     };
     assert!(s.validate().unwrap_err().to_string().contains("admin-token-file"));
-}
-
-/// A resolver the test controls.
-#[derive(Clone, Default)]
-struct FakeDns(Arc<Mutex<Vec<SocketAddr>>>);
-
-impl Resolve for FakeDns {
-    fn resolve<'a>(
-        &'a self,
-        _: &'a DnsSource,
-    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
-        let addrs = self.0.lock().unwrap().clone();
-        Box::pin(async move { Ok(addrs) })
-    }
 }
 
 #[tokio::test]

@@ -5,7 +5,6 @@
 mod support;
 
 use std::io::Write;
-use std::sync::{Mutex, OnceLock};
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -15,49 +14,21 @@ use kbs_proxy::routing::route_cookie::BackendId;
 use kbs_proxy_harness::sim::{SimConfig, SimKbs};
 use support::*;
 
-/// Every log line of this test binary (JSON, one event per line).
-static LINES: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LINES.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Installs the process-wide subscriber once: the fast path logs from its own threads, so a
-/// thread-local one would not see it.
-fn capture_logs() {
-    static ONCE: OnceLock<()> = OnceLock::new();
-    ONCE.get_or_init(|| {
-        tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_writer(|| Capture)
-            .with_max_level(tracing::Level::INFO)
-            .init();
-        // Access lines through the proxy's own batched writer, as the binary logs them.
-        kbs_proxy::telemetry::access::install(kbs_proxy::config::LogFormat::Json, Capture);
-    });
-}
-
-/// The access-log lines whose path contains `marker`, without the duration, the marker made
-/// neutral so the two transports compare.
+/// The access-log lines whose path contains `marker`, without the duration and the generated
+/// request id, the marker made neutral so the two transports compare.
 fn access_lines(marker: &str) -> Vec<serde_json::Value> {
-    let text = String::from_utf8_lossy(&LINES.lock().unwrap()).into_owned();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "access" && v["path"].as_str().is_some_and(|p| p.contains(marker)))
+    logs::access_lines(marker)
+        .into_iter()
         .map(|mut v| {
             let obj = v.as_object_mut().unwrap();
             assert!(
                 obj.remove("duration_ms").is_some_and(|d| d.is_f64()),
                 "a duration: {obj:?}"
+            );
+            assert!(
+                obj.remove("request_id")
+                    .is_some_and(|id| id.as_str().is_some_and(|s| !s.is_empty())),
+                "a request id: {obj:?}"
             );
             for k in ["timestamp", "level", "threadId", "threadName"] {
                 obj.remove(k);
@@ -69,7 +40,7 @@ fn access_lines(marker: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The request counters and the latency histogram's counts from `/metrics`.
+/// The request, error and retry counters and the latency histograms' counts from `/metrics`.
 async fn request_metrics(proxy: &TestProxy) -> Vec<String> {
     let (_, body) = admin_get(proxy, "/metrics").await;
     let mut lines: Vec<String> = String::from_utf8_lossy(&body)
@@ -79,6 +50,10 @@ async fn request_metrics(proxy: &TestProxy) -> Vec<String> {
                 || l.starts_with("kbs_proxy_request_duration_seconds_count")
                 || l.starts_with("kbs_proxy_pinned_refused_total")
                 || l.starts_with("kbs_proxy_cookies_")
+                || l.starts_with("kbs_proxy_local_answers_total")
+                || l.starts_with("kbs_proxy_upstream_errors_total")
+                || l.starts_with("kbs_proxy_retries_total")
+                || l.starts_with("kbs_proxy_backend_response_duration_seconds_count")
         })
         .map(str::to_owned)
         .collect();
@@ -163,7 +138,7 @@ async fn scenarios(fast: &str, live: &SimKbs, dead: std::net::SocketAddr) -> (Ve
 
 #[tokio::test]
 async fn both_transports_answer_log_and_count_alike() {
-    capture_logs();
+    logs::capture();
     let live = SimKbs::start_local(SimConfig::new("kbs-0")).await.unwrap();
     let dead = dead_addr().await;
     let (fast_answers, fast_metrics) = scenarios("on", &live, dead).await;
@@ -232,7 +207,7 @@ async fn refused_then_retried(
 
 #[tokio::test]
 async fn a_refused_connect_is_retried_alike_on_both_transports() {
-    capture_logs();
+    logs::capture();
     let live = SimKbs::start_local(SimConfig::new("kbs-0")).await.unwrap();
     let dead = dead_addr().await;
     let fast = refused_then_retried("on", &live, dead).await;
@@ -293,7 +268,7 @@ async fn raw_get(proxy: &TestProxy, path: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_response_body_that_breaks_off_is_logged_with_its_status_and_counted() {
-    capture_logs();
+    logs::capture();
     let backend = start_truncating_backend().await;
     let mut lines = Vec::new();
     for fast in ["on", "off"] {

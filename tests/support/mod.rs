@@ -63,6 +63,41 @@ pub fn health_by_hand(s: Settings) -> Settings {
     }
 }
 
+/// `/metrics` from the proxy's admin port.
+pub async fn metrics(proxy: &TestProxy) -> String {
+    let (status, body) = admin_get(proxy, "/metrics").await;
+    assert_eq!(status, http::StatusCode::OK);
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// The value of the sample whose line starts with `prefix` (name and labels); 0 when absent.
+pub fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A resolver the test controls: these addresses, or a lookup error while there are none.
+#[derive(Clone, Default)]
+pub struct FakeDns(pub Arc<std::sync::Mutex<Vec<SocketAddr>>>);
+
+impl kbs_proxy::control::discovery::Resolve for FakeDns {
+    fn resolve<'a>(
+        &'a self,
+        _: &'a kbs_proxy::config::DnsSource,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        let addrs = self.0.lock().unwrap().clone();
+        Box::pin(async move {
+            match addrs.is_empty() {
+                true => Err(std::io::Error::other("SERVFAIL")),
+                false => Ok(addrs),
+            }
+        })
+    }
+}
+
 /// `GET path` on the proxy's admin port: status and body.
 pub async fn admin_get(proxy: &TestProxy, path: &str) -> (http::StatusCode, Bytes) {
     let (parts, body) = send(
@@ -292,6 +327,67 @@ pub async fn eventually(limit: std::time::Duration, mut done: impl FnMut() -> bo
     }
 }
 
+/// Every log line of the test binary, captured as JSON: the proxy's `tracing` events and its
+/// access lines (through its own batched writer, as the binary writes them).
+pub mod logs {
+    use std::io::Write;
+    use std::sync::{Mutex, OnceLock};
+
+    static LINES: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+    struct Capture;
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            LINES.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Installs the process-wide subscriber once: the fast path logs from its own threads, so a
+    /// thread-local one would not see it.
+    pub fn capture() {
+        static ONCE: OnceLock<()> = OnceLock::new();
+        ONCE.get_or_init(|| {
+            tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_writer(|| Capture)
+                .with_max_level(tracing::Level::INFO)
+                .init();
+            kbs_proxy::telemetry::access::install(kbs_proxy::config::LogFormat::Json, Capture);
+        });
+    }
+
+    /// What was logged so far.
+    pub fn captured() -> String {
+        String::from_utf8_lossy(&LINES.lock().unwrap()).into_owned()
+    }
+
+    /// Drops the lines logged so far that contain `marker`, so a case can be sent again.
+    pub fn forget(marker: &str) {
+        let mut lines = LINES.lock().unwrap();
+        let kept: Vec<u8> = String::from_utf8_lossy(&lines)
+            .lines()
+            .filter(|l| !l.contains(marker))
+            .flat_map(|l| l.bytes().chain([b'\n']))
+            .collect();
+        *lines = kept;
+    }
+
+    /// The access lines whose path contains `marker`.
+    pub fn access_lines(marker: &str) -> Vec<serde_json::Value> {
+        captured()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "access" && v["path"].as_str().is_some_and(|p| p.contains(marker)))
+            .collect()
+    }
+}
+
 /// A throw-away PKI: a CA and certificates it signs, as PEM files in a temporary folder.
 pub mod pki {
     use std::path::PathBuf;
@@ -301,6 +397,20 @@ pub mod pki {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    /// Marks `files` changed for the certificate store's mtime check, `secs` ahead, so the
+    /// change shows even on coarse-grained file systems.
+    pub fn touch_later(files: &[&std::path::Path], secs: u64) {
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(secs);
+        for f in files {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(later)
+                .unwrap();
+        }
+    }
 
     pub struct Pki {
         pub dir: tempfile::TempDir,

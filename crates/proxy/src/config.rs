@@ -80,6 +80,17 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// The key it names (a file's own error names it in its message).
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::Invalid { key, .. } | Self::Missing { key, .. } | Self::Read { key, .. } => Some(key),
+            Self::Env { key, .. } => Some(key),
+            Self::File { .. } => None,
+        }
+    }
+}
+
 fn invalid(key: &'static str, value: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -130,6 +141,8 @@ pub struct DnsSource {
     pub host: String,
     /// The port of every address.
     pub port: u16,
+    /// For `https`: the name the backends' certificates must carry (sent as SNI).
+    pub tls_name: String,
 }
 
 /// Active health checking.
@@ -273,6 +286,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// One log line per request.
     pub access_log: bool,
+    /// Clients whose `X-Forwarded-For` chain the access log shows.
+    pub trusted_proxies: Vec<Cidr>,
     /// Admin writes broadcast to every replica; `None` in passthrough mode.
     pub admin_fanout: Option<AdminFanout>,
     /// Where the admin journal is kept (in memory only when unset).
@@ -300,6 +315,54 @@ pub struct Config {
     pub fast_path: bool,
     /// HTTP/2 to the backends instead of pooled HTTP/1.1.
     pub backend_http2: bool,
+}
+
+/// An IP network, `10.0.0.0/8` or `fd00::/8`; an address alone is one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// The network's address (host bits cleared).
+    addr: std::net::IpAddr,
+    /// Leading bits that must match.
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `IP` or `IP/PREFIX`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (ip, prefix) = match text.split_once('/') {
+            Some((ip, p)) => (ip, Some(p.parse::<u8>().ok()?)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = ip.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then(|| Self {
+            addr: Self::mask(addr, prefix),
+            prefix,
+        })
+    }
+
+    /// Whether `ip` is in the network (an IPv4-mapped IPv6 address counts as its IPv4 one).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        ip.is_ipv4() == self.addr.is_ipv4() && Self::mask(ip, self.prefix) == self.addr
+    }
+
+    fn mask(ip: std::net::IpAddr, prefix: u8) -> std::net::IpAddr {
+        match ip {
+            std::net::IpAddr::V4(a) => {
+                let m = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                std::net::IpAddr::V4((u32::from(a) & m).into())
+            }
+            std::net::IpAddr::V6(a) => {
+                let m = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                std::net::IpAddr::V6((u128::from(a) & m).into())
+            }
+        }
+    }
 }
 
 /// Limits on what clients may hold or send.
@@ -342,6 +405,63 @@ mod tests {
         assert_eq!(parse_backend("http://kbs").unwrap().authority.as_str(), "kbs:80");
         for bad in ["ftp://x:1", "http://x:1/path", "x", "=http://x:1", "http://u:p@x:1"] {
             assert!(parse_backend(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn certificate_names_per_backend_then_the_setting_then_the_host() {
+        let b = parse_backend("kbs-a=https://10.0.0.1:8443;tls-name=kbs.example").unwrap();
+        assert_eq!((b.name.as_str(), b.tls_name.as_str()), ("kbs-a", "kbs.example"));
+        assert_eq!(b.authority.as_str(), "10.0.0.1:8443");
+        assert_eq!(parse_backend("https://[fd00::1]:8443").unwrap().tls_name, "fd00::1");
+        let d = parse_dns_source("https://kbs-headless:8080;tls-name=kbs.ns.svc").unwrap();
+        assert_eq!((d.host.as_str(), d.tls_name.as_str()), ("kbs-headless", "kbs.ns.svc"));
+        let c = Settings {
+            backend: Some(vec![
+                "https://10.0.0.1:8443".into(),
+                "https://10.0.0.2:8443;tls-name=own.example".into(),
+            ]),
+            backend_dns: Some(vec!["https://kbs-headless:8080".into()]),
+            backend_tls_name: Some("kbs.example".into()),
+            ..Settings::default()
+        }
+        .validate()
+        .unwrap();
+        let names: Vec<&str> = c.backends.iter().map(|b| b.tls_name.as_str()).collect();
+        assert_eq!(names, ["kbs.example", "own.example"]);
+        assert_eq!(c.backend_dns[0].tls_name, "kbs.example");
+        for (s, key) in [
+            (
+                Settings {
+                    backend_tls_name: Some("not a name!".into()),
+                    ..with_backends()
+                },
+                "`backend-tls-name`",
+            ),
+            (
+                Settings {
+                    backend: Some(vec!["https://h:1;tls-name=bad name".into()]),
+                    ..Settings::default()
+                },
+                "`backend`",
+            ),
+            (
+                Settings {
+                    backend: Some(vec!["https://h:1;sni=x".into()]),
+                    ..Settings::default()
+                },
+                "`backend`",
+            ),
+            (
+                Settings {
+                    backend_dns: Some(vec!["https://h:1;tls-name=".into()]),
+                    ..Settings::default()
+                },
+                "`backend-dns`",
+            ),
+        ] {
+            let msg = s.validate().unwrap_err().to_string();
+            assert!(msg.contains(key), "{msg} should name {key}");
         }
     }
 
@@ -461,6 +581,74 @@ mod tests {
             ..Settings::default()
         };
         assert!(s.validate().unwrap().backends.is_empty());
+    }
+
+    #[test]
+    fn a_dns_name_without_a_dot_is_qualified_with_the_namespace() {
+        let with = |ns: &str, dns: &[&str]| Settings {
+            backend_dns: Some(dns.iter().map(|d| d.to_string()).collect()),
+            backend_dns_namespace: Some(ns.into()),
+            ..Settings::default()
+        };
+        let c = with(
+            "trustee-operator-system",
+            &["https://kbs-headless:8080", "kbs.other.svc:8080"],
+        )
+        .validate()
+        .unwrap();
+        let hosts: Vec<(&str, &str)> = c
+            .backend_dns
+            .iter()
+            .map(|d| (d.host.as_str(), d.tls_name.as_str()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                (
+                    "kbs-headless.trustee-operator-system.svc",
+                    "kbs-headless.trustee-operator-system.svc"
+                ),
+                ("kbs.other.svc", "kbs.other.svc"),
+            ]
+        );
+        // Without the setting, names are looked up as written.
+        let c = Settings {
+            backend_dns: Some(vec!["kbs-headless:8080".into()]),
+            ..Settings::default()
+        };
+        assert_eq!(c.validate().unwrap().backend_dns[0].host, "kbs-headless");
+        for bad in ["", "Trustee", "-ns", "a.b", &"n".repeat(64)] {
+            let msg = with(bad, &["kbs:1"]).validate().unwrap_err().to_string();
+            assert!(msg.contains("`backend-dns-namespace`"), "{bad}: {msg}");
+        }
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks() {
+        let c = Settings {
+            trusted_proxies: Some(vec!["10.0.0.0/8".into(), "fd00::1".into(), "192.168.1.7/24".into()]),
+            ..with_backends()
+        }
+        .validate()
+        .unwrap();
+        let trusted = |ip: &str| c.trusted_proxies.iter().any(|n| n.contains(ip.parse().unwrap()));
+        for ip in ["10.1.2.3", "::ffff:10.0.0.1", "fd00::1", "192.168.1.200"] {
+            assert!(trusted(ip), "{ip}");
+        }
+        for ip in ["11.0.0.1", "fd00::2", "192.168.2.1", "::1"] {
+            assert!(!trusted(ip), "{ip}");
+        }
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "fd00::/129", "nope", "10.0.0.0/", "/8"] {
+            let msg = Settings {
+                trusted_proxies: Some(vec![bad.into()]),
+                ..with_backends()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(msg.contains("`trusted-proxies`"), "{bad}: {msg}");
+        }
     }
 
     #[test]

@@ -262,11 +262,15 @@ impl ControlPlane {
         let mut found = BTreeMap::new();
         for source in &sources {
             let key = format!("{}:{}", source.host, source.port);
+            let stats = self.proxy.stats();
             match self.resolver.resolve(source).await {
                 Ok(addrs) => {
-                    found.insert(key, specs_for(source, addrs));
+                    let specs = specs_for(source, addrs);
+                    stats.count_dns_lookup(&source.host, Some(specs.len()));
+                    found.insert(key, specs);
                 }
                 Err(e) => {
+                    stats.count_dns_lookup(&source.host, None);
                     tracing::warn!(source = key, error = %e, "DNS resolution failed; keeping the last addresses");
                     if let Some(old) = self.state().discovered.get(&key) {
                         found.insert(key, old.clone());
@@ -309,10 +313,15 @@ impl ControlPlane {
         }
         let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(store) = certs {
+            let stats = self.proxy.stats();
             match store.reload(false) {
-                Ok(true) => tracing::info!("TLS certificate reloaded"),
+                Ok(true) => {
+                    stats.count_tls_reload(true);
+                    tracing::info!("TLS certificate reloaded");
+                }
                 Ok(false) => {}
                 Err(e) => {
+                    stats.count_tls_reload(false);
                     tracing::warn!(error = %e, "TLS certificate changed but cannot be loaded; keeping the old one")
                 }
             }
@@ -355,9 +364,13 @@ impl ControlPlane {
         // Certificates first: if they do not load, nothing changes.
         let new_tls = match (&config.tls, &self.tls) {
             (Some(_), Some(settings)) => match tls_settings(&config) {
-                Ok(Some((store, server))) => Some((store, server.load_full(), settings)),
+                Ok(Some((store, server))) => {
+                    self.proxy.stats().count_tls_reload(true);
+                    Some((store, server.load_full(), settings))
+                }
                 Ok(None) => None,
                 Err(e) => {
+                    self.proxy.stats().count_tls_reload(false);
                     tracing::error!(error = %e, "reload refused: TLS files do not load; keeping the old configuration");
                     return Err(e.to_string());
                 }

@@ -174,8 +174,8 @@ settings! {
     #[arg(long, value_name = "IP:PORT")]
     listen: String = defaults::LISTEN;
     /// A KBS replica: URL or NAME=URL (repeat for each replica; or use --backend-dns). NAME
-    /// defaults to host:port.
-    #[arg(long, value_name = "[NAME=]URL")]
+    /// defaults to host:port. `;tls-name=NAME` after the URL: its certificate's name.
+    #[arg(long, value_name = "[NAME=]URL[;tls-name=NAME]")]
     #[serde(alias = "backends")]
     backend: Vec<String> = Unset("none");
     /// Route cookie name.
@@ -226,8 +226,13 @@ settings! {
     #[serde(deserialize_with = "text_or_number")]
     shutdown_grace: String = defaults::SHUTDOWN_GRACE;
     /// Backends from DNS: every address of HOST is a backend (e.g. a headless Service). Repeatable.
-    #[arg(long, value_name = "[https://]HOST:PORT")]
+    /// `;tls-name=NAME` after it: the name their certificates carry (default: HOST).
+    #[arg(long, value_name = "[https://]HOST:PORT[;tls-name=NAME]")]
     backend_dns: Vec<String> = Unset("none");
+    /// Kubernetes namespace for --backend-dns names without a dot: HOST is looked up as
+    /// HOST.NAMESPACE.svc (the manifests fill it from the pod's own namespace).
+    #[arg(long, value_name = "NAMESPACE")]
+    backend_dns_namespace: String = Unset("names are looked up as written");
     /// How often --backend-dns names are re-resolved.
     #[arg(long, value_name = "DURATION")]
     #[serde(deserialize_with = "text_or_number")]
@@ -245,6 +250,10 @@ settings! {
     /// PEM CA certificates to trust for https:// backends.
     #[arg(long, value_name = "FILE")]
     backend_ca: PathBuf = Unset("the system's roots");
+    /// The name https:// backends' certificates are verified against and sent as SNI, for every
+    /// backend (--backend-dns ones included) that does not give its own `;tls-name=NAME`.
+    #[arg(long, value_name = "DNS-NAME|IP")]
+    backend_tls_name: String = Unset("the backend URL's host");
     /// PEM client certificate for mTLS to backends.
     #[arg(long, value_name = "FILE")]
     backend_client_cert: PathBuf = Unset("none");
@@ -280,6 +289,10 @@ settings! {
     /// File with the bearer token that allows admin writes from other than loopback.
     #[arg(long, value_name = "FILE")]
     admin_token_file: PathBuf = Unset("loopback only");
+    /// A client address or CIDR whose X-Forwarded-For the access log shows (an ingress or load
+    /// balancer in front). Repeatable; the header is forwarded to the backends either way.
+    #[arg(long, value_name = "IP[/PREFIX]")]
+    trusted_proxies: Vec<String> = Unset("none");
     /// One log line per request: on or off.
     #[arg(long, value_name = "on|off")]
     #[serde(deserialize_with = "text_or_bool")]

@@ -10,7 +10,7 @@ use http::Uri;
 
 use super::settings::defaults;
 use super::{
-    invalid, AdminConfig, AdminFanout, AdminToken, BackendSpec, BackendTls, ClientLimits, Config, ConfigError,
+    invalid, AdminConfig, AdminFanout, AdminToken, BackendSpec, BackendTls, Cidr, ClientLimits, Config, ConfigError,
     CookieConfig, DnsSource, HealthConfig, HealthMode, LogFormat, SameSite, Settings, TlsFiles,
 };
 use crate::routing::balance::Policy;
@@ -24,6 +24,7 @@ struct Serving {
     limits: ClientLimits,
     log_format: LogFormat,
     access_log: bool,
+    trusted_proxies: Vec<Cidr>,
     fast_path: bool,
 }
 
@@ -88,6 +89,7 @@ impl Settings {
             health,
             admin: admin.admin,
             access_log: serving.access_log,
+            trusted_proxies: serving.trusted_proxies,
             admin_fanout: admin.fanout,
             admin_journal: admin.journal,
             admin_journal_max: admin.journal_max,
@@ -146,18 +148,43 @@ impl Settings {
             limits,
             log_format,
             access_log: switch("access-log", self.access_log.as_deref(), defaults::ACCESS_LOG)?,
+            trusted_proxies: self
+                .trusted_proxies
+                .iter()
+                .flatten()
+                .map(|t| Cidr::parse(t).ok_or_else(|| invalid("trusted-proxies", t, "expected IP or IP/PREFIX")))
+                .collect::<Result<_, _>>()?,
             fast_path: switch("fast-path", self.fast_path.as_deref(), defaults::FAST_PATH)?,
         })
     }
 
     fn upstream(&self) -> Result<Upstream, ConfigError> {
+        let tls_name = match self.backend_tls_name.as_deref() {
+            Some(name) => Some(tls_name("backend-tls-name", name, name)?),
+            None => None,
+        };
+        let namespace = match self.backend_dns_namespace.as_deref() {
+            Some(ns) if is_dns_label(ns) => Some(ns),
+            Some(ns) => {
+                return Err(invalid(
+                    "backend-dns-namespace",
+                    ns,
+                    "expected a Kubernetes namespace: lowercase letters, digits and '-', at most 63",
+                ))
+            }
+            None => None,
+        };
         let backend_dns = self
             .backend_dns
             .iter()
             .flatten()
-            .map(|d| parse_dns_source(d))
+            .map(|d| parse_dns_source_with(d, tls_name, namespace))
             .collect::<Result<Vec<_>, _>>()?;
-        let backends = parse_backends(self.backend.as_deref().unwrap_or_default(), !backend_dns.is_empty())?;
+        let backends = parse_backends(
+            self.backend.as_deref().unwrap_or_default(),
+            !backend_dns.is_empty(),
+            tls_name,
+        )?;
         let balance = match self.balance.as_deref().unwrap_or(defaults::BALANCE) {
             "round-robin" => Policy::RoundRobin,
             "least-requests" => Policy::LeastRequests,
@@ -465,9 +492,31 @@ fn both_or_neither(
     }
 }
 
-/// Parses `[http://|https://]HOST:PORT` for `backend-dns`.
+/// Parses `[http://|https://]HOST:PORT[;tls-name=NAME]` for `backend-dns`.
 pub fn parse_dns_source(item: &str) -> Result<DnsSource, ConfigError> {
-    let (scheme, rest) = match item.split_once("://") {
+    parse_dns_source_with(item, None, None)
+}
+
+/// An RFC 1123 label, as Kubernetes namespaces are.
+fn is_dns_label(s: &str) -> bool {
+    let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    s.len() <= 63
+        && alnum(s.as_bytes().first())
+        && alnum(s.as_bytes().last())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// The same, with the certificate name `default_tls_name` (`backend-tls-name`) when the item
+/// names none, HOST without either; a HOST without a dot is qualified with `namespace`
+/// (`backend-dns-namespace`): `HOST.NAMESPACE.svc`, the Service's name in the cluster.
+fn parse_dns_source_with(
+    item: &str,
+    default_tls_name: Option<&str>,
+    namespace: Option<&str>,
+) -> Result<DnsSource, ConfigError> {
+    let (source, own_tls_name) = split_tls_name("backend-dns", item)?;
+    let (scheme, rest) = match source.split_once("://") {
         Some(("http", rest)) => (Scheme::HTTP, rest),
         Some(("https", rest)) => (Scheme::HTTPS, rest),
         Some(_) => {
@@ -493,10 +542,52 @@ pub fn parse_dns_source(item: &str) -> Result<DnsSource, ConfigError> {
             "expected HOST:PORT, e.g. kbs-headless.trustee-operator-system.svc:8080",
         ));
     };
-    Ok(DnsSource { scheme, host, port })
+    let host = match namespace {
+        Some(ns) if !host.contains('.') => format!("{host}.{ns}.svc"),
+        _ => host,
+    };
+    let tls_name = own_tls_name.or(default_tls_name).unwrap_or(&host).to_owned();
+    Ok(DnsSource {
+        scheme,
+        host,
+        port,
+        tls_name,
+    })
 }
 
-fn parse_backends(raw: &[String], have_dns: bool) -> Result<Vec<BackendSpec>, ConfigError> {
+/// Splits `ITEM[;tls-name=NAME]` (a `backend` or `backend-dns` entry) and checks NAME as
+/// rustls will take it: a DNS name or an IP address.
+fn split_tls_name<'a>(key: &'static str, item: &'a str) -> Result<(&'a str, Option<&'a str>), ConfigError> {
+    let Some((head, option)) = item.split_once(';') else {
+        return Ok((item, None));
+    };
+    match option.trim().split_once('=') {
+        Some(("tls-name", name)) => Ok((head.trim_end(), Some(tls_name(key, item, name)?))),
+        _ => Err(invalid(
+            key,
+            item,
+            "the only option after ';' is tls-name=NAME (the name the certificate carries)",
+        )),
+    }
+}
+
+/// A name to verify a backend's certificate against (and send as SNI), as rustls takes it.
+fn tls_name<'a>(key: &'static str, item: &str, name: &'a str) -> Result<&'a str, ConfigError> {
+    match rustls::pki_types::ServerName::try_from(name) {
+        Ok(_) => Ok(name),
+        Err(_) => Err(invalid(
+            key,
+            item,
+            format!("{name:?} is not a DNS name or an IP address to verify a certificate against"),
+        )),
+    }
+}
+
+fn parse_backends(
+    raw: &[String],
+    have_dns: bool,
+    default_tls_name: Option<&str>,
+) -> Result<Vec<BackendSpec>, ConfigError> {
     if raw.is_empty() && !have_dns {
         return Err(ConfigError::Missing {
             key: "backend",
@@ -505,7 +596,7 @@ fn parse_backends(raw: &[String], have_dns: bool) -> Result<Vec<BackendSpec>, Co
     }
     let mut out: Vec<BackendSpec> = Vec::with_capacity(raw.len());
     for item in raw {
-        let spec = parse_backend(item)?;
+        let spec = parse_backend_with(item, default_tls_name)?;
         if out.iter().any(|b| b.name == spec.name) {
             return Err(invalid(
                 "backend",
@@ -518,9 +609,16 @@ fn parse_backends(raw: &[String], have_dns: bool) -> Result<Vec<BackendSpec>, Co
     Ok(out)
 }
 
-/// Parses `URL` or `NAME=URL`.
+/// Parses `URL` or `NAME=URL`, either followed by `;tls-name=NAME`.
 pub fn parse_backend(item: &str) -> Result<BackendSpec, ConfigError> {
-    let (name, url) = match item.split_once('=') {
+    parse_backend_with(item, None)
+}
+
+/// The same, with the certificate name `default_tls_name` (`backend-tls-name`) when the item
+/// names none; the URL's host without either.
+fn parse_backend_with(item: &str, default_tls_name: Option<&str>) -> Result<BackendSpec, ConfigError> {
+    let (spec, own_tls_name) = split_tls_name("backend", item)?;
+    let (name, url) = match spec.split_once('=') {
         Some((name, url)) if !name.contains("://") => (Some(name), url),
         _ => (None, item),
     };
@@ -566,11 +664,8 @@ pub fn parse_backend(item: &str) -> Result<BackendSpec, ConfigError> {
         Some(n) => n.to_owned(),
         None => authority.as_str().to_owned(),
     };
-    let tls_name = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let tls_name = own_tls_name.or(default_tls_name).unwrap_or(host).to_owned();
     Ok(BackendSpec {
         name,
         scheme,

@@ -140,7 +140,7 @@ async fn handle(
                 );
             }
             if control.proxy().journal_owner().is_some() {
-                return ProxyError::JournalLoop.into_response(RouteKind::Admin);
+                return ProxyError::JournalLoop.into_response(RouteKind::Admin, control.proxy().stats());
             }
             worker.handle(req, &ConnInfo::new(peer, false)).await
         }

@@ -49,7 +49,7 @@ pub(crate) fn specs_for(source: &DnsSource, mut addrs: Vec<SocketAddr>) -> Vec<B
                 name: authority.as_str().to_owned(),
                 scheme: source.scheme.clone(),
                 authority,
-                tls_name: source.host.clone(),
+                tls_name: source.tls_name.clone(),
             })
         })
         .collect()
@@ -66,6 +66,7 @@ mod tests {
             scheme: Scheme::HTTPS,
             host: "kbs.ns.svc".into(),
             port: 8080,
+            tls_name: "kbs.ns.svc".into(),
         };
         let addrs = vec![
             "10.0.0.2:8080".parse().unwrap(),
@@ -87,6 +88,7 @@ mod tests {
             scheme: Scheme::HTTP,
             host: "localhost".into(),
             port: 8080,
+            tls_name: "localhost".into(),
         };
         let addrs = SystemResolver.resolve(&src).await.unwrap();
         assert!(

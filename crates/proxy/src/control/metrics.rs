@@ -5,6 +5,7 @@
 pub mod exposition;
 mod process;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -17,7 +18,7 @@ use prometheus_client::registry::Registry;
 use crate::kbs::RouteKind;
 use crate::routing::route_cookie::Rejection;
 use crate::routing::Routing;
-use crate::upstream::backend::{route_index, ROUTES};
+use crate::upstream::backend::{route_index, UpstreamCause, ROUTES};
 
 /// Status classes in [`crate::upstream::backend::BackendStats::responses`] order.
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -68,6 +69,103 @@ pub struct ProxyStats {
     aborted: [AtomicU64; AbortReason::ALL.len()],
     /// Time to the response head: one shard per worker, summed at scrape time.
     latency: Mutex<Vec<Arc<LatencyShard>>>,
+    /// Answers the proxy made itself, by KBS error type, indexed as [`KBS_ERROR_TYPES`].
+    local_errors: [AtomicU64; KBS_ERROR_TYPES.len()],
+    /// Live learned entries dropped to keep the tables bounded: session ids, tokens.
+    evicted: [AtomicU64; 2],
+    /// Client-facing certificate reloads: loaded, failed.
+    tls_reloads: [AtomicU64; 2],
+    /// DNS discovery, per name (off the request path: a lock is fine).
+    dns: Mutex<BTreeMap<String, DnsStats>>,
+}
+
+/// One DNS name's lookups and what the last one gave.
+#[derive(Debug, Default, Clone, Copy)]
+struct DnsStats {
+    ok: u64,
+    error: u64,
+    /// Backends it gives now (the last good lookup's).
+    backends: i64,
+}
+
+/// The KBS error types of the answers the proxy makes itself (`ProxyError`'s variants): the
+/// `error` label of `kbs_proxy_local_answers_total`.
+pub(crate) const KBS_ERROR_TYPES: [&str; 11] = [
+    "ServiceUnavailable",
+    "AttestationError",
+    "TokenNotFound",
+    "SessionLost",
+    "PayloadTooLarge",
+    "InvalidRequest",
+    "BadGateway",
+    "AdminWriteIncomplete",
+    "JournalOwnerUnavailable",
+    "JournalOwnerLoop",
+    "GatewayTimeout",
+];
+
+/// Upper bounds of `kbs_proxy_backend_response_duration_seconds`' buckets, nanoseconds: few
+/// and fixed, as HAProxy's and Envoy's, so a per-backend histogram stays cheap to export.
+const RESPONSE_BOUNDS_NS: [u64; 11] = [
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+/// Shards of a backend's response histogram; a worker writes the one its slot picks, so
+/// workers (up to this many) do not share a cache line per request.
+const RESPONSE_SHARDS: usize = 8;
+
+/// One backend's time from request sent to response head, over both transports.
+#[derive(Debug, Default)]
+pub struct ResponseLatency {
+    shards: [ResponseShard; RESPONSE_SHARDS],
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct ResponseShard {
+    /// Per bucket, not cumulative; the last is +Inf. Their total is the count.
+    buckets: [AtomicU64; RESPONSE_BOUNDS_NS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl ResponseLatency {
+    /// Records one response head `elapsed` after its request was sent, from the worker whose
+    /// latency shard has `slot`.
+    pub(crate) fn observe(&self, slot: usize, elapsed: std::time::Duration) {
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let shard = &self.shards[slot % RESPONSE_SHARDS];
+        let bucket = RESPONSE_BOUNDS_NS
+            .iter()
+            .position(|&b| ns <= b)
+            .unwrap_or(RESPONSE_BOUNDS_NS.len());
+        shard.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        shard.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// The shards summed: (sum in seconds, count, per-bucket counts with their bounds).
+    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let bound = |i: usize| RESPONSE_BOUNDS_NS.get(i).map_or(f64::MAX, |&ns| ns as f64 / 1e9);
+        let mut buckets: Vec<(f64, u64)> = (0..=RESPONSE_BOUNDS_NS.len()).map(|i| (bound(i), 0)).collect();
+        let (mut sum_ns, mut count) = (0u64, 0u64);
+        for shard in &self.shards {
+            for (slot, b) in buckets.iter_mut().zip(&shard.buckets) {
+                let n = b.load(Ordering::Relaxed);
+                slot.1 += n;
+                count += n;
+            }
+            sum_ns = sum_ns.wrapping_add(shard.sum_ns.load(Ordering::Relaxed));
+        }
+        (sum_ns as f64 / 1e9, count, buckets)
+    }
 }
 
 /// Why an exchange ended its client connection early, after the answer or a body began to
@@ -118,6 +216,9 @@ const LATENCY_FIRST_NS: u64 = 250_000;
 #[repr(align(128))]
 pub struct LatencyShard {
     routes: [RouteLatency; 5],
+    /// Which worker's (the order shards were made in): picks its shard of per-backend
+    /// histograms.
+    pub(crate) slot: usize,
 }
 
 #[derive(Debug, Default)]
@@ -167,6 +268,10 @@ impl Default for ProxyStats {
             learned: Default::default(),
             aborted: Default::default(),
             latency: Mutex::new(Vec::new()),
+            local_errors: Default::default(),
+            evicted: Default::default(),
+            tls_reloads: Default::default(),
+            dns: Mutex::default(),
         }
     }
 }
@@ -197,13 +302,55 @@ impl ProxyStats {
         self.aborted[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts an answer the proxy made itself with the KBS error type `kbs_type`.
+    pub(crate) fn count_local_error(&self, kbs_type: &str) {
+        if let Some(i) = KBS_ERROR_TYPES.iter().position(|t| *t == kbs_type) {
+            self.local_errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Local answers with `kbs_type` so far.
+    #[cfg(test)]
+    pub(crate) fn local_errors(&self, kbs_type: &str) -> u64 {
+        let i = KBS_ERROR_TYPES.iter().position(|t| *t == kbs_type).unwrap();
+        self.local_errors[i].load(Ordering::Relaxed)
+    }
+
+    /// Counts a live learned entry dropped to keep a table bounded: a session id's (`token`
+    /// false) or a token's.
+    pub(crate) fn count_evicted(&self, token: bool) {
+        self.evicted[usize::from(token)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a reload of the client-facing certificate that loaded (`ok`) or failed.
+    pub(crate) fn count_tls_reload(&self, ok: bool) {
+        self.tls_reloads[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a lookup of the DNS name `name`; `backends`: what it gives now, when it resolved.
+    pub(crate) fn count_dns_lookup(&self, name: &str, backends: Option<usize>) {
+        let mut dns = self.dns.lock().unwrap_or_else(|p| p.into_inner());
+        let stats = match dns.get_mut(name) {
+            Some(s) => s,
+            None => dns.entry(name.to_owned()).or_default(),
+        };
+        match backends {
+            Some(n) => {
+                stats.ok += 1;
+                stats.backends = i64::try_from(n).unwrap_or(i64::MAX);
+            }
+            None => stats.error += 1,
+        }
+    }
+
     /// A new latency shard for one worker, read at every scrape from now on.
     pub fn latency_shard(&self) -> Arc<LatencyShard> {
-        let shard = Arc::new(LatencyShard::default());
-        self.latency
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::clone(&shard));
+        let mut shards = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let shard = Arc::new(LatencyShard {
+            slot: shards.len(),
+            ..LatencyShard::default()
+        });
+        shards.push(Arc::clone(&shard));
         shard
     }
 
@@ -331,6 +478,95 @@ impl Collector for ProxyCollector {
                 .encode_family(&[("route", route.as_str())])?
                 .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
         }
+
+        let mut response = encoder.encode_descriptor(
+            "backend_response_duration_seconds",
+            "Time from request sent to the backend to its response head, by backend",
+            None,
+            MetricType::Histogram,
+        )?;
+        for b in backends {
+            let (sum, count, buckets) = b.stats.response_latency.snapshot();
+            response
+                .encode_family(&[("backend", b.name.as_str())])?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        let mut errors = Vec::new();
+        for b in backends {
+            for cause in UpstreamCause::ALL {
+                errors.push((
+                    vec![("backend", b.name.as_str()), ("cause", cause.label())],
+                    b.stats.upstream_errors(cause),
+                ));
+            }
+        }
+        counter(
+            &mut encoder,
+            "upstream_errors",
+            "Failed exchanges with a backend on real traffic (retried ones too), by cause",
+            &errors,
+        )?;
+        let retries: Vec<_> = backends
+            .iter()
+            .map(|b| (vec![("backend", b.name.as_str())], load(&b.stats.retries)))
+            .collect();
+        counter(
+            &mut encoder,
+            "retries",
+            "Requests re-sent to another backend after this one refused the connection",
+            &retries,
+        )?;
+        let local: Vec<_> = KBS_ERROR_TYPES
+            .iter()
+            .zip(&s.local_errors)
+            .map(|(t, n)| (vec![("error", *t)], load(n)))
+            .collect();
+        counter(
+            &mut encoder,
+            "local_answers",
+            "Answers the proxy made itself, by KBS error type",
+            &local,
+        )?;
+        counter(
+            &mut encoder,
+            "sessions_evicted",
+            "Live learned session ids and tokens dropped to keep the tables within session-table-size",
+            &[
+                (vec![("by", "session_id")], load(&s.evicted[0])),
+                (vec![("by", "token")], load(&s.evicted[1])),
+            ],
+        )?;
+        counter(
+            &mut encoder,
+            "tls_reloads",
+            "Reloads of the client-facing certificate, by result",
+            &[
+                (vec![("result", "ok")], load(&s.tls_reloads[0])),
+                (vec![("result", "error")], load(&s.tls_reloads[1])),
+            ],
+        )?;
+        let dns = s.dns.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut lookups = Vec::new();
+        for (name, d) in &dns {
+            lookups.push((vec![("name", name.as_str()), ("result", "ok")], d.ok));
+            lookups.push((vec![("name", name.as_str()), ("result", "error")], d.error));
+        }
+        counter(
+            &mut encoder,
+            "dns_lookups",
+            "Lookups of backend-dns names, by result",
+            &lookups,
+        )?;
+        let found: Vec<_> = dns
+            .iter()
+            .map(|(name, d)| (vec![("name", name.as_str())], d.backends))
+            .collect();
+        gauge(
+            &mut encoder,
+            "dns_backends",
+            "Backends a backend-dns name gives now (its last good lookup's addresses)",
+            &found,
+        )?;
 
         counter(
             &mut encoder,
@@ -519,6 +755,20 @@ mod tests {
             assert_eq!(latency_bucket(bound_ns), i);
             assert_eq!(latency_bucket(bound_ns + 1), i + 1);
         }
+    }
+
+    #[test]
+    fn backend_response_buckets_are_le_and_shards_are_summed() {
+        let r = ResponseLatency::default();
+        r.observe(0, Duration::from_millis(5));
+        r.observe(1, Duration::from_nanos(5_000_001));
+        r.observe(9, Duration::from_secs(11));
+        let (sum, count, buckets) = r.snapshot();
+        assert_eq!(count, 3);
+        assert!((sum - 11.010_000_001).abs() < 1e-6, "{sum}");
+        assert_eq!((buckets[0], buckets[1].1), ((0.005, 1), 1));
+        assert_eq!(buckets[11], (f64::MAX, 1), "+Inf");
+        assert_eq!(buckets.len(), 12);
     }
 
     #[test]

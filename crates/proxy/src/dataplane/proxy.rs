@@ -21,6 +21,7 @@ mod fanout;
 mod fast;
 pub mod headers;
 mod hyper_path;
+mod request_id;
 mod retry;
 mod route;
 
@@ -43,12 +44,12 @@ pub use error::ProxyError;
 pub use fast::{fast_buffers_in_use, FastRuntime, FastState, Pool, Rewind};
 pub(crate) use fast::{ClientIo, Handoff, Plain, TlsClient};
 
-use access_log::{log_request, AccessLog};
+use access_log::{log_request, AccessLog, Requester};
 use hyper_path::forward_headers;
 use retry::{AfterRefusal, Attempts};
 use route::{balance, Route};
 
-use crate::config::{BackendSpec, Config};
+use crate::config::{BackendSpec, Cidr, Config};
 use crate::control::journal::Journal;
 use crate::control::metrics::ProxyStats;
 use crate::kbs::RouteKind;
@@ -58,7 +59,7 @@ use crate::routing::route_cookie::{cookie_values, BackendId, Rejection};
 use crate::routing::sessions::{hash_key, jwt_expiry, session_from_set_cookie, session_key, AffinityTable};
 use crate::routing::Routing;
 use crate::tls::TlsError;
-use crate::upstream::backend::Backend;
+use crate::upstream::backend::{Backend, UpstreamCause};
 use crate::upstream::connector::BackendConnector;
 
 /// How long an idle pooled backend connection is kept.
@@ -200,8 +201,10 @@ impl Proxy {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .http2_only(self.shared.backend_http2)
             .build(connector);
+        let latency = self.shared.stats.latency_shard();
         Worker {
-            latency: self.shared.stats.latency_shard(),
+            request_ids: request_id::RequestIds::new(latency.slot),
+            latency,
             shared: Arc::clone(&self.shared),
             client,
             fast: fast::FastState::default(),
@@ -214,6 +217,8 @@ impl Proxy {
 pub struct ConnInfo {
     /// The client's IP, ready for `X-Forwarded-For`.
     peer_ip: HeaderValue,
+    /// The same, to check against `trusted-proxies`.
+    peer: std::net::IpAddr,
     /// Whether the client connected over TLS (`Secure` cookies, `X-Forwarded-Proto: https`).
     tls: bool,
 }
@@ -222,7 +227,11 @@ impl ConnInfo {
     /// Info for a client at `peer`.
     pub fn new(peer: std::net::SocketAddr, tls: bool) -> Self {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header value");
-        Self { peer_ip, tls }
+        Self {
+            peer_ip,
+            peer: peer.ip(),
+            tls,
+        }
     }
 }
 
@@ -237,6 +246,8 @@ pub struct Worker {
     fast: fast::FastState,
     /// This worker's latency histograms (no lock shared with other workers).
     latency: Arc<crate::control::metrics::LatencyShard>,
+    /// Makes the `X-Request-Id`s of requests that come without an acceptable one.
+    request_ids: request_id::RequestIds,
 }
 
 impl Worker {

@@ -10,7 +10,6 @@
 //! mutex held for one map operation only, so lookups under load do not contend on one lock.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -27,8 +26,6 @@ pub(crate) struct AffinityTable {
     shards: Vec<Mutex<HashMap<u128, Entry>>>,
     /// Entries per shard at most.
     per_shard: usize,
-    /// Entries dropped to stay within the bound while still valid.
-    evicted: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +42,6 @@ impl AffinityTable {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             per_shard,
-            evicted: AtomicU64::new(0),
         }
     }
 
@@ -55,8 +51,10 @@ impl AffinityTable {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Remembers that `key` belongs to `backend` until `expires` (Unix seconds).
-    pub fn insert(&self, key: u128, backend: BackendId, expires: u64, now: u64) {
+    /// Remembers that `key` belongs to `backend` until `expires` (Unix seconds). True when a
+    /// live entry was dropped to make room (`kbs_proxy_sessions_evicted_total`).
+    pub fn insert(&self, key: u128, backend: BackendId, expires: u64, now: u64) -> bool {
+        let mut evicted = false;
         let mut shard = self.shard(key);
         if shard.len() >= self.per_shard && !shard.contains_key(&key) {
             shard.retain(|_, e| e.expires > now);
@@ -64,11 +62,12 @@ impl AffinityTable {
                 // Still full of live entries: drop the one closest to expiry.
                 if let Some(victim) = shard.iter().min_by_key(|(_, e)| e.expires).map(|(k, _)| *k) {
                     shard.remove(&victim);
-                    self.evicted.fetch_add(1, Ordering::Relaxed);
+                    evicted = true;
                 }
             }
         }
         shard.insert(key, Entry { backend, expires });
+        evicted
     }
 
     /// The backend `key` belongs to, if known and not expired.
@@ -95,12 +94,6 @@ impl AffinityTable {
     /// The most entries it holds.
     pub(crate) fn capacity(&self) -> usize {
         self.per_shard * SHARDS
-    }
-
-    /// Live entries dropped to stay within the bound (the tests read it; not exported yet).
-    #[cfg(test)]
-    fn evicted(&self) -> u64 {
-        self.evicted.load(Ordering::Relaxed)
     }
 }
 
@@ -168,16 +161,13 @@ mod tests {
     fn stays_within_its_bound() {
         let t = AffinityTable::new(640);
         let b = BackendId::from_name("kbs-1");
+        let mut evicted = 0;
         for k in 0..10_000u128 {
-            t.insert(
-                k.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835),
-                b,
-                2000 + k as u64,
-                1000,
-            );
+            let key = k.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+            evicted += usize::from(t.insert(key, b, 2000 + k as u64, 1000));
         }
         assert!(t.len() <= t.capacity(), "{} > {}", t.len(), t.capacity());
-        assert!(t.evicted() > 0);
+        assert_eq!(evicted, 10_000 - t.len(), "every live entry dropped is counted");
     }
 
     #[test]

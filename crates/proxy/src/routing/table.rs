@@ -27,6 +27,8 @@ pub struct Routing {
     pub auth_body_limit: usize,
     /// One log line per request.
     pub access_log: bool,
+    /// Clients whose `X-Forwarded-For` chain the access log shows.
+    pub trusted_proxies: Arc<[crate::config::Cidr]>,
     /// Admin writes broadcast to every replica (`None`: passthrough).
     pub admin_fanout: Option<AdminFanout>,
     /// How long a learned session id is kept at most.
@@ -47,6 +49,7 @@ impl Routing {
             response_timeout: config.response_timeout,
             auth_body_limit: config.auth_body_limit,
             access_log: config.access_log,
+            trusted_proxies: config.trusted_proxies.clone().into(),
             admin_fanout: config.admin_fanout.clone(),
             session_lifetime: config.session_lifetime,
             tokens_portable: config.tokens_portable,
@@ -63,6 +66,7 @@ impl Routing {
             response_timeout: self.response_timeout,
             auth_body_limit: self.auth_body_limit,
             access_log: self.access_log,
+            trusted_proxies: Arc::clone(&self.trusted_proxies),
             admin_fanout: self.admin_fanout.clone(),
             session_lifetime: self.session_lifetime,
             tokens_portable: self.tokens_portable,
@@ -70,11 +74,13 @@ impl Routing {
     }
 }
 
-/// The new backend list: `specs` in order, reusing `old` backends with the same name, scheme
-/// and address; old backends no longer wanted are retired (drained) and kept until their drain
+/// The new backend list: `specs` in order, reusing `old` backends with the same name, scheme,
+/// address and certificate name; old backends no longer wanted are retired (drained) and kept until their drain
 /// expires, so the sessions pinned to them can finish.
 fn rebuild(old: Option<&Backends>, specs: &[&BackendSpec], drain_timeout: Duration) -> Backends {
-    let same = |b: &Backend, s: &BackendSpec| b.name == s.name && b.scheme == s.scheme && b.authority == s.authority;
+    let same = |b: &Backend, s: &BackendSpec| {
+        b.name == s.name && b.scheme == s.scheme && b.authority == s.authority && b.tls_name == s.tls_name
+    };
     let mut list: Vec<Arc<Backend>> = Vec::with_capacity(specs.len());
     for spec in specs {
         if list.iter().any(|b| b.name == spec.name) {

@@ -47,6 +47,12 @@ pub struct Line<'a> {
     pub decision: &'a str,
     /// From the request's head to the end of the answer.
     pub elapsed: Duration,
+    /// The request's `X-Request-Id`, the client's or generated (also sent to the backend).
+    pub request_id: &'a str,
+    /// The client's address (of the TCP connection).
+    pub client: &'a str,
+    /// The `X-Forwarded-For` chain the client sent, when it is a trusted proxy.
+    pub forwarded_for: Option<&'a str>,
 }
 
 /// A thread's buffer of formatted lines.
@@ -181,6 +187,9 @@ fn through_tracing(line: &Line<'_>) {
         route = line.route,
         decision = line.decision,
         duration_ms = millis(line.elapsed),
+        request_id = line.request_id,
+        client = line.client,
+        forwarded_for = line.forwarded_for,
         "request"
     );
 }
@@ -236,7 +245,7 @@ fn format_line(buf: &mut Vec<u8>, format: LogFormat, clock: &mut Clock, now: Sys
             quoted_text(buf, l.path);
             let _ = write!(buf, " status={} backend=", l.status);
             quoted_text(buf, l.backend);
-            let _ = writeln!(
+            let _ = write!(
                 buf,
                 " route=\"{}\" decision=\"{}\" duration_ms={}.{:03}",
                 l.route,
@@ -244,6 +253,8 @@ fn format_line(buf: &mut Vec<u8>, format: LogFormat, clock: &mut Clock, now: Sys
                 micros / 1000,
                 micros % 1000
             );
+            who(buf, l, |buf, name| write!(buf, " {name}="), quoted_text);
+            buf.push(b'\n');
         }
         LogFormat::Json => {
             buf.extend_from_slice(b"{\"timestamp\":\"");
@@ -258,14 +269,37 @@ fn format_line(buf: &mut Vec<u8>, format: LogFormat, clock: &mut Clock, now: Sys
             quoted_json(buf, l.path);
             let _ = write!(buf, ",\"status\":{},\"backend\":", l.status);
             quoted_json(buf, l.backend);
-            let _ = writeln!(
+            let _ = write!(
                 buf,
-                ",\"route\":\"{}\",\"decision\":\"{}\",\"duration_ms\":{}.{:03},\"target\":\"access\"}}",
+                ",\"route\":\"{}\",\"decision\":\"{}\",\"duration_ms\":{}.{:03}",
                 l.route,
                 l.decision,
                 micros / 1000,
                 micros % 1000
             );
+            who(buf, l, |buf, name| write!(buf, ",\"{name}\":"), quoted_json);
+            buf.extend_from_slice(b",\"target\":\"access\"}\n");
+        }
+    }
+}
+
+/// Who asked: `request_id`, `client`, and `forwarded_for` when known, each introduced by `name`
+/// and quoted by `quote` (the two formats differ only there).
+fn who(
+    buf: &mut Vec<u8>,
+    l: &Line<'_>,
+    name: impl Fn(&mut Vec<u8>, &str) -> std::io::Result<()>,
+    quote: fn(&mut Vec<u8>, &str),
+) {
+    let fields = [
+        ("request_id", Some(l.request_id)),
+        ("client", Some(l.client)),
+        ("forwarded_for", l.forwarded_for),
+    ];
+    for (field, value) in fields {
+        if let Some(value) = value {
+            let _ = name(buf, field);
+            quote(buf, value);
         }
     }
 }
@@ -311,6 +345,9 @@ mod tests {
             route: "resource",
             decision: "pinned",
             elapsed: Duration::from_micros(1_234_567),
+            request_id: "req-1",
+            client: "10.0.0.9",
+            forwarded_for: None,
         }
     }
 
@@ -326,8 +363,15 @@ mod tests {
         assert_eq!(
             formatted(LogFormat::Text, &line("/kbs/v0/resource/a/b/c")),
             "2025-12-04T03:48:48.084409Z  INFO access: request method=GET path=\"/kbs/v0/resource/a/b/c\" \
-             status=200 backend=\"kbs-0\" route=\"resource\" decision=\"pinned\" duration_ms=1234.567\n"
+             status=200 backend=\"kbs-0\" route=\"resource\" decision=\"pinned\" duration_ms=1234.567 \
+             request_id=\"req-1\" client=\"10.0.0.9\"\n"
         );
+        let forwarded = Line {
+            forwarded_for: Some("203.0.113.7, 10.0.0.2"),
+            ..line("/")
+        };
+        assert!(formatted(LogFormat::Text, &forwarded)
+            .ends_with(" client=\"10.0.0.9\" forwarded_for=\"203.0.113.7, 10.0.0.2\"\n"));
     }
 
     #[test]
@@ -339,6 +383,21 @@ mod tests {
         assert_eq!(v["status"], 200);
         assert_eq!(v["duration_ms"], 1234.567);
         assert_eq!(v["timestamp"], "2025-12-04T03:48:48.084409Z");
+        assert_eq!(
+            (v["request_id"].as_str(), v["client"].as_str()),
+            (Some("req-1"), Some("10.0.0.9"))
+        );
+        assert!(v.get("forwarded_for").is_none(), "only from trusted proxies");
+        let forwarded = Line {
+            forwarded_for: Some("203.0.113.7"),
+            request_id: "a\"b",
+            ..line("/")
+        };
+        let v: serde_json::Value = serde_json::from_str(formatted(LogFormat::Json, &forwarded).trim_end()).unwrap();
+        assert_eq!(
+            (v["forwarded_for"].as_str(), v["request_id"].as_str()),
+            (Some("203.0.113.7"), Some("a\"b"))
+        );
     }
 
     #[test]
@@ -355,6 +414,6 @@ mod tests {
             elapsed: Duration::from_micros(5),
             ..line("/")
         };
-        assert!(formatted(LogFormat::Text, &l).ends_with(" duration_ms=0.005\n"));
+        assert!(formatted(LogFormat::Text, &l).contains(" duration_ms=0.005 "));
     }
 }

@@ -72,6 +72,57 @@ pub struct BackendStats {
     /// Journal writes replayed to it (catch-ups and reconciliations), by outcome, indexed as
     /// [`REPLAY_OUTCOMES`].
     pub replays: [AtomicU64; 4],
+    /// Time from request sent to response head, both transports.
+    pub response_latency: crate::control::metrics::ResponseLatency,
+    /// Failed exchanges on real traffic, by [`UpstreamCause`].
+    upstream_errors: [AtomicU64; UpstreamCause::ALL.len()],
+    /// Requests re-sent elsewhere after it refused the connection.
+    pub retries: AtomicU64,
+}
+
+/// Why an exchange with a backend failed: the `cause` of `kbs_proxy_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpstreamCause {
+    /// No connection: refused, unreachable, or the TLS handshake refused.
+    ConnectRefused,
+    /// No connection within the connect timeout.
+    ConnectTimeout,
+    /// No response head within the response timeout.
+    ResponseTimeout,
+    /// The connection closed or was reset before a response head.
+    Reset,
+    /// Something that is not an HTTP/1.1 response the proxy can relay.
+    BadResponse,
+}
+
+impl UpstreamCause {
+    /// Every cause, in counter order.
+    pub(crate) const ALL: [Self; 5] = [
+        Self::ConnectRefused,
+        Self::ConnectTimeout,
+        Self::ResponseTimeout,
+        Self::Reset,
+        Self::BadResponse,
+    ];
+
+    /// Its label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::ConnectRefused => "connect_refused",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::ResponseTimeout => "response_timeout",
+            Self::Reset => "reset",
+            Self::BadResponse => "bad_response",
+        }
+    }
+
+    /// The cause of a failed connect (the connectors say `TimedOut` for their timeout).
+    pub(crate) fn of_connect(e: &std::io::Error) -> Self {
+        match e.kind() {
+            std::io::ErrorKind::TimedOut => Self::ConnectTimeout,
+            _ => Self::ConnectRefused,
+        }
+    }
 }
 
 /// Replay outcomes: applied; refused for authorization (401/403: not applied, retried);
@@ -99,6 +150,16 @@ pub(crate) const ROUTES: [RouteKind; 5] = [
 ];
 
 impl BackendStats {
+    /// Counts a failed exchange.
+    pub(crate) fn count_error(&self, cause: UpstreamCause) {
+        self.upstream_errors[cause as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failed exchanges for `cause` so far.
+    pub(crate) fn upstream_errors(&self, cause: UpstreamCause) -> u64 {
+        self.upstream_errors[cause as usize].load(Ordering::Relaxed)
+    }
+
     /// Counts a response with `status` for a request of `kind`.
     pub(crate) fn count_response(&self, kind: RouteKind, status: u16) {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;

@@ -3,6 +3,7 @@
 use http::{header, HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
+use crate::control::metrics::ProxyStats;
 use crate::kbs::{self, RouteKind};
 
 /// Why the proxy answered instead of a backend.
@@ -116,9 +117,11 @@ impl ProxyError {
         }
     }
 
-    /// The response for this error: the KBS JSON error shape on `/kbs/v0/*`, plain text elsewhere.
-    pub(crate) fn into_response(self, kind: RouteKind) -> Response<ProxyBody> {
+    /// The response for this error: the KBS JSON error shape on `/kbs/v0/*`, plain text
+    /// elsewhere; counted in `stats` by its KBS error type.
+    pub(crate) fn into_response(self, kind: RouteKind, stats: &ProxyStats) -> Response<ProxyBody> {
         let (status, variant) = self.status_and_variant(kind);
+        stats.count_local_error(variant);
         let detail = match (&self, kind) {
             (Self::SessionLost, RouteKind::Attest) => {
                 format!("Attestation error: RCAR handshake Attest failed: {self}")
@@ -138,5 +141,52 @@ impl ProxyError {
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::metrics::KBS_ERROR_TYPES;
+
+    #[test]
+    fn every_kbs_error_type_has_a_counter() {
+        let io = || std::io::Error::other("x");
+        let errors = || {
+            vec![
+                ProxyError::NoBackend,
+                ProxyError::SessionLost,
+                ProxyError::BodyTooLarge { limit: 1 },
+                ProxyError::BackendBody { backend: "b".into() },
+                ProxyError::AdminWrite {
+                    status: StatusCode::BAD_GATEWAY,
+                    detail: String::new(),
+                },
+                ProxyError::JournalOwner { detail: String::new() },
+                ProxyError::JournalLoop,
+                ProxyError::Connect {
+                    backend: "b".into(),
+                    source: io(),
+                },
+                ProxyError::BadResponse { backend: "b".into() },
+                ProxyError::Timeout { backend: "b".into() },
+            ]
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for kind in crate::upstream::backend::ROUTES {
+            for e in errors() {
+                let (_, variant) = e.status_and_variant(kind);
+                assert!(KBS_ERROR_TYPES.contains(&variant), "{variant}");
+                seen.insert(variant);
+            }
+        }
+        // ClientBody's InvalidRequest needs a hyper error to build; the rest are all used.
+        assert_eq!(seen.len(), KBS_ERROR_TYPES.len() - 1);
+        let stats = ProxyStats::default();
+        ProxyError::SessionLost.into_response(RouteKind::Resource, &stats);
+        ProxyError::NoBackend.into_response(RouteKind::Resource, &stats);
+        assert_eq!(stats.local_errors("TokenNotFound"), 1);
+        assert_eq!(stats.local_errors("ServiceUnavailable"), 1);
+        assert_eq!(stats.local_errors("BadGateway"), 0);
     }
 }

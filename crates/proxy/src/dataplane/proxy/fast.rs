@@ -47,12 +47,13 @@ use self::buf::{Buf, STREAM_CHUNK};
 use self::chunked::ChunkedScanner;
 use self::clock::WallClock;
 use self::lines::Lines;
+use super::request_id;
 use super::retry::{AfterRefusal, Attempts};
 use super::{body::ProxyBody, ConnInfo, ProxyError, Worker};
 use crate::kbs::RouteKind;
 use crate::routing::route_cookie::{BackendId, Pin as RoutePin, Rejection, RouteCookieCodec, ENCODED_LEN};
 use crate::routing::{CookieIssuer, Routing};
-use crate::upstream::backend::{Backend, InFlight};
+use crate::upstream::backend::{Backend, InFlight, UpstreamCause};
 use rt::Stream;
 
 use crate::control::metrics::AbortReason;
@@ -116,6 +117,8 @@ impl<S> Default for Pool<S> {
 struct Upstream<'b, S> {
     conn: S,
     head: Buf,
+    /// From the request sent to its response head's arrival.
+    response_time: Duration,
     _in_flight: InFlight<&'b Backend>,
 }
 
@@ -195,8 +198,9 @@ struct Plan {
     decision: &'static str,
     /// Unix seconds when the request was read: the issue time of a Set-Cookie.
     now: u64,
-    /// For the access log only (method, path without query).
-    log: Option<(String, String)>,
+    /// For the access log only (method, path without query, who asked). Boxed: the plan is
+    /// part of every connection's task, which this would otherwise grow by ~100 bytes.
+    log: Option<Box<(String, String, super::Requester)>>,
 }
 
 /// What the fast path knows of a request before its head is parsed.
@@ -696,9 +700,12 @@ impl Worker {
             Ok(route) => route,
             Err((err, backend)) => {
                 let mut log = super::AccessLog::new(routing.access_log, method.clone(), path);
+                if routing.access_log {
+                    log.requester = Some(Box::new(self.local_requester(headers, conn, routing)));
+                }
                 log.backend = backend;
                 log.answered_locally(&err);
-                let resp = err.into_response(kind);
+                let resp = err.into_response(kind, &self.shared.stats);
                 return Prepared::Local {
                     resp,
                     head_len,
@@ -714,7 +721,8 @@ impl Worker {
             return Prepared::Handoff; // TLS to the backend: hyper's client does it
         }
 
-        // The head for the backend: request line, end-to-end fields, X-Forwarded-*.
+        // The head for the backend: request line, end-to-end fields, X-Forwarded-*, and one
+        // X-Request-Id (the client's first acceptable one, else a new one).
         let mut out = Buf::take();
         let mut lines = Lines::new(buf);
         lines.request_line(&mut out, method_str, target);
@@ -722,6 +730,7 @@ impl Worker {
         let mut xff_fields = 0;
         let mut host: &[u8] = b"";
         let mut length_sent = false;
+        let mut request_id: Option<&[u8]> = None;
         for h in headers {
             let name = h.name;
             if is_hop_by_hop(name, tokens) {
@@ -745,6 +754,13 @@ impl Worker {
             if name.eq_ignore_ascii_case("x-forwarded-proto") || name.eq_ignore_ascii_case("x-forwarded-host") {
                 continue;
             }
+            if name.len() == request_id::NAME.len() && name.eq_ignore_ascii_case(request_id::NAME) {
+                if request_id.is_none() && request_id::acceptable(h.value) {
+                    request_id = Some(h.value);
+                    lines.field(&mut out, name, h.value);
+                }
+                continue;
+            }
             if name.eq_ignore_ascii_case("host") {
                 host = h.value;
             }
@@ -764,9 +780,25 @@ impl Worker {
         });
         out.extend_from_slice(b"x-forwarded-host: ");
         out.extend_from_slice(host);
-        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(b"\r\n");
+        let generated;
+        let request_id = match request_id {
+            Some(id) => id,
+            None => {
+                generated = self.request_ids.generate();
+                out.extend_from_slice(b"x-request-id: ");
+                out.extend_from_slice(&generated);
+                out.extend_from_slice(b"\r\n");
+                &generated[..]
+            }
+        };
+        out.extend_from_slice(b"\r\n");
 
-        let log = routing.access_log.then(|| (method.to_string(), path.to_owned()));
+        let log = routing.access_log.then(|| {
+            let chain = || xff[..xff_fields].iter().copied();
+            let requester = super::Requester::new(request_id, conn, &routing.trusted_proxies, chain);
+            Box::new((method.to_string(), path.to_owned(), requester))
+        });
         Prepared::Forward(Plan {
             routing: Arc::clone(routing),
             head_len,
@@ -847,8 +879,15 @@ impl Worker {
                 None => match self.connect(backend).await {
                     Ok(c) => (false, c),
                     Err(e) => {
-                        let next =
-                            attempts.refused(&plan.routing, backend, plan.kind, plan.session_bound, whole_body_here);
+                        let cause = UpstreamCause::of_connect(&e);
+                        let next = attempts.refused(
+                            &plan.routing,
+                            backend,
+                            cause,
+                            plan.kind,
+                            plan.session_bound,
+                            whole_body_here,
+                        );
                         let err = match next {
                             AfterRefusal::RetryOn(next) => {
                                 plan.backend = next;
@@ -885,17 +924,21 @@ impl Worker {
                     alarm.set(sent_at + plan.routing.response_timeout);
                     tokio::select! {
                         biased;
-                        head = read_response_head(&mut bc, &mut rbuf) => Ok(head),
+                        // The loop's time of the turn the head came in: no clock read of our own.
+                        head = read_response_head(&mut bc, &mut rbuf) => Ok(head.map(|()| {
+                            loop_now::<R>().saturating_duration_since(sent_at)
+                        })),
                         () = alarm.rung(false) => Err(NoHeadInTime),
                     }
                 }
                 Err(_) => Ok(Err(HeadError::Closed)),
             };
             match answered {
-                Ok(Ok(())) => {
+                Ok(Ok(response_time)) => {
                     break Upstream {
                         conn: bc,
                         head: rbuf,
+                        response_time,
                         _in_flight: in_flight,
                     }
                 }
@@ -905,8 +948,12 @@ impl Worker {
                     fresh_only = true;
                     continue;
                 }
-                Ok(Err(_)) => {
+                Ok(Err(e)) => {
                     backend.record_failure();
+                    backend.stats.count_error(match e {
+                        HeadError::Closed => UpstreamCause::Reset,
+                        HeadError::Invalid => UpstreamCause::BadResponse,
+                    });
                     let err = ProxyError::BadResponse {
                         backend: backend.name.clone(),
                     };
@@ -914,6 +961,7 @@ impl Worker {
                 }
                 Err(NoHeadInTime) => {
                     backend.record_failure();
+                    backend.stats.count_error(UpstreamCause::ResponseTimeout);
                     let err = ProxyError::Timeout {
                         backend: backend.name.clone(),
                     };
@@ -930,6 +978,7 @@ impl Worker {
         let result = self.relay_response(client, &mut up, out, conn, plan).await;
         if let Err(Relay::BadHead) = result {
             backend.record_failure();
+            backend.stats.count_error(UpstreamCause::BadResponse);
             let err = ProxyError::BadResponse {
                 backend: backend.name.clone(),
             };
@@ -1058,6 +1107,10 @@ impl Worker {
         };
         let backend = &plan.backend;
         backend.stats.count_response(plan.kind, status);
+        backend
+            .stats
+            .response_latency
+            .observe(self.latency.slot, up.response_time);
         if plan.issue_cookie {
             let value = routing.cookie.set_cookie(backend.id, plan.now, conn.tls);
             out.extend_from_slice(b"set-cookie: ");
@@ -1140,7 +1193,7 @@ impl Worker {
     ) -> Pin<Box<dyn Future<Output = Result<Option<Instant>, Abort>> + Send + 'a>> {
         Box::pin(async move {
             tracing::debug!(route = plan.kind.as_str(), error = %err, "answered by the proxy");
-            let resp = err.into_response(plan.kind);
+            let resp = err.into_response(plan.kind, &self.shared.stats);
             let status = resp.status().as_u16();
             self.shared.stats.count_local(plan.kind, status);
             self.latency.observe(plan.kind, started.elapsed());
@@ -1398,7 +1451,8 @@ fn local_answer(resp: Response<ProxyBody>, head: bool, close: bool) -> Vec<u8> {
 }
 
 fn log_access(plan: &Plan, status: u16, elapsed: Duration) {
-    if let Some((method, path)) = &plan.log {
+    if let Some(log) = &plan.log {
+        let (method, path, requester) = &**log;
         super::log_request(
             method,
             path,
@@ -1407,7 +1461,38 @@ fn log_access(plan: &Plan, status: u16, elapsed: Duration) {
             plan.kind,
             plan.decision,
             elapsed,
+            Some(requester),
         );
+    }
+}
+
+impl Worker {
+    /// Who asked a request the fast path answers itself, for its access-log line: its first
+    /// acceptable `X-Request-Id`, else a new one (nothing goes to a backend).
+    fn local_requester(
+        &self,
+        headers: &[httparse::Header<'_>],
+        conn: &ConnInfo,
+        routing: &Routing,
+    ) -> super::Requester {
+        let given = headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(request_id::NAME) && request_id::acceptable(h.value));
+        let generated;
+        let id = match given {
+            Some(h) => h.value,
+            None => {
+                generated = self.request_ids.generate();
+                &generated[..]
+            }
+        };
+        let chain = || {
+            headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+                .map(|h| h.value)
+        };
+        super::Requester::new(id, conn, &routing.trusted_proxies, chain)
     }
 }
 

@@ -17,17 +17,18 @@ struct Target {
 
 impl Worker {
     /// Handles one request. Never fails: errors become responses here, in one place.
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+    pub async fn handle(&self, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
         let started = Instant::now();
+        self.settle_request_id(req.headers_mut());
         let kind = RouteKind::classify(req.method(), req.uri().path());
         let routing = self.shared.routing.load_full();
-        let mut log = AccessLog::begin(routing.access_log, &req);
+        let mut log = AccessLog::begin(routing.access_log, &req, conn, &routing.trusted_proxies);
         let resp = match self.handle_inner(req, kind, conn, &routing, &mut log).await {
             Ok(resp) => resp,
             Err(err) => {
                 log.answered_locally(&err);
                 tracing::debug!(route = kind.as_str(), error = %err, cause = ?std::error::Error::source(&err), "answered by the proxy");
-                let resp = err.into_response(kind);
+                let resp = err.into_response(kind, &self.shared.stats);
                 self.shared.stats.count_local(kind, resp.status().as_u16());
                 resp
             }
@@ -36,6 +37,26 @@ impl Worker {
         self.latency.observe(kind, elapsed);
         log.finish(kind, resp.status().as_u16(), elapsed);
         resp
+    }
+
+    /// Leaves one `X-Request-Id`, the one the backend gets and the log shows: the client's first
+    /// acceptable one, else a new one (as the fast path does).
+    fn settle_request_id(&self, headers: &mut HeaderMap) {
+        let mut given = headers.get_all(request_id::NAME).iter();
+        let only_one_good =
+            given.next().is_some_and(|v| request_id::acceptable(v.as_bytes())) && given.next().is_none();
+        if only_one_good {
+            return;
+        }
+        let chosen = headers
+            .get_all(request_id::NAME)
+            .iter()
+            .find(|v| request_id::acceptable(v.as_bytes()))
+            .cloned()
+            .unwrap_or_else(|| {
+                HeaderValue::from_bytes(&self.request_ids.generate()).expect("hex digits are a valid value")
+            });
+        headers.insert(http::HeaderName::from_static(request_id::NAME), chosen);
     }
 
     async fn handle_inner(
@@ -97,18 +118,24 @@ impl Worker {
                 outgoing.take_request(&target.backend)
             };
             let in_flight = target.backend.start_request();
+            let sent_at = Instant::now();
             let sent = tokio::time::timeout(routing.response_timeout, self.client.request(req)).await;
             match sent {
                 Ok(Ok(resp)) => {
+                    let response_time = sent_at.elapsed();
+                    let backend_stats = &target.backend.stats;
                     target.backend.record_success();
                     let (mut parts, body) = resp.into_parts();
                     target.backend.stats.count_response(kind, parts.status.as_u16());
                     if !headers::settle_decoded_framing(&mut parts.headers) {
                         target.backend.record_failure();
+                        backend_stats.count_error(UpstreamCause::BadResponse);
                         return Err(ProxyError::BadResponse {
                             backend: target.backend.name.clone(),
                         });
                     }
+                    // A head the fast path would relay too: timed on both alike.
+                    backend_stats.response_latency.observe(self.latency.slot, response_time);
                     headers::remove_hop_by_hop(&mut parts.headers);
                     if matches!(kind, RouteKind::Auth | RouteKind::Attest) {
                         self.learn_session(&parts.headers, &target.backend, routing, now);
@@ -126,7 +153,8 @@ impl Worker {
                     return Ok(Response::from_parts(parts, ProxyBody::Stream(body, Some(in_flight))));
                 }
                 Ok(Err(e)) if e.is_connect() => {
-                    match attempts.refused(routing, &target.backend, kind, target.session_bound, replayable) {
+                    let cause = connect_cause(&e);
+                    match attempts.refused(routing, &target.backend, cause, kind, target.session_bound, replayable) {
                         AfterRefusal::RetryOn(next) => {
                             log.decision = "retried";
                             target = Target {
@@ -145,6 +173,7 @@ impl Worker {
                     }
                 }
                 Ok(Err(e)) => {
+                    target.backend.stats.count_error(exchange_cause(&e));
                     return Err(ProxyError::Backend {
                         backend: target.backend.name.clone(),
                         source: e,
@@ -152,6 +181,7 @@ impl Worker {
                 }
                 Err(_elapsed) => {
                     target.backend.record_failure();
+                    target.backend.stats.count_error(UpstreamCause::ResponseTimeout);
                     return Err(ProxyError::Timeout {
                         backend: target.backend.name.clone(),
                     });
@@ -160,6 +190,33 @@ impl Worker {
             // Only reached when `may_retry` held, so `outgoing` was copied, not taken.
         }
     }
+}
+
+/// Why hyper's client could not connect: its connector's timeout, or no connection.
+fn connect_cause(e: &hyper_util::client::legacy::Error) -> UpstreamCause {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return UpstreamCause::of_connect(io);
+        }
+        source = s.source();
+    }
+    UpstreamCause::ConnectRefused
+}
+
+/// Why an exchange failed after connecting: a response hyper could not parse, else the
+/// connection closing or resetting under it.
+fn exchange_cause(e: &hyper_util::client::legacy::Error) -> UpstreamCause {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
+                return UpstreamCause::BadResponse;
+            }
+        }
+        source = s.source();
+    }
+    UpstreamCause::Reset
 }
 
 /// `auth` bodies are buffered (they are small and must be re-sendable when the pinned replica

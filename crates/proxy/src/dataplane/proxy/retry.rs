@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::kbs::RouteKind;
 use crate::routing::route_cookie::BackendId;
 use crate::routing::Routing;
-use crate::upstream::backend::Backend;
+use crate::upstream::backend::{Backend, UpstreamCause};
 
 /// What follows a refused connection.
 #[derive(Debug)]
@@ -36,16 +36,18 @@ impl Attempts {
         replayable && !session_bound && routing.backends.list.len() > self.tried.len() + 1
     }
 
-    /// Counts `backend`'s refusal and decides what follows.
+    /// Counts `backend`'s refusal (a connect that failed for `cause`) and decides what follows.
     pub(crate) fn refused(
         &mut self,
         routing: &Routing,
         backend: &Backend,
+        cause: UpstreamCause,
         kind: RouteKind,
         session_bound: bool,
         replayable: bool,
     ) -> AfterRefusal {
         backend.record_failure();
+        backend.stats.count_error(cause);
         if session_bound {
             tracing::warn!(
                 backend = backend.name,
@@ -61,6 +63,7 @@ impl Attempts {
         self.tried.push(backend.id);
         match super::balance(routing, &self.tried) {
             Some(next) => {
+                backend.stats.retries.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(from = backend.name, to = next.name, "re-sent after a failed connect");
                 AfterRefusal::RetryOn(next)
             }

@@ -133,7 +133,9 @@ impl Worker {
         for sc in headers.get_all(SET_COOKIE) {
             if let Some((value, expires)) = session_from_set_cookie(sc.as_bytes()) {
                 let until = expires.unwrap_or(u64::MAX).min(now + lifetime);
-                self.shared.sessions.insert(session_key(value), backend.id, until, now);
+                if self.shared.sessions.insert(session_key(value), backend.id, until, now) {
+                    self.shared.stats.count_evicted(false);
+                }
             }
         }
     }
@@ -163,9 +165,13 @@ impl Worker {
             .and_then(|v| v.get("token").and_then(|t| t.as_str()).map(str::to_owned));
         if let Some(token) = token {
             let until = jwt_expiry(&token).unwrap_or(now + routing.session_lifetime.as_secs());
-            self.shared
+            if self
+                .shared
                 .tokens
-                .insert(hash_key(token.as_bytes()), backend.id, until, now);
+                .insert(hash_key(token.as_bytes()), backend.id, until, now)
+            {
+                self.shared.stats.count_evicted(true);
+            }
         }
         Ok(ProxyBody::full(bytes))
     }
