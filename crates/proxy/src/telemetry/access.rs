@@ -231,77 +231,76 @@ impl Clock {
 
 /// Appends one line of `format`, ending in `\n`.
 fn format_line(buf: &mut Vec<u8>, format: LogFormat, clock: &mut Clock, now: SystemTime, l: &Line<'_>) {
+    // Written out field by field, numbers with `itoa`: `write!`'s formatting machinery cost
+    // about a third of a line's formatting (paced clients, where every line is formatted
+    // cache-cold; docs/benchmarks.md).
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let micros = l.elapsed.as_micros();
-    match format {
-        LogFormat::Text => {
-            buf.extend_from_slice(clock.second(since.as_secs()));
-            let _ = write!(
-                buf,
-                ".{:06}Z  INFO access: request method={} path=",
-                since.subsec_micros(),
-                l.method
-            );
-            quoted_text(buf, l.path);
-            let _ = write!(buf, " status={} backend=", l.status);
-            quoted_text(buf, l.backend);
-            let _ = write!(
-                buf,
-                " route=\"{}\" decision=\"{}\" duration_ms={}.{:03}",
-                l.route,
-                l.decision,
-                micros / 1000,
-                micros % 1000
-            );
-            who(buf, l, |buf, name| write!(buf, " {name}="), quoted_text);
-            buf.push(b'\n');
-        }
-        LogFormat::Json => {
-            buf.extend_from_slice(b"{\"timestamp\":\"");
-            buf.extend_from_slice(clock.second(since.as_secs()));
-            let _ = write!(
-                buf,
-                ".{:06}Z\",\"level\":\"INFO\",\"message\":\"request\",\"method\":",
-                since.subsec_micros()
-            );
-            quoted_json(buf, l.method);
-            buf.extend_from_slice(b",\"path\":");
-            quoted_json(buf, l.path);
-            let _ = write!(buf, ",\"status\":{},\"backend\":", l.status);
-            quoted_json(buf, l.backend);
-            let _ = write!(
-                buf,
-                ",\"route\":\"{}\",\"decision\":\"{}\",\"duration_ms\":{}.{:03}",
-                l.route,
-                l.decision,
-                micros / 1000,
-                micros % 1000
-            );
-            who(buf, l, |buf, name| write!(buf, ",\"{name}\":"), quoted_json);
-            buf.extend_from_slice(b",\"target\":\"access\"}\n");
-        }
+    let micros = u64::try_from(l.elapsed.as_micros()).unwrap_or(u64::MAX);
+    let json = format == LogFormat::Json;
+    if json {
+        buf.extend_from_slice(b"{\"timestamp\":\"");
     }
-}
-
-/// Who asked: `request_id`, `client`, and `forwarded_for` when known, each introduced by `name`
-/// and quoted by `quote` (the two formats differ only there).
-fn who(
-    buf: &mut Vec<u8>,
-    l: &Line<'_>,
-    name: impl Fn(&mut Vec<u8>, &str) -> std::io::Result<()>,
-    quote: fn(&mut Vec<u8>, &str),
-) {
-    let fields = [
+    buf.extend_from_slice(clock.second(since.as_secs()));
+    buf.push(b'.');
+    digits(buf, since.subsec_micros(), 6);
+    let quote: fn(&mut Vec<u8>, &str) = if json { quoted_json } else { quoted_text };
+    if json {
+        buf.extend_from_slice(b"Z\",\"level\":\"INFO\",\"message\":\"request\",\"method\":");
+        quoted_json(buf, l.method);
+    } else {
+        buf.extend_from_slice(b"Z  INFO access: request method=");
+        buf.extend_from_slice(l.method.as_bytes());
+    }
+    let field = |buf: &mut Vec<u8>, name: &str| {
+        if json {
+            buf.extend_from_slice(b",\"");
+            buf.extend_from_slice(name.as_bytes());
+            buf.extend_from_slice(b"\":");
+        } else {
+            buf.push(b' ');
+            buf.extend_from_slice(name.as_bytes());
+            buf.push(b'=');
+        }
+    };
+    field(buf, "path");
+    quote(buf, l.path);
+    field(buf, "status");
+    buf.extend_from_slice(itoa::Buffer::new().format(l.status).as_bytes());
+    field(buf, "backend");
+    quote(buf, l.backend);
+    // Route and decision are names of the proxy's own: quoted as they are.
+    for (name, value) in [("route", l.route), ("decision", l.decision)] {
+        field(buf, name);
+        buf.push(b'"');
+        buf.extend_from_slice(value.as_bytes());
+        buf.push(b'"');
+    }
+    field(buf, "duration_ms");
+    buf.extend_from_slice(itoa::Buffer::new().format(micros / 1000).as_bytes());
+    buf.push(b'.');
+    digits(buf, (micros % 1000) as u32, 3);
+    let who = [
         ("request_id", Some(l.request_id)),
         ("client", Some(l.client)),
         ("forwarded_for", l.forwarded_for),
     ];
-    for (field, value) in fields {
+    for (name, value) in who {
         if let Some(value) = value {
-            let _ = name(buf, field);
+            field(buf, name);
             quote(buf, value);
         }
     }
+    buf.extend_from_slice(if json { b",\"target\":\"access\"}\n" } else { b"\n" });
+}
+
+/// The last `width` decimal digits of `n`, with leading zeros.
+fn digits(buf: &mut Vec<u8>, mut n: u32, width: usize) {
+    let mut out = [b'0'; 10];
+    for slot in out[..width].iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    buf.extend_from_slice(&out[..width]);
 }
 
 /// `"text"`, with `"`, `\` and control bytes escaped (`\xNN`), so a path cannot forge a field
