@@ -206,6 +206,13 @@ impl<S: rt::Stream> TlsClient<S> {
                 s.try_flush();
                 return Err(e.into());
             }
+            // TLS 1.3 done: all the server has left to send is its session ticket, which the
+            // client does not wait for. It goes in the same write as the first answer (rustls
+            // keeps the order): one system call less per new connection. TLS 1.2 ends with
+            // the server's Finished, which the client does wait for: flushed above.
+            if !s.conn.is_handshaking() && s.conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+                return Ok(Self { inner: Some(s) });
+            }
         }
     }
 
