@@ -42,7 +42,8 @@
 #     the same backends (fast_backend serves both protocols); with OURS_B=PATH also ours-b,
 #     that binary (another build of the proxy, e.g. before a change) run like ours with one
 #     thread, right after it in every repetition, so two builds compare side by side; with
-#     LOGS=1 also ours-log (`--access-log on`, stderr to a file) right after ours and
+#     LOGS=1 also ours-log (`--access-log on`, stderr to a pipe that `cat` on the load core
+#     drains into a file, as a container runtime reads a container's stderr) right after ours and
 #     haproxy-log (`option httplog`, logging to a local Unix datagram socket drained by a
 #     sink on the load core) right after haproxy, one thread each (ours-log's ratios are to
 #     haproxy-log, and a table gives each one's cost against itself with logging off); with
@@ -215,11 +216,19 @@ fi
 start_proxy_instance() {
     local name=$1 bin=$2 port=$3 workers=$4
     shift 4
-    local log_flag=("${ACCESS_LOG_FLAG[@]}")
+    local log_flag=("${ACCESS_LOG_FLAG[@]}") err=$WORK/$name.log
     [[ " $* " == *" --access-log "* ]] && log_flag=()
+    if [[ " $* " == *" --access-log on "* ]]; then
+        # Its access log goes where a container runtime takes it: a pipe, read on the load
+        # core (as HAProxy's sink reads its log socket there) into the file.
+        err=$WORK/$name.fifo
+        mkfifo "$err"
+        taskset -c "$LOAD_CPU" cat "$err" >"$WORK/$name.log" &
+        CHILDREN+=("$!")
+    fi
     KBS_AFFINITY_PROXY_COOKIE_SECRET=$SECRET RUST_LOG=warn \
         taskset -c "$PROXY_CPU" "$bin" "${OURS_FLAGS[@]}" "${log_flag[@]}" --listen "127.0.0.1:$port" \
-        --workers "$workers" "$@" 2>"$WORK/$name.log" &
+        --workers "$workers" "$@" 2>"$err" &
     started=$!
     CHILDREN+=("$started")
     wait_port "$port"
@@ -693,7 +702,7 @@ fi
 # The access log's cost: each proxy with its log on against itself with it off, paired.
 if [[ $LOGS == 1 ]]; then
     echo
-    echo "Access log on (ours-log: stderr to a file; haproxy-log: option httplog to a local Unix"
+    echo "Access log on (ours-log: stderr to a pipe drained on the load core; haproxy-log: option httplog to a local Unix"
     echo "datagram socket) against the same proxy with it off, per mode: the median over"
     echo "repetitions of the ratio in the same repetition (middle half in parentheses)."
     echo
