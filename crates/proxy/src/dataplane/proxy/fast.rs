@@ -200,7 +200,7 @@ struct Plan {
     now: u64,
     /// For the access log only (method, path without query, who asked). Boxed: the plan is
     /// part of every connection's task, which this would otherwise grow by ~100 bytes.
-    log: Option<Box<(String, String, super::Requester)>>,
+    log: Option<Box<(Method, String, super::Requester)>>,
 }
 
 /// What the fast path knows of a request before its head is parsed.
@@ -797,7 +797,7 @@ impl Worker {
         let log = routing.access_log.then(|| {
             let chain = || xff[..xff_fields].iter().copied();
             let requester = super::Requester::new(request_id, conn, &routing.trusted_proxies, chain);
-            Box::new((method.to_string(), path.to_owned(), requester))
+            Box::new((method.clone(), path.to_owned(), requester))
         });
         Prepared::Forward(Plan {
             routing: Arc::clone(routing),
@@ -1454,7 +1454,7 @@ fn log_access(plan: &Plan, status: u16, elapsed: Duration) {
     if let Some(log) = &plan.log {
         let (method, path, requester) = &**log;
         super::log_request(
-            method,
+            method.as_str(),
             path,
             status,
             &plan.backend.name,

@@ -194,29 +194,27 @@ impl Worker {
 
 /// Why hyper's client could not connect: its connector's timeout, or no connection.
 fn connect_cause(e: &hyper_util::client::legacy::Error) -> UpstreamCause {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return UpstreamCause::of_connect(io);
-        }
-        source = s.source();
-    }
-    UpstreamCause::ConnectRefused
+    sources::<std::io::Error>(e)
+        .next()
+        .map_or(UpstreamCause::ConnectRefused, UpstreamCause::of_connect)
 }
 
 /// Why an exchange failed after connecting: a response hyper could not parse, else the
 /// connection closing or resetting under it.
 fn exchange_cause(e: &hyper_util::client::legacy::Error) -> UpstreamCause {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
-                return UpstreamCause::BadResponse;
-            }
-        }
-        source = s.source();
+    let unparsable = |h: &hyper::Error| h.is_parse() || h.is_parse_status() || h.is_parse_too_large();
+    if sources::<hyper::Error>(e).any(unparsable) {
+        UpstreamCause::BadResponse
+    } else {
+        UpstreamCause::Reset
     }
-    UpstreamCause::Reset
+}
+
+/// The errors of type `T` in `e`'s chain of sources.
+fn sources<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a T> {
+    std::iter::successors(e.source(), |s| s.source()).filter_map(|s| s.downcast_ref::<T>())
 }
 
 /// `auth` bodies are buffered (they are small and must be re-sendable when the pinned replica

@@ -193,7 +193,7 @@ impl<S: rt::Stream> TlsClient<S> {
             if !s.conn.is_handshaking() {
                 return Ok(Self { inner: Some(s) });
             }
-            match s.conn.read_tls(&mut SyncIo(&s.io)) {
+            match s.read_tls() {
                 Ok(0) => return Err(HandshakeError::Closed),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -201,10 +201,6 @@ impl<S: rt::Stream> TlsClient<S> {
                     continue;
                 }
                 Err(e) => return Err(e.into()),
-            }
-            if let Err(e) = s.conn.process_new_packets() {
-                s.try_flush();
-                return Err(e.into());
             }
             // TLS 1.3 done: all the server has left to send is its session ticket, which the
             // client does not wait for. It goes in the same write as the first answer (rustls
