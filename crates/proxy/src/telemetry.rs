@@ -20,5 +20,6 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    access::enlarge_pipe(&std::io::stderr());
     access::install(format, std::io::stderr());
 }

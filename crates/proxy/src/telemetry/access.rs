@@ -100,6 +100,23 @@ pub fn install(format: LogFormat, out: impl Write + Send + 'static) -> bool {
     installed
 }
 
+/// What [`enlarge_pipe`] asks for: a flush period's lines at about 100,000 requests a second.
+pub const PIPE_SIZE: usize = 1024 * 1024;
+
+/// When `out` is a pipe (a container's stderr, as its runtime reads it), asks the kernel for a
+/// [`PIPE_SIZE`] buffer, never shrinking it. With the default 64 KiB, a flush of a busy
+/// period's lines fills the pipe many times over, and each time the writer thread sleeps
+/// until the reader drains it and is woken again: context switches on the proxy's own cores.
+/// A refusal (not a pipe; above `/proc/sys/fs/pipe-max-size` or the user's pipe quota) leaves
+/// the pipe as it was. Returns the pipe's size afterwards, `None` when `out` is no pipe.
+pub fn enlarge_pipe(out: &impl std::os::fd::AsFd) -> Option<usize> {
+    let size = rustix::pipe::fcntl_getpipe_size(out).ok()?;
+    if size < PIPE_SIZE {
+        let _ = rustix::pipe::fcntl_setpipe_size(out, PIPE_SIZE);
+    }
+    rustix::pipe::fcntl_getpipe_size(out).ok()
+}
+
 /// Lines dropped because the sink could not keep up.
 pub fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
@@ -404,6 +421,25 @@ mod tests {
         let text = formatted(LogFormat::Text, &line("/x\" status=500 \n"));
         assert_eq!(text.matches('\n').count(), 1);
         assert!(text.contains(r#"path="/x\" status=500 \x0a""#), "{text}");
+    }
+
+    #[test]
+    fn a_pipe_is_enlarged_and_anything_else_left_alone() {
+        let (reader, writer) = rustix::pipe::pipe().unwrap();
+        let before = rustix::pipe::fcntl_getpipe_size(&writer).unwrap();
+        let after = enlarge_pipe(&writer).expect("a pipe");
+        // The kernel may cap it (pipe-max-size, the user's quota) but never below what it had.
+        assert!(after >= before, "{after} < {before}");
+        if std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .is_some_and(|max| max >= PIPE_SIZE)
+        {
+            assert!(after >= PIPE_SIZE, "{after}");
+        }
+        drop(reader);
+        let file = tempfile::tempfile().unwrap();
+        assert_eq!(enlarge_pipe(&file), None);
     }
 
     #[test]

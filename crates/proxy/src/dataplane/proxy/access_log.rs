@@ -7,53 +7,118 @@ use super::*;
 /// backend, duration, routing decision and who asked. Cookies, tokens and bodies are never
 /// logged.
 pub(super) struct AccessLog {
-    /// Off: nothing is recorded.
-    pub(super) enabled: bool,
-    pub(super) method: Method,
-    pub(super) path: Option<String>,
+    /// The request's own fields; `None` when the log is off (nothing is recorded).
+    pub(super) fields: Option<Fields>,
     /// The backend the request went (or was pinned) to.
     pub(super) backend: Option<String>,
     /// How the backend was chosen.
     pub(super) decision: &'static str,
-    /// Who asked (recorded when enabled). Boxed: the fast path keeps a local answer's line in
-    /// its connection's task, which this would otherwise grow.
-    pub(super) requester: Option<Box<Requester>>,
 }
 
-/// Who asked, for the access log: the request's id, the client's address, and the
-/// `X-Forwarded-For` chain it sent when it is a trusted proxy (from others it could be forged).
-pub(super) struct Requester {
-    pub(super) request_id: String,
-    pub(super) client: HeaderValue,
-    pub(super) forwarded_for: Option<String>,
-}
+/// What a line takes from its request, copied when the request is read: method, path, its
+/// `X-Request-Id`, the client's address and the `X-Forwarded-For` chain it sent when it is a
+/// trusted proxy (from others it could be forged).
+///
+/// All in one buffer sized once, as length-prefixed segments: a logged request costs one
+/// allocation here, where owning each field cost three or four (paced clients, where every
+/// line is made cache-cold, paid about 0.3 µs per request for them; docs/benchmarks.md).
+pub(super) struct Fields(Vec<u8>);
 
-impl Requester {
-    /// The requester of a request with `request_id` on `conn`; `chain` gives the client's
-    /// `X-Forwarded-For` values, read only when the client is one of `trusted`.
-    pub(super) fn new<'a, I>(request_id: &[u8], conn: &ConnInfo, trusted: &[Cidr], chain: impl FnOnce() -> I) -> Self
+/// The segments of [`Fields`], in order.
+const METHOD: usize = 0;
+const PATH: usize = 1;
+const REQUEST_ID: usize = 2;
+const CLIENT: usize = 3;
+const FORWARDED_FOR: usize = 4;
+
+impl Fields {
+    /// The fields of a request `method path` with `request_id` on `conn`; `chain` gives the
+    /// client's `X-Forwarded-For` values, read only when the client is one of `trusted`.
+    pub(super) fn new<'a, I>(
+        method: &Method,
+        path: &str,
+        request_id: &[u8],
+        conn: &ConnInfo,
+        trusted: &[Cidr],
+        chain: impl Fn() -> I,
+    ) -> Self
     where
         I: Iterator<Item = &'a [u8]>,
     {
-        let forwarded_for = if trusted.iter().any(|net| net.contains(conn.peer)) {
-            let joined = chain().map(String::from_utf8_lossy).collect::<Vec<_>>().join(", ");
-            (!joined.is_empty()).then_some(joined)
+        let forwarded = trusted.iter().any(|net| net.contains(conn.peer));
+        let client = conn.peer_ip.as_bytes();
+        let chain_len = if forwarded {
+            chain().map(|v| v.len() + 2).sum::<usize>()
         } else {
-            None
+            0
         };
-        Self {
-            request_id: String::from_utf8_lossy(request_id).into_owned(),
-            client: conn.peer_ip.clone(),
-            forwarded_for,
+        let len = 5 * 4 + method.as_str().len() + path.len() + request_id.len() + client.len() + chain_len;
+        let mut buf = Vec::with_capacity(len);
+        for segment in [method.as_str().as_bytes(), path.as_bytes(), request_id, client] {
+            buf.extend_from_slice(&(segment.len() as u32).to_le_bytes());
+            buf.extend_from_slice(segment);
         }
+        let at = buf.len();
+        buf.extend_from_slice(&0u32.to_le_bytes());
+        if forwarded {
+            for (i, value) in chain().enumerate() {
+                if i > 0 {
+                    buf.extend_from_slice(b", ");
+                }
+                buf.extend_from_slice(value);
+            }
+            let n = (buf.len() - at - 4) as u32;
+            buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
+        }
+        Self(buf)
+    }
+
+    /// Segment `i` as text (bytes that are not UTF-8, which no field the proxy keeps has, read
+    /// as `-`).
+    fn get(&self, i: usize) -> &str {
+        let mut rest = &self.0[..];
+        for n in 0..=i {
+            let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+                return "-";
+            };
+            let len = (u32::from_le_bytes(*len) as usize).min(tail.len());
+            if n == i {
+                return std::str::from_utf8(&tail[..len]).unwrap_or("-");
+            }
+            rest = &tail[len..];
+        }
+        "-"
+    }
+
+    /// Writes the line of this request: the one format both transports use.
+    pub(super) fn log(
+        &self,
+        status: u16,
+        backend: &str,
+        kind: RouteKind,
+        decision: &str,
+        elapsed: std::time::Duration,
+    ) {
+        let forwarded_for = self.get(FORWARDED_FOR);
+        crate::telemetry::access::record(&crate::telemetry::access::Line {
+            method: self.get(METHOD),
+            path: self.get(PATH),
+            status,
+            backend,
+            route: kind.as_str(),
+            decision,
+            elapsed,
+            request_id: self.get(REQUEST_ID),
+            client: self.get(CLIENT),
+            forwarded_for: (!forwarded_for.is_empty()).then_some(forwarded_for),
+        });
     }
 }
 
 impl AccessLog {
     /// The line of `req` on `conn`, whose `X-Request-Id` is already the one it goes on with.
     pub(super) fn begin(enabled: bool, req: &Request<Incoming>, conn: &ConnInfo, trusted: &[Cidr]) -> Self {
-        let mut log = Self::new(enabled, req.method().clone(), req.uri().path());
-        if enabled {
+        let fields = enabled.then(|| {
             let id = req
                 .headers()
                 .get(request_id::NAME)
@@ -64,21 +129,17 @@ impl AccessLog {
                     .iter()
                     .map(HeaderValue::as_bytes)
             };
-            log.requester = Some(Box::new(Requester::new(id, conn, trusted, chain)));
-        }
-        log
+            Fields::new(req.method(), req.uri().path(), id, conn, trusted, chain)
+        });
+        Self::with(fields)
     }
 
-    /// The line of a request `method path` (the path without its query), recorded when
-    /// `enabled`; for either transport.
-    pub(super) fn new(enabled: bool, method: Method, path: &str) -> Self {
+    /// The line of a request whose `fields` were read (`None`: the log is off).
+    pub(super) fn with(fields: Option<Fields>) -> Self {
         Self {
-            enabled,
-            method,
-            path: enabled.then(|| path.to_owned()),
+            fields,
             backend: None,
             decision: "none",
-            requester: None,
         }
     }
 
@@ -90,45 +151,9 @@ impl AccessLog {
     }
 
     pub(super) fn finish(self, kind: RouteKind, status: u16, elapsed: std::time::Duration) {
-        if self.enabled {
-            let path = self.path.as_deref().unwrap_or("");
+        if let Some(fields) = &self.fields {
             let backend = self.backend.as_deref().unwrap_or("-");
-            log_request(
-                self.method.as_str(),
-                path,
-                status,
-                backend,
-                kind,
-                self.decision,
-                elapsed,
-                self.requester.as_deref(),
-            );
+            fields.log(status, backend, kind, self.decision, elapsed);
         }
     }
-}
-
-/// Writes one access-log line: the one format both transports use.
-#[allow(clippy::too_many_arguments)] // one per field of the line: a struct would only rename them
-pub(super) fn log_request(
-    method: &str,
-    path: &str,
-    status: u16,
-    backend: &str,
-    kind: RouteKind,
-    decision: &str,
-    elapsed: std::time::Duration,
-    requester: Option<&Requester>,
-) {
-    crate::telemetry::access::record(&crate::telemetry::access::Line {
-        method,
-        path,
-        status,
-        backend,
-        route: kind.as_str(),
-        decision,
-        elapsed,
-        request_id: requester.map_or("-", |r| r.request_id.as_str()),
-        client: requester.and_then(|r| r.client.to_str().ok()).unwrap_or("-"),
-        forwarded_for: requester.and_then(|r| r.forwarded_for.as_deref()),
-    });
 }

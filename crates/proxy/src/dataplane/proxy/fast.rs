@@ -198,9 +198,8 @@ struct Plan {
     decision: &'static str,
     /// Unix seconds when the request was read: the issue time of a Set-Cookie.
     now: u64,
-    /// For the access log only (method, path without query, who asked). Boxed: the plan is
-    /// part of every connection's task, which this would otherwise grow by ~100 bytes.
-    log: Option<Box<(Method, String, super::Requester)>>,
+    /// For the access log only (method, path without query, who asked).
+    log: Option<super::Fields>,
 }
 
 /// What the fast path knows of a request before its head is parsed.
@@ -699,10 +698,10 @@ impl Worker {
         } = match self.route(headers, kind, routing, now, verify) {
             Ok(route) => route,
             Err((err, backend)) => {
-                let mut log = super::AccessLog::new(routing.access_log, method.clone(), path);
-                if routing.access_log {
-                    log.requester = Some(Box::new(self.local_requester(headers, conn, routing)));
-                }
+                let fields = routing
+                    .access_log
+                    .then(|| self.local_fields(&method, path, headers, conn, routing));
+                let mut log = super::AccessLog::with(fields);
                 log.backend = backend;
                 log.answered_locally(&err);
                 let resp = err.into_response(kind, &self.shared.stats);
@@ -796,8 +795,7 @@ impl Worker {
 
         let log = routing.access_log.then(|| {
             let chain = || xff[..xff_fields].iter().copied();
-            let requester = super::Requester::new(request_id, conn, &routing.trusted_proxies, chain);
-            Box::new((method.clone(), path.to_owned(), requester))
+            super::Fields::new(&method, path, request_id, conn, &routing.trusted_proxies, chain)
         });
         Prepared::Forward(Plan {
             routing: Arc::clone(routing),
@@ -1451,30 +1449,22 @@ fn local_answer(resp: Response<ProxyBody>, head: bool, close: bool) -> Vec<u8> {
 }
 
 fn log_access(plan: &Plan, status: u16, elapsed: Duration) {
-    if let Some(log) = &plan.log {
-        let (method, path, requester) = &**log;
-        super::log_request(
-            method.as_str(),
-            path,
-            status,
-            &plan.backend.name,
-            plan.kind,
-            plan.decision,
-            elapsed,
-            Some(requester),
-        );
+    if let Some(fields) = &plan.log {
+        fields.log(status, &plan.backend.name, plan.kind, plan.decision, elapsed);
     }
 }
 
 impl Worker {
-    /// Who asked a request the fast path answers itself, for its access-log line: its first
-    /// acceptable `X-Request-Id`, else a new one (nothing goes to a backend).
-    fn local_requester(
+    /// The access-log fields of a request `method path` the fast path answers itself: its
+    /// first acceptable `X-Request-Id`, else a new one (nothing goes to a backend).
+    fn local_fields(
         &self,
+        method: &Method,
+        path: &str,
         headers: &[httparse::Header<'_>],
         conn: &ConnInfo,
         routing: &Routing,
-    ) -> super::Requester {
+    ) -> super::Fields {
         let given = headers
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case(request_id::NAME) && request_id::acceptable(h.value));
@@ -1492,7 +1482,7 @@ impl Worker {
                 .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
                 .map(|h| h.value)
         };
-        super::Requester::new(id, conn, &routing.trusted_proxies, chain)
+        super::Fields::new(method, path, id, conn, &routing.trusted_proxies, chain)
     }
 }
 
