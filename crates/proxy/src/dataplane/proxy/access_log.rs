@@ -46,35 +46,41 @@ impl Fields {
         I: Iterator<Item = &'a [u8]>,
     {
         let forwarded = trusted.iter().any(|net| net.contains(conn.peer));
-        let client = conn.peer_ip.as_bytes();
         let chain_len = if forwarded {
             chain().map(|v| v.len() + 2).sum::<usize>()
         } else {
             0
         };
-        let len = 5 * 4 + method.as_str().len() + path.len() + request_id.len() + client.len() + chain_len;
-        let mut buf = Vec::with_capacity(len);
-        for segment in [method.as_str().as_bytes(), path.as_bytes(), request_id, client] {
-            buf.extend_from_slice(&(segment.len() as u32).to_le_bytes());
-            buf.extend_from_slice(segment);
-        }
-        let at = buf.len();
-        buf.extend_from_slice(&0u32.to_le_bytes());
-        if forwarded {
-            for (i, value) in chain().enumerate() {
+        let client = conn.peer_ip.as_bytes();
+        let mut buf = Vec::with_capacity(
+            5 * 4 + method.as_str().len() + path.len() + request_id.len() + client.len() + chain_len,
+        );
+        // Each segment: its length, then its parts joined by ", " as UTF-8 (bytes that are not
+        // UTF-8, as a trusted proxy's X-Forwarded-For may carry, become U+FFFD).
+        let mut segment = |parts: &mut dyn Iterator<Item = &[u8]>| {
+            let at = buf.len();
+            buf.extend_from_slice(&[0; 4]);
+            for (i, part) in parts.enumerate() {
                 if i > 0 {
                     buf.extend_from_slice(b", ");
                 }
-                buf.extend_from_slice(value);
+                buf.extend_from_slice(String::from_utf8_lossy(part).as_bytes());
             }
-            let n = (buf.len() - at - 4) as u32;
-            buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
+            let len = (buf.len() - at - 4) as u32;
+            buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        };
+        for field in [method.as_str().as_bytes(), path.as_bytes(), request_id, client] {
+            segment(&mut std::iter::once(field));
+        }
+        if forwarded {
+            segment(&mut chain());
+        } else {
+            segment(&mut std::iter::empty());
         }
         Self(buf)
     }
 
-    /// Segment `i` as text (bytes that are not UTF-8, which no field the proxy keeps has, read
-    /// as `-`).
+    /// Segment `i` as text (`-` for none: `new` writes five, all UTF-8).
     fn get(&self, i: usize) -> &str {
         let mut rest = &self.0[..];
         for n in 0..=i {
