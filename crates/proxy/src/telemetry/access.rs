@@ -1,13 +1,20 @@
 //! The access log's writer, off the request's critical path.
 //!
 //! A request's line is formatted on the thread that served it, into a buffer that thread owns
-//! (a lock no other worker takes); one writer thread takes the buffers every
-//! [`FLUSH_EVERY`] (sooner when one fills past [`FLUSH_AT`]) and writes each with one system
-//! call. A request therefore pays for formatting about a hundred bytes, not for a `write` to
-//! stderr, and the lines of many requests share one write. Memory is bounded: a thread whose
-//! buffer holds [`MAX_BUFFERED`] bytes (the sink is slower than the requests) drops its next
-//! lines and counts them ([`dropped`], exported as `kbs_proxy_access_log_dropped_lines_total`)
-//! rather than make a request wait for the sink.
+//! (a lock no other worker takes); one writer thread takes the buffers on a timer and writes
+//! each with one system call. A request therefore pays for formatting about a hundred bytes,
+//! not for a `write` to stderr, and the lines of many requests share one write.
+//!
+//! The writer's period adapts to the busiest thread: [`FLUSH_EVERY`] when little is logged,
+//! shorter (down to [`FLUSH_EVERY_MIN`]) so that a busy thread's buffer holds about
+//! [`FLUSH_AT`] when it is written. The workers do not wake the writer themselves unless a
+//! burst outruns the period ([`WAKE_AT`]): each such wake-up was a system call on the worker
+//! and, worse, the writer preempting the worker on its core (about 700 times a second at 50k
+//! requests a second when the worker woke it every 32 KiB; docs/benchmarks.md).
+//!
+//! Memory is bounded: a thread whose buffer holds [`MAX_BUFFERED`] bytes (the sink is slower
+//! than the requests) drops its next lines and counts them ([`dropped`], exported as
+//! `kbs_proxy_access_log_dropped_lines_total`) rather than make a request wait for the sink.
 //!
 //! Formatting is written out here rather than through `tracing`'s formatter, whose per-field
 //! visiting and per-event write cost the fast path about a fifth of its CPU per request; the
@@ -19,14 +26,20 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::Thread;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::LogFormat;
 
-/// How often the writer thread writes what the threads buffered.
+/// The writer thread's longest period: how late a line may be written when few are logged.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
-/// A thread's buffer this full wakes the writer thread early.
-pub const FLUSH_AT: usize = 32 * 1024;
+/// The writer thread's shortest period, for threads that log fast.
+pub const FLUSH_EVERY_MIN: Duration = Duration::from_millis(5);
+/// What the writer's period aims for the busiest thread's buffer to hold when it is written:
+/// a quarter of [`MAX_BUFFERED`], so a burst of four times the rate is still kept.
+pub const FLUSH_AT: usize = MAX_BUFFERED / 4;
+/// A thread's buffer this full wakes the writer at once (a burst the period has not caught up
+/// with): once per fill, by the line that crosses it.
+pub const WAKE_AT: usize = MAX_BUFFERED / 2;
 /// A thread's buffer this full drops the next lines (counted).
 pub const MAX_BUFFERED: usize = 1024 * 1024;
 
@@ -139,8 +152,9 @@ pub fn record(line: &Line<'_>) {
             DROPPED.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        let before = buf.len();
         format_line(&mut buf, sink.format, clock, SystemTime::now(), line);
-        if buf.len() >= FLUSH_AT {
+        if before < WAKE_AT && buf.len() >= WAKE_AT {
             sink.writer.unpark();
         }
     });
@@ -177,21 +191,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn write_forever(mut out: impl Write) {
     let mut spare = Vec::new();
+    let mut period = FLUSH_EVERY;
+    let mut last = Instant::now();
     loop {
-        std::thread::park_timeout(FLUSH_EVERY);
+        std::thread::park_timeout(period);
         let Some(sink) = SINK.get() else { continue };
+        let now = Instant::now();
         let buffers: Vec<Buffer> = lock(&sink.buffers).clone();
+        let mut most = 0;
         for buffer in buffers {
             std::mem::swap(&mut *lock(&buffer), &mut spare);
             if !spare.is_empty() {
+                most = most.max(spare.len());
                 // A sink that fails (stderr closed) loses these lines; the proxy goes on.
                 let _ = out.write_all(&spare).and_then(|()| out.flush());
                 spare.clear();
             }
         }
+        period = next_period(now.saturating_duration_since(last), most);
+        last = now;
         *lock(&sink.passes) += 1;
         sink.passed.notify_all();
     }
+}
+
+/// The writer's next period after a pass that found at most `most` bytes in one thread's
+/// buffer, `elapsed` after the pass before: at that thread's rate, the time to buffer
+/// [`FLUSH_AT`], within [`FLUSH_EVERY_MIN`]..=[`FLUSH_EVERY`].
+fn next_period(elapsed: Duration, most: usize) -> Duration {
+    if most == 0 {
+        return FLUSH_EVERY;
+    }
+    let nanos = elapsed.as_nanos() * FLUSH_AT as u128 / most as u128;
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)).clamp(FLUSH_EVERY_MIN, FLUSH_EVERY)
 }
 
 fn through_tracing(line: &Line<'_>) {
@@ -336,15 +368,25 @@ fn quoted_json(buf: &mut Vec<u8>, text: &str) {
 }
 
 /// `text` in double quotes, `"` and `\` escaped with a backslash, control bytes by `control`.
+/// The runs between escapes are copied whole: a byte at a time cost about 1 % of a logged
+/// TLS request's CPU (perf, docs/benchmarks.md).
 fn quoted(buf: &mut Vec<u8>, text: &str, control: impl Fn(&mut Vec<u8>, u8)) {
+    let bytes = text.as_bytes();
+    buf.reserve(bytes.len() + 2);
     buf.push(b'"');
-    for &b in text.as_bytes() {
-        match b {
-            b'"' | b'\\' => buf.extend_from_slice(&[b'\\', b]),
-            0..=0x1f | 0x7f => control(buf, b),
-            _ => buf.push(b),
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if matches!(b, b'"' | b'\\' | 0..=0x1f | 0x7f) {
+            buf.extend_from_slice(&bytes[run..i]);
+            if matches!(b, b'"' | b'\\') {
+                buf.extend_from_slice(&[b'\\', b]);
+            } else {
+                control(buf, b);
+            }
+            run = i + 1;
         }
     }
+    buf.extend_from_slice(&bytes[run..]);
     buf.push(b'"');
 }
 
@@ -440,6 +482,36 @@ mod tests {
         drop(reader);
         let file = tempfile::tempfile().unwrap();
         assert_eq!(enlarge_pipe(&file), None);
+    }
+
+    #[test]
+    fn the_writer_period_follows_the_busiest_thread() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            next_period(ms(37), 0),
+            FLUSH_EVERY,
+            "nothing logged: the longest period"
+        );
+        assert_eq!(
+            next_period(ms(100), FLUSH_AT),
+            ms(100),
+            "a quarter full in 100 ms: keep it"
+        );
+        // 1 MiB in 100 ms (10 MiB/s): 256 KiB takes 25 ms.
+        assert_eq!(next_period(ms(100), MAX_BUFFERED), ms(25));
+        // A pass woken early measures the rate over the time it really waited.
+        assert_eq!(next_period(ms(10), MAX_BUFFERED / 8), ms(20));
+        assert_eq!(next_period(ms(100), 100 * MAX_BUFFERED), FLUSH_EVERY_MIN);
+        assert_eq!(next_period(ms(100), 100), FLUSH_EVERY);
+    }
+
+    #[test]
+    fn escapes_between_runs_keep_every_byte() {
+        let text = formatted(LogFormat::Text, &line("a\"b\\\u{1}cd\u{7f}"));
+        assert!(text.contains(r#"path="a\"b\\\x01cd\x7f" "#), "{text}");
+        let json = formatted(LogFormat::Json, &line("\"x\ty\""));
+        let v: serde_json::Value = serde_json::from_str(json.trim_end()).unwrap();
+        assert_eq!(v["path"], "\"x\ty\"");
     }
 
     #[test]
