@@ -9,7 +9,7 @@
 //! shorter (down to [`FLUSH_EVERY_MIN`]) so that a busy thread's buffer holds about
 //! [`FLUSH_AT`] when it is written. The workers do not wake the writer themselves unless a
 //! burst outruns the period ([`WAKE_AT`]): each such wake-up was a system call on the worker
-//! and, worse, the writer preempting the worker on its core (about 700 times a second at 50k
+//! and, worse, the writer preempting the worker on its core (about 640 times a second at 50k
 //! requests a second when the worker woke it every 32 KiB; docs/benchmarks.md).
 //!
 //! Memory is bounded: a thread whose buffer holds [`MAX_BUFFERED`] bytes (the sink is slower
