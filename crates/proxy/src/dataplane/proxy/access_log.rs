@@ -19,12 +19,17 @@ pub(super) struct AccessLog {
 /// `X-Request-Id`, the client's address and the `X-Forwarded-For` chain it sent when it is a
 /// trusted proxy (from others it could be forged).
 ///
-/// All in one buffer sized once, as length-prefixed segments: a logged request costs one
-/// allocation here, where owning each field cost three or four (paced clients, where every
-/// line is made cache-cold, paid about 0.3 µs per request for them; docs/benchmarks.md).
-pub(super) struct Fields(Vec<u8>);
+/// All in one string sized once: a logged request costs one allocation here, where owning each
+/// field cost three or four (paced clients, where every line is made cache-cold, paid about
+/// 0.3 µs per request for them; docs/benchmarks.md).
+pub(super) struct Fields {
+    /// The five fields, one after another.
+    text: String,
+    /// Where each of the first four ends in `text` (the last runs to its end).
+    ends: [u32; 4],
+}
 
-/// The segments of [`Fields`], in order.
+/// The fields of [`Fields`], in order.
 const METHOD: usize = 0;
 const PATH: usize = 1;
 const REQUEST_ID: usize = 2;
@@ -52,48 +57,35 @@ impl Fields {
             0
         };
         let client = conn.peer_ip.as_bytes();
-        let mut buf = Vec::with_capacity(
-            5 * 4 + method.as_str().len() + path.len() + request_id.len() + client.len() + chain_len,
-        );
-        // Each segment: its length, then its parts joined by ", " as UTF-8 (bytes that are not
-        // UTF-8, as a trusted proxy's X-Forwarded-For may carry, become U+FFFD).
-        let mut segment = |parts: &mut dyn Iterator<Item = &[u8]>| {
-            let at = buf.len();
-            buf.extend_from_slice(&[0; 4]);
-            for (i, part) in parts.enumerate() {
-                if i > 0 {
-                    buf.extend_from_slice(b", ");
-                }
-                buf.extend_from_slice(String::from_utf8_lossy(part).as_bytes());
-            }
-            let len = (buf.len() - at - 4) as u32;
-            buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
-        };
-        for field in [method.as_str().as_bytes(), path.as_bytes(), request_id, client] {
-            segment(&mut std::iter::once(field));
+        let mut text =
+            String::with_capacity(method.as_str().len() + path.len() + request_id.len() + client.len() + chain_len);
+        // Bytes that are not UTF-8 (a trusted proxy's X-Forwarded-For may carry some) become
+        // U+FFFD.
+        let push = |text: &mut String, part: &[u8]| text.push_str(&String::from_utf8_lossy(part));
+        let mut ends = [0; 4];
+        for (end, field) in ends
+            .iter_mut()
+            .zip([method.as_str().as_bytes(), path.as_bytes(), request_id, client])
+        {
+            push(&mut text, field);
+            *end = u32::try_from(text.len()).unwrap_or(u32::MAX);
         }
         if forwarded {
-            segment(&mut chain());
-        } else {
-            segment(&mut std::iter::empty());
+            for (i, part) in chain().enumerate() {
+                if i > 0 {
+                    text.push_str(", ");
+                }
+                push(&mut text, part);
+            }
         }
-        Self(buf)
+        Self { text, ends }
     }
 
-    /// Segment `i` as text (`-` for none: `new` writes five, all UTF-8).
+    /// Field `i` (`-` if it were ever out of range).
     fn get(&self, i: usize) -> &str {
-        let mut rest = &self.0[..];
-        for n in 0..=i {
-            let Some((len, tail)) = rest.split_first_chunk::<4>() else {
-                return "-";
-            };
-            let len = (u32::from_le_bytes(*len) as usize).min(tail.len());
-            if n == i {
-                return std::str::from_utf8(&tail[..len]).unwrap_or("-");
-            }
-            rest = &tail[len..];
-        }
-        "-"
+        let start = i.checked_sub(1).map_or(0, |prev| self.ends[prev] as usize);
+        let end = self.ends.get(i).map_or(self.text.len(), |&end| end as usize);
+        self.text.get(start..end).unwrap_or("-")
     }
 
     /// Writes the line of this request: the one format both transports use.
