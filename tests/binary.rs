@@ -22,11 +22,16 @@ struct Running {
 impl Running {
     /// Starts the binary with `args` and waits for its "serving" line.
     async fn start(args: &[String]) -> Self {
+        Self::start_logging(args, "info").await
+    }
+
+    /// [`Self::start`] with `RUST_LOG` set to `filter`.
+    async fn start_logging(args: &[String], filter: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kbs-affinity-proxy"))
             .args(args)
             .args(["--log-format", "json"])
             .env("KBS_AFFINITY_PROXY_COOKIE_SECRET", SECRET)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -312,6 +317,77 @@ async fn cookies_tokens_and_resource_bodies_never_reach_the_log_at_any_level() {
         !log.to_lowercase().contains("bearer "),
         "no Authorization value in the log"
     );
+}
+
+/// A client's IP address in SNI (what `wrk` and many clients send when given an address) makes
+/// rustls warn: a line per handshake that any client can trigger, so rustls logs only errors
+/// unless `RUST_LOG` names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_make_rustls_log_a_line_per_handshake() {
+    use std::io::{Read, Write};
+    let sims = start_sims(1).await;
+    let pki = pki::Pki::new();
+    let files = pki.issue("proxy", &["localhost"]);
+    let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--workers", "1", "--access-log", "on"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend([
+        "--tls-cert".into(),
+        files.cert.display().to_string(),
+        "--tls-key".into(),
+        files.key.display().to_string(),
+        "--backend".into(),
+        backends_of(&sims).remove(0),
+    ]);
+    // The same first flight a rustls client sends for "localhost", with "127.0.0.1" (as long)
+    // in its place: the server reads it as an IP address in SNI.
+    let ip_in_sni = {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(pki.client_config(&[b"http/1.1"]), name).unwrap();
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).unwrap();
+        let at = hello
+            .windows(9)
+            .position(|w| w == b"localhost")
+            .expect("SNI in the hello");
+        hello[at..at + 9].copy_from_slice(b"127.0.0.1");
+        hello
+    };
+    for (filter, warned) in [("info", false), ("info,rustls=warn", true)] {
+        let mut proxy = Running::start_logging(&args, filter).await;
+        let addr = proxy.field("listen");
+        for _ in 0..3 {
+            let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            tcp.write_all(&ip_in_sni).unwrap();
+            // The server's first flight: the hello was read (and logged about, or not).
+            assert!(tcp.read(&mut [0; 512]).unwrap() > 0);
+        }
+        // A request after them: its access line comes after anything those handshakes logged.
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(pki.client_config(&[b"http/1.1"]))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tls.write_all(b"GET /kbs/v0/resource/default/key/demo HTTP/1.1\r\nhost: kbs\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        tls.read_to_end(&mut Vec::new()).await.unwrap();
+        let mut before = Vec::new();
+        Running::wait_in(&mut proxy.lines, "request", &mut before).await;
+        let sni_lines = before
+            .iter()
+            .filter(|v| v.to_string().contains("Illegal SNI extension"))
+            .count();
+        if warned {
+            assert_eq!(sni_lines, 3, "RUST_LOG naming rustls shows its warnings: {before:?}");
+        } else {
+            assert_eq!(sni_lines, 0, "{before:?}");
+        }
+    }
 }
 
 #[tokio::test]
