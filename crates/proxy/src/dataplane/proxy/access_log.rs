@@ -10,7 +10,7 @@ pub(super) struct AccessLog {
     /// The request's own fields; `None` when the log is off (nothing is recorded).
     pub(super) fields: Option<Fields>,
     /// The backend the request went (or was pinned) to.
-    pub(super) backend: Option<String>,
+    pub(super) backend: Option<Arc<Backend>>,
     /// How the backend was chosen.
     pub(super) decision: &'static str,
 }
@@ -20,8 +20,8 @@ pub(super) struct AccessLog {
 /// trusted proxy (from others it could be forged).
 ///
 /// All in one string sized once: a logged request costs one allocation here, where owning each
-/// field cost three or four (paced clients, where every line is made cache-cold, paid about
-/// 0.3 µs per request for them; docs/benchmarks.md).
+/// field cost three or four, which paced clients (every line made cache-cold) paid for
+/// measurably (docs/history/tuning-journal.md).
 pub(super) struct Fields {
     /// The five fields, one after another.
     text: String,
@@ -150,7 +150,7 @@ impl AccessLog {
 
     pub(super) fn finish(self, kind: RouteKind, status: u16, elapsed: std::time::Duration) {
         if let Some(fields) = &self.fields {
-            let backend = self.backend.as_deref().unwrap_or("-");
+            let backend = self.backend.as_ref().map_or("-", |b| b.name.as_str());
             fields.log(status, backend, kind, self.decision, elapsed);
         }
     }

@@ -110,7 +110,7 @@ impl Worker {
         // Re-sending to another backend is decided by the one retry policy (retry.rs).
         let mut attempts = Attempts::default();
         loop {
-            log.backend = Some(target.backend.name.clone());
+            log.backend = Some(Arc::clone(&target.backend));
             let may_retry = attempts.may_retry(routing, target.session_bound, replayable);
             let req = if may_retry {
                 outgoing.copy_for(&target.backend)

@@ -28,7 +28,7 @@ impl Worker {
         routing: &Routing,
         now: u64,
         verify: impl FnMut(&[u8]) -> Result<crate::routing::route_cookie::Pin, Rejection>,
-    ) -> Result<Route, (ProxyError, Option<String>)> {
+    ) -> Result<Route, (ProxyError, Option<Arc<Backend>>)> {
         let stats = &*self.shared.stats;
         let cookie = &*routing.cookie;
         // A validly signed cookie for a backend not in the set counts as absent.
@@ -97,7 +97,7 @@ impl Worker {
             }
             Decision::SessionLost(backend) => {
                 backend.stats.pinned_refused.fetch_add(1, Ordering::Relaxed);
-                Err((ProxyError::SessionLost, Some(backend.name.clone())))
+                Err((ProxyError::SessionLost, Some(Arc::clone(backend))))
             }
         }
     }
