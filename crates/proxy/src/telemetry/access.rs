@@ -8,17 +8,17 @@
 //! The writer's period adapts to the busiest thread: [`FLUSH_EVERY`] when little is logged,
 //! shorter (down to [`FLUSH_EVERY_MIN`]) so that a busy thread's buffer holds about
 //! [`FLUSH_AT`] when it is written. The workers do not wake the writer themselves unless a
-//! burst outruns the period ([`WAKE_AT`]): each such wake-up was a system call on the worker
-//! and, worse, the writer preempting the worker on its core (about 640 times a second at 50k
-//! requests a second when the worker woke it every 32 KiB; docs/benchmarks.md).
+//! burst outruns the period ([`WAKE_AT`]): each such wake-up is a system call on the worker
+//! and, worse, the writer preempting the worker on its core, hundreds of times a second when
+//! workers woke it at a fixed fill (docs/history/tuning-journal.md).
 //!
 //! Memory is bounded: a thread whose buffer holds [`MAX_BUFFERED`] bytes (the sink is slower
 //! than the requests) drops its next lines and counts them ([`dropped`], exported as
 //! `kbs_proxy_access_log_dropped_lines_total`) rather than make a request wait for the sink.
 //!
 //! Formatting is written out here rather than through `tracing`'s formatter, whose per-field
-//! visiting and per-event write cost the fast path about a fifth of its CPU per request; the
-//! lines look as they did: the same fields, text or JSON. Lines of one thread keep their order;
+//! visiting and per-event write cost the fast path a large share of its CPU per request
+//! (benchmarked); the lines look as they did: the same fields, text or JSON. Lines of one thread keep their order;
 //! lines of different threads may interleave by up to one flush period.
 
 use std::cell::RefCell;
@@ -280,9 +280,9 @@ impl Clock {
 
 /// Appends one line of `format`, ending in `\n`.
 fn format_line(buf: &mut Vec<u8>, format: LogFormat, clock: &mut Clock, now: SystemTime, l: &Line<'_>) {
-    // Written out field by field, numbers with `itoa`: `write!`'s formatting machinery cost
-    // about a third of a line's formatting (paced clients, where every line is formatted
-    // cache-cold; docs/benchmarks.md).
+    // Written out field by field, numbers with `itoa`: `write!`'s formatting machinery was a
+    // large part of a line's cost where every line is formatted cache-cold (paced clients;
+    // docs/history/tuning-journal.md).
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let micros = u64::try_from(l.elapsed.as_micros()).unwrap_or(u64::MAX);
     let json = format == LogFormat::Json;
@@ -370,8 +370,8 @@ fn quoted_json(buf: &mut Vec<u8>, text: &str) {
 /// `text` in double quotes, `"` and `\` escaped with a backslash, control bytes by `control`.
 /// Most fields need no escape: they are checked in one pass that has no early exit (so the
 /// compiler checks many bytes per instruction) and copied whole; the others copy the runs
-/// between escapes. A byte at a time cost about 1 % of a logged TLS request's CPU (perf,
-/// docs/benchmarks.md).
+/// between escapes. A byte at a time showed in profiles of logged requests (perf,
+/// docs/history/tuning-journal.md).
 fn quoted(buf: &mut Vec<u8>, text: &str, control: impl Fn(&mut Vec<u8>, u8)) {
     let escaped = |b: u8| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f;
     let bytes = text.as_bytes();
