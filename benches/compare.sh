@@ -15,6 +15,8 @@
 #   TLS=1 bash benches/compare.sh           # also ours, HAProxy and nginx terminating TLS
 #   KBS_SHAPED=0 bash benches/compare.sh    # backends answering a bare "ok" (before 2026-12)
 #   CHART=ratios.svg bash benches/compare.sh  # also a chart of the ratios (bench-chart)
+#   LOGS=1 TLS=1 ONLY="ours ours-log ours-tls ours-tls-log" REPS=15 bash benches/compare.sh
+#                                           # only those targets: more pairs in the same time
 #
 # What it does, in one run:
 #  1. installs haproxy, nginx and wrk with apt-get when missing (apt-get update first);
@@ -54,7 +56,8 @@
 #     handshake per request (wrk resumes no sessions), and their ratios are to haproxy-tls
 #     (haproxy-tls-log);
 #  4. for REPS repetitions, interleaved (every target once per mode per repetition, every
-#     other repetition in reverse order), runs `wrk -t1 -c$CONNS -d${DURATION}s --latency`
+#     other repetition in reverse order; with ONLY="t1 t2 ...", only the targets named there,
+#     in the memory step too), runs `wrk -t1 -c$CONNS -d${DURATION}s --latency`
 #     in the MODES (default all four):
 #       ka-cookie    keep-alive, with a valid route cookie got first through that proxy
 #       ka-nocookie  keep-alive, no cookie: the proxy balances and answers Set-Cookie
@@ -92,6 +95,7 @@ H2_BACKENDS=${H2_BACKENDS:-0}
 OURS_B=${OURS_B:-}
 LOGS=${LOGS:-0}
 TLS=${TLS:-0}
+ONLY=${ONLY:-}
 KBS_SHAPED=${KBS_SHAPED:-1}
 REQUEST_PATH=/
 BACKEND_FLAGS=()
@@ -108,6 +112,9 @@ BENCH_NAME=compare
 # shellcheck source=benches/common.sh
 source "$(dirname "$0")/common.sh"
 HERE=$PWD
+
+# Whether target $1 is measured: every one, or those ONLY names.
+wanted() { [[ -z $ONLY || " $ONLY " == *" $1 "* ]]; }
 
 # --- tools ---------------------------------------------------------------------------------
 missing=()
@@ -565,8 +572,15 @@ run_wrk() {
     tail -1 "$WORK/runs.tsv" | awk -F'\t' '{ printf "[compare] rep %s %-11s %-10s %8s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req (user %s, sys %s)  busy %s%%/%s%%  errors %s\n", $1, $2, $3, $4, $5, $6, $7, $10, $11, $12, $13, $9 }' >&2
 }
 
+for t in $ONLY; do
+    if [[ -z ${PID[$t]:-} ]]; then
+        log "ONLY: $t is not started with these settings (targets: ${TARGETS[*]})"
+        exit 1
+    fi
+done
 log "warm-up"
 for t in "${TARGETS[@]}"; do
+    wanted "$t" || continue
     timeout 20 taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s -H "Cookie: ${COOKIE[$t]}" \
         "$(url_of "$t")" >/dev/null
 done
@@ -588,6 +602,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
             # is one per request, which no pooling proxy does (and the TIME_WAIT sockets it
             # leaves would weigh on the targets after it).
             [[ $mode == close && " $FLOOR " == *" $t "* ]] && continue
+            wanted "$t" || continue
             run_wrk "$t" "$mode" "$rep"
         done
     done
@@ -747,6 +762,7 @@ echo "|---|---:|---:|---:|"
 idle_targets=(ours ${OURS_B:+ours-b} haproxy nginx)
 [[ $TLS == 1 ]] && idle_targets+=(ours-tls haproxy-tls nginx-tls)
 for t in "${idle_targets[@]}"; do
+    wanted "$t" || continue
     "start_$t" 1
     pid=$started
     timeout 20 taskset -c "$LOAD_CPU" wrk -t1 -c8 -d1s "$(url_of "$t")" >/dev/null
