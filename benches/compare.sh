@@ -719,6 +719,7 @@ if [[ " ${MODES[*]} " == *" ka-cookie "* && " ${MODES[*]} " == *" ka-nocookie "*
             nt = split(targets, target, " ")
             for (t = 1; t <= nt; t++) {
                 k = "ka-nocookie" SUBSEP target[t]; h = "ka-cookie" SUBSEP target[t]
+                if (!(k in cpu) || !(h in cpu)) continue
                 printf "| %s | %.3f | %.3f |\n", target[t], paired("cpu", k, h), paired("rps", k, h)
             }
         }' "$WORK/runs.tsv"
