@@ -49,8 +49,8 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
-    /// What a subscriber with the filter for `env` writes for a warning of `rustls` and one of
-    /// the proxy's own.
+    /// What a subscriber with the filter for `env` writes for a warning and a debug line of
+    /// `rustls` and a warning of the proxy's own.
     fn written(env: Option<&str>) -> String {
         let out = Arc::new(Mutex::new(Vec::new()));
         let writer = {
@@ -67,8 +67,8 @@ mod tests {
             tracing::debug!(target: "rustls::server", "a debug line of rustls");
             tracing::warn!(target: "kbs_proxy::control", "a warning of ours");
         });
-        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
-        text
+        let bytes = out.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
     }
 
     struct Sink(Arc<Mutex<Vec<u8>>>);
