@@ -18,8 +18,9 @@
 //!
 //! Formatting is written out here rather than through `tracing`'s formatter, whose per-field
 //! visiting and per-event write cost the fast path a large share of its CPU per request
-//! (benchmarked); the lines look as they did: the same fields, text or JSON. Lines of one thread keep their order;
-//! lines of different threads may interleave by up to one flush period.
+//! (benchmarked); the lines look as they did: the same fields, text or JSON. Lines of one
+//! thread keep their order; lines of different threads may interleave by up to one flush
+//! period.
 
 use std::cell::RefCell;
 use std::io::Write;
