@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kbs_proxy::config::LogFormat;
 use kbs_proxy::telemetry::access::{self, Line, MAX_BUFFERED};
@@ -51,6 +51,7 @@ fn a_stuck_sink_drops_and_counts_lines_and_the_rest_arrive_in_order() {
             route: "resource",
             decision: "pinned",
             elapsed: Duration::from_micros(250),
+            at: Instant::now(),
             request_id: "r-1",
             client: "127.0.0.1",
             forwarded_for: None,

@@ -61,6 +61,9 @@ pub struct Line<'a> {
     pub decision: &'a str,
     /// From the request's head to the end of the answer.
     pub elapsed: Duration,
+    /// When the answer ended, as the caller read it for `elapsed`: the line's timestamp,
+    /// without a clock read of its own.
+    pub at: Instant,
     /// The request's `X-Request-Id`, the client's or generated (also sent to the backend).
     pub request_id: &'a str,
     /// The client's address (of the TCP connection).
@@ -88,7 +91,7 @@ static SINK: OnceLock<Sink> = OnceLock::new();
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
-    /// This thread's buffer and the formatted second of its last line.
+    /// This thread's buffer and its clock.
     static LOCAL: RefCell<Option<(Buffer, Clock)>> = const { RefCell::new(None) };
 }
 
@@ -154,7 +157,8 @@ pub fn record(line: &Line<'_>) {
             return;
         }
         let before = buf.len();
-        format_line(&mut buf, sink.format, clock, SystemTime::now(), line);
+        let since_epoch = clock.since_epoch(line.at);
+        format_line(&mut buf, sink.format, clock, since_epoch, line);
         if before < WAKE_AT && buf.len() >= WAKE_AT {
             sink.writer.unpark();
         }
@@ -249,15 +253,44 @@ fn millis(d: Duration) -> f64 {
     d.as_micros() as f64 / 1000.0
 }
 
-/// The RFC 3339 text of the last second a line was stamped with, so most lines copy it.
+/// A thread's wall clock for its lines: the time of an [`Instant`] from one pair of clock
+/// readings (the anchor), and the RFC 3339 text of the last second it stamped, so most lines
+/// copy it.
 #[derive(Default)]
 struct Clock {
+    /// An instant and its time since the epoch, read together; renewed every [`ANCHOR_FOR`].
+    anchor: Option<(Instant, Duration)>,
     /// The second `text` shows, once one was formatted.
     second: Option<u64>,
     text: [u8; 19],
 }
 
+/// How long a thread's clock anchor is used: a stepped or slewed wall clock shows in the
+/// lines within this long.
+const ANCHOR_FOR: Duration = Duration::from_secs(1);
+
 impl Clock {
+    /// The time since the epoch at `at`.
+    fn since_epoch(&mut self, at: Instant) -> Duration {
+        let from_anchor = self
+            .anchor
+            .and_then(|(instant, wall)| match at.checked_duration_since(instant) {
+                Some(later) => (later < ANCHOR_FOR).then(|| wall + later),
+                None => (instant - at < ANCHOR_FOR).then(|| wall.saturating_sub(instant - at)),
+            });
+        from_anchor.unwrap_or_else(|| {
+            let (now, wall) = (Instant::now(), SystemTime::now());
+            let wall = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
+            // `at` is usually a little earlier (the caller's reading).
+            let wall = match at.checked_duration_since(now) {
+                Some(later) => wall + later,
+                None => wall.saturating_sub(now - at),
+            };
+            self.anchor = Some((at, wall));
+            wall
+        })
+    }
+
     /// `YYYY-MM-DDTHH:MM:SS` of `secs` since the epoch.
     fn second(&mut self, secs: u64) -> &[u8; 19] {
         if self.second != Some(secs) {
@@ -280,11 +313,10 @@ impl Clock {
 }
 
 /// Appends one line of `format`, ending in `\n`.
-fn format_line(buf: &mut Vec<u8>, format: LogFormat, clock: &mut Clock, now: SystemTime, l: &Line<'_>) {
+fn format_line(buf: &mut Vec<u8>, format: LogFormat, clock: &mut Clock, since: Duration, l: &Line<'_>) {
     // Written out field by field, numbers with `itoa`: `write!`'s formatting machinery was a
     // large part of a line's cost where every line is formatted cache-cold (paced clients;
     // docs/history/tuning-journal.md).
-    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let micros = u64::try_from(l.elapsed.as_micros()).unwrap_or(u64::MAX);
     let json = format == LogFormat::Json;
     if json {
@@ -411,6 +443,7 @@ mod tests {
             route: "resource",
             decision: "pinned",
             elapsed: Duration::from_micros(1_234_567),
+            at: Instant::now(),
             request_id: "req-1",
             client: "10.0.0.9",
             forwarded_for: None,
@@ -419,8 +452,8 @@ mod tests {
 
     fn formatted(format: LogFormat, l: &Line<'_>) -> String {
         let mut buf = Vec::new();
-        let at = UNIX_EPOCH + Duration::from_micros(1_764_820_128_084_409);
-        format_line(&mut buf, format, &mut Clock::default(), at, l);
+        let since = Duration::from_micros(1_764_820_128_084_409);
+        format_line(&mut buf, format, &mut Clock::default(), since, l);
         String::from_utf8(buf).unwrap()
     }
 
@@ -520,6 +553,31 @@ mod tests {
         let json = formatted(LogFormat::Json, &line("\"x\ty\""));
         let v: serde_json::Value = serde_json::from_str(json.trim_end()).unwrap();
         assert_eq!(v["path"], "\"x\ty\"");
+    }
+
+    #[test]
+    fn lines_are_stamped_from_the_callers_instant_on_the_wall_clock() {
+        let ms = Duration::from_millis;
+        let wall = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let mut clock = Clock::default();
+        let before = wall();
+        let at = Instant::now();
+        let stamped = clock.since_epoch(at);
+        let after = wall();
+        assert!(
+            before <= stamped + ms(1) && stamped <= after + ms(1),
+            "{before:?} {stamped:?} {after:?}"
+        );
+        assert_eq!(clock.anchor, Some((at, stamped)), "anchored at the first line");
+        // Within a second of the anchor: the instant's distance from it, both ways.
+        assert_eq!(clock.since_epoch(at + ms(300)), stamped + ms(300));
+        assert_eq!(clock.since_epoch(at - ms(300)), stamped - ms(300));
+        assert_eq!(clock.anchor, Some((at, stamped)), "no new reading");
+        // Past it: the wall clock is read again, and `at` still placed where it falls.
+        let later = at + ANCHOR_FOR + ms(500);
+        let renewed = clock.since_epoch(later);
+        assert_eq!(clock.anchor, Some((later, renewed)));
+        assert!(renewed.abs_diff(stamped + ANCHOR_FOR + ms(500)) < ms(50), "{renewed:?}");
     }
 
     #[test]

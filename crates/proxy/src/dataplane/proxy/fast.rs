@@ -564,9 +564,10 @@ impl Worker {
                         };
                         let status = resp.status().as_u16();
                         self.shared.stats.count_local(kind, status);
-                        let elapsed = started.elapsed();
+                        let done = Instant::now();
+                        let elapsed = done.saturating_duration_since(started);
                         self.latency.observe(kind, elapsed);
-                        log.finish(kind, status, elapsed);
+                        log.finish(kind, status, elapsed, done.into_std());
                         let answer = local_answer(resp, is_head, !keep);
                         if stream.write_all(&answer).await.is_err() {
                             self.aborted(Abort::ClientGone, "-");
@@ -991,13 +992,13 @@ impl Worker {
                 if reuse_backend {
                     R::pool(&self.fast).put(backend.id, up.conn, done);
                 }
-                log_access(plan, status, elapsed);
+                log_access(plan, status, elapsed, done);
                 Ok(keep_client.then_some(done))
             }
             Err(Relay::Broken(status)) => {
                 // As on the hyper path, whose access line is written at the head: the status
                 // the client was sent.
-                log_access(plan, status, elapsed);
+                log_access(plan, status, elapsed, done);
                 Err(self.aborted(Abort::ResponseBody(status), &plan.backend.name))
             }
             Err(Relay::BadHead) => unreachable!("answered above"),
@@ -1194,8 +1195,10 @@ impl Worker {
             let resp = err.into_response(plan.kind, &self.shared.stats);
             let status = resp.status().as_u16();
             self.shared.stats.count_local(plan.kind, status);
-            self.latency.observe(plan.kind, started.elapsed());
-            log_access(plan, status, started.elapsed());
+            let done = Instant::now();
+            let elapsed = done.saturating_duration_since(started);
+            self.latency.observe(plan.kind, elapsed);
+            log_access(plan, status, elapsed, done);
             // The body may not have been read in full: close after answering.
             buf.clear();
             let _ = client.write_all(&local_answer(resp, plan.is_head, true)).await;
@@ -1448,9 +1451,16 @@ fn local_answer(resp: Response<ProxyBody>, head: bool, close: bool) -> Vec<u8> {
     out
 }
 
-fn log_access(plan: &Plan, status: u16, elapsed: Duration) {
+fn log_access(plan: &Plan, status: u16, elapsed: Duration, done: Instant) {
     if let Some(fields) = &plan.log {
-        fields.log(status, &plan.backend.name, plan.kind, plan.decision, elapsed);
+        fields.log(
+            status,
+            &plan.backend.name,
+            plan.kind,
+            plan.decision,
+            elapsed,
+            done.into_std(),
+        );
     }
 }
 

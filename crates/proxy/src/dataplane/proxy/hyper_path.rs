@@ -33,9 +33,10 @@ impl Worker {
                 resp
             }
         };
-        let elapsed = started.elapsed();
+        let done = Instant::now();
+        let elapsed = done.saturating_duration_since(started);
         self.latency.observe(kind, elapsed);
-        log.finish(kind, resp.status().as_u16(), elapsed);
+        log.finish(kind, resp.status().as_u16(), elapsed, done);
         resp
     }
 
