@@ -44,7 +44,7 @@ pub use error::ProxyError;
 pub use fast::{fast_buffers_in_use, FastRuntime, FastState, Pool, Rewind};
 pub(crate) use fast::{ClientIo, Handoff, Plain, TlsClient};
 
-use access_log::{AccessLog, Fields};
+use access_log::{AccessLog, LineFields};
 use hyper_path::forward_headers;
 use retry::{AfterRefusal, Attempts};
 use route::{balance, Route};

@@ -10,7 +10,7 @@ use super::*;
 /// logged.
 pub(super) struct AccessLog {
     /// The request's own fields; `None` when the log is off (nothing is recorded).
-    pub(super) fields: Option<Fields>,
+    pub(super) fields: Option<LineFields>,
     /// The backend the request went (or was pinned) to.
     pub(super) backend: Option<Arc<Backend>>,
     /// How the backend was chosen.
@@ -25,7 +25,7 @@ pub(super) struct AccessLog {
 /// ([`SPARE`]): a logged request costs no allocation of its own. Owning each field cost three
 /// or four allocations, which paced clients (every line made cache-cold) paid for measurably,
 /// and one showed in profiles still (docs/history/tuning-journal.md).
-pub(super) struct Fields {
+pub(super) struct LineFields {
     /// The five fields, one after another.
     text: String,
     /// Where each of the first four ends in `text` (the last runs to its end).
@@ -46,14 +46,14 @@ const SPARE_KEPT: usize = 64;
 /// The largest string a thread keeps (a long path or `X-Forwarded-For` chain is not kept).
 const SPARE_LARGEST: usize = 1024;
 
-/// The fields of [`Fields`], in order.
+/// The fields of [`LineFields`], in order.
 const METHOD: usize = 0;
 const PATH: usize = 1;
 const REQUEST_ID: usize = 2;
 const CLIENT: usize = 3;
 const FORWARDED_FOR: usize = 4;
 
-impl Fields {
+impl LineFields {
     /// The fields of a request `method path` with `request_id` on `conn`; `chain` gives the
     /// client's `X-Forwarded-For` values, read only when the client is one of `trusted`.
     pub(super) fn new<'a, I>(
@@ -135,7 +135,7 @@ impl Fields {
     }
 }
 
-impl Drop for Fields {
+impl Drop for LineFields {
     fn drop(&mut self) {
         let mut text = std::mem::take(&mut self.text);
         if text.capacity() <= SPARE_LARGEST {
@@ -151,7 +151,7 @@ impl Drop for Fields {
     }
 }
 
-/// Where `text` ends, as [`Fields`] keeps it.
+/// Where `text` ends, as [`LineFields`] keeps it.
 fn end(text: &str) -> u32 {
     u32::try_from(text.len()).unwrap_or(u32::MAX)
 }
@@ -180,13 +180,13 @@ impl AccessLog {
                     .iter()
                     .map(HeaderValue::as_bytes)
             };
-            Fields::new(req.method(), req.uri().path(), id, conn, trusted, chain)
+            LineFields::new(req.method(), req.uri().path(), id, conn, trusted, chain)
         });
         Self::with(fields)
     }
 
     /// The line of a request whose `fields` were read (`None`: the log is off).
-    pub(super) fn with(fields: Option<Fields>) -> Self {
+    pub(super) fn with(fields: Option<LineFields>) -> Self {
         Self {
             fields,
             backend: None,
@@ -214,9 +214,9 @@ impl AccessLog {
 mod tests {
     use super::*;
 
-    fn fields(path: &str, id: &[u8]) -> Fields {
+    fn fields(path: &str, id: &[u8]) -> LineFields {
         let conn = ConnInfo::new("10.1.2.3:4000".parse().unwrap(), false);
-        Fields::new(&Method::GET, path, id, &conn, &[], std::iter::empty)
+        LineFields::new(&Method::GET, path, id, &conn, &[], std::iter::empty)
     }
 
     fn spare() -> usize {
@@ -236,11 +236,11 @@ mod tests {
         assert_eq!(lossy.get(REQUEST_ID), "bad\u{fffd}byte");
         drop((second, lossy));
 
-        let many: Vec<Fields> = (0..SPARE_KEPT + 10).map(|_| fields("/x", b"id")).collect();
+        let many: Vec<LineFields> = (0..SPARE_KEPT + 10).map(|_| fields("/x", b"id")).collect();
         drop(many);
         assert_eq!(spare(), SPARE_KEPT, "at most this many kept");
         let long = "/p".repeat(SPARE_LARGEST);
-        let kept: Vec<Fields> = (0..SPARE_KEPT).map(|_| fields("/x", b"id")).collect();
+        let kept: Vec<LineFields> = (0..SPARE_KEPT).map(|_| fields("/x", b"id")).collect();
         drop(fields(&long, b"id"));
         assert_eq!(spare(), 0, "a long line's string is not kept");
         drop(kept);

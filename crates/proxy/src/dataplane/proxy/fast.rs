@@ -199,7 +199,7 @@ struct Plan {
     /// Unix seconds when the request was read: the issue time of a Set-Cookie.
     now: u64,
     /// For the access log only (method, path without query, who asked).
-    log: Option<super::Fields>,
+    log: Option<super::LineFields>,
 }
 
 /// What the fast path knows of a request before its head is parsed.
@@ -796,7 +796,7 @@ impl Worker {
 
         let log = routing.access_log.then(|| {
             let chain = || xff[..xff_fields].iter().copied();
-            super::Fields::new(&method, path, request_id, conn, &routing.trusted_proxies, chain)
+            super::LineFields::new(&method, path, request_id, conn, &routing.trusted_proxies, chain)
         });
         Prepared::Forward(Plan {
             routing: Arc::clone(routing),
@@ -1474,7 +1474,7 @@ impl Worker {
         headers: &[httparse::Header<'_>],
         conn: &ConnInfo,
         routing: &Routing,
-    ) -> super::Fields {
+    ) -> super::LineFields {
         let given = headers
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case(request_id::NAME) && request_id::acceptable(h.value));
@@ -1492,7 +1492,7 @@ impl Worker {
                 .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
                 .map(|h| h.value)
         };
-        super::Fields::new(method, path, id, conn, &routing.trusted_proxies, chain)
+        super::LineFields::new(method, path, id, conn, &routing.trusted_proxies, chain)
     }
 }
 
